@@ -1,0 +1,59 @@
+"""canopy_rs: the exact canopy entropy (CE*) of a language model's generation tree, certified brackets when
+the tree is too large, and the Monte Carlo estimators everyone uses, judged against that truth.
+
+Quick use::
+
+    import canopy_rs
+    res = canopy_rs.exact(logits_fn, vocab_size=V, eos_token_ids=[0], max_new_tokens=6, top_k=4)
+    res.ce_star, res.expected_length, res.length_rate_corr
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from canopy_rs._core import CanopyError, Policy, TreeTooLargeError, __version__
+from canopy_rs.api import Budget, Interrupted, bounded, exact, make_policy
+from canopy_rs.backends import CallableModel, as_backend
+from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
+from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
+
+__all__ = [
+    "__version__",
+    "exact",
+    "bounded",
+    "Budget",
+    "Interrupted",
+    "make_policy",
+    "CanopyResult",
+    "CanopyBounds",
+    "RunInfo",
+    "CanopyError",
+    "TreeTooLargeError",
+    "Policy",
+    "Backend",
+    "NodeBatch",
+    "NextTokenLogits",
+    "PolicySupport",
+    "CallableModel",
+    "as_backend",
+    "TransformersModel",
+]
+
+# Names whose modules import torch or other heavy optional dependencies: loaded on first use.
+_LAZY = {
+    "TransformersModel": "canopy_rs.backends.transformers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'canopy_rs' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

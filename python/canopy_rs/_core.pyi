@@ -1,0 +1,128 @@
+"""Type stubs for the compiled Rust core ``canopy_rs._core``.
+
+Everything heavy (the decoding policy on logits rows, the canopy arena and frontier, f64 aggregation) runs in
+Rust with the GIL released. Python owns the model and drives the loop.
+"""
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class CanopyError(ValueError):
+    """Base class of the core's errors that are about the input."""
+
+class TreeTooLargeError(CanopyError):
+    """The canopy would exceed ``max_nodes``."""
+
+class Policy:
+    """The decoding policy: temperature -> top-k (ties at the k-th value kept) -> top-p (smallest prefix of
+    the descending order whose probability reaches p; the first token always kept) -> renormalise."""
+
+    def __init__(
+        self, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0
+    ) -> None: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> Optional[int]: ...
+    @property
+    def top_p(self) -> float: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def policy_support(
+    logits: npt.NDArray[np.floating[Any]], policy: Policy
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+]:
+    """Apply the policy to each row of ``logits`` ``[B, V]`` (float32 or float64).
+
+    Returns ``(offsets [B+1], tokens [nnz], logprobs [nnz], entropy [B])``: row ``i``'s support is
+    ``tokens[offsets[i]:offsets[i+1]]`` in ascending token order; tokens whose f64 probability
+    underflows to 0 are not in the support."""
+
+def normalize_support(
+    offsets: npt.NDArray[np.int64],
+    tokens: npt.NDArray[np.int64],
+    logprobs: npt.NDArray[np.float64],
+    vocab_size: int,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+]:
+    """Validate a backend's CSR support (tokens distinct and in range, log-probs finite, each row summing to 1
+    within 1e-4) and renormalise it in f64. Returns the same layout as :func:`policy_support`."""
+
+class Tree:
+    """The canopy of one prompt under one policy, expanded in batches.
+
+    ``order``: ``"depth-first"`` (least live state), ``"breadth-first"`` or ``"best-first"`` (highest reach
+    probability first; what ``bounded`` uses). ``support_cap`` is the largest policy support the certified
+    upper bound may assume (default: ``vocab_size``); every expanded node is checked against it."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        max_new_tokens: int,
+        policy: Policy,
+        order: str = "depth-first",
+        max_nodes: int = 10_000_000,
+        record_nodes: bool = False,
+        support_cap: Optional[int] = None,
+    ) -> None: ...
+    def next_batch(
+        self, max_rows: int
+    ) -> tuple[
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+    ]:
+        """Pop up to ``max_rows`` frontier nodes: ``(node_ids, parent_ids, tokens, depths)``. The next call
+        must be ``ingest_logits`` or ``ingest_support`` for exactly these rows, in this order."""
+    def prefixes(self, node_ids: npt.NDArray[np.int64]) -> list[list[int]]: ...
+    def ingest_logits(self, logits: npt.NDArray[np.floating[Any]]) -> None: ...
+    def ingest_support(
+        self,
+        offsets: npt.NDArray[np.int64],
+        tokens: npt.NDArray[np.int64],
+        logprobs: npt.NDArray[np.float64],
+    ) -> None: ...
+    def take_released(self) -> npt.NDArray[np.int64]:
+        """Expanded node ids whose state is no longer needed (since the last call)."""
+    def frontier(
+        self,
+    ) -> tuple[
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.float64],
+    ]:
+        """Unexpanded internal nodes: ``(node_ids, parent_ids, tokens, depths, log_reach)``."""
+    @property
+    def is_done(self) -> bool: ...
+    @property
+    def num_expanded(self) -> int: ...
+    @property
+    def num_nodes(self) -> int:
+        """Ids handed out so far (internal nodes; leaves too when ``record_nodes``). Ids are ``0..num_nodes``."""
+    @property
+    def frontier_size(self) -> int: ...
+    def bounds(self) -> dict[str, float]:
+        """Certified brackets: ``ce_star_lower/upper``, ``expected_length_lower/upper``,
+        ``truncation_prob_lower/upper``, ``explored_mass``, ``frontier_mass``, ``num_expanded``,
+        ``frontier_size``, ``num_nodes``."""
+    def result(self) -> dict[str, Any]:
+        """Exact population values once ``is_done`` (raises otherwise)."""
+    def nodes(self) -> dict[str, npt.NDArray[Any]]:
+        """Per-node arrays when ``record_nodes``: ``parent, token, depth, log_reach, entropy, is_leaf``."""

@@ -1,0 +1,136 @@
+"""The decoding policy applied on the model's device (torch).
+
+This is the torch twin of the Rust reference ``canopy_rs._core.policy_support`` and follows the same rules:
+
+* ``z = logits / temperature`` (in float64);
+* top-k keeps every token whose ``z`` is >= the k-th largest ``z`` (ties at the threshold are kept, so a row can
+  keep more than k tokens);
+* the kept tokens are sorted by ``z`` descending, ties by token id ascending; probabilities are renormalised
+  over the kept set; top-p keeps the smallest prefix whose cumulative probability reaches
+  ``top_p * (1 - 1e-12)`` (the crossing token is kept, the first token is always kept, ``top_p >= 1`` keeps
+  all);
+* the result is renormalised.
+
+Tokens with a ``-inf`` logit, or whose float64 probability underflows to 0, are not part of the support. The top-k *selection*
+runs on the raw logits in their own dtype (dividing by a positive temperature preserves the order and the
+ties); only the kept logits are gathered and converted to float64, so the log-probabilities match the f64
+Rust path to about 1e-12 when the model computes float32 logits. Only ``k``-wide rows (the support) leave the
+device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["policy_support_torch", "policy_support_numpy", "TOP_P_SLACK"]
+
+#: Relative slack on the top-p threshold, identical to the Rust core's.
+TOP_P_SLACK = 1e-12
+
+
+def _policy_params(policy: Any) -> Tuple[float, int | None, float]:
+    temperature = float(policy.temperature)
+    top_k = policy.top_k
+    top_p = float(policy.top_p)
+    if not (temperature > 0.0) or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if top_k is not None:
+        top_k = int(top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if not (top_p > 0.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return temperature, top_k, top_p
+
+
+def _masked_logsumexp(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the valid entries of each row (every row has at least one valid entry)."""
+    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+    return torch.logsumexp(torch.where(valid, x, neg_inf), dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def policy_support_torch(
+    logits: torch.Tensor, policy: Any
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply ``policy`` to each row of ``logits`` ``[B, V]`` on their device.
+
+    Returns torch tensors on the same device ``(offsets [B+1] int64, tokens [nnz] int64, logprobs [nnz]
+    float64)`` in CSR form: row ``i`` owns ``tokens[offsets[i]:offsets[i+1]]`` in descending probability order
+    (ties by token id). ``policy`` is any object with ``temperature``, ``top_k`` and ``top_p`` attributes
+    (e.g. ``canopy_rs.Policy``).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
+    temperature, top_k, top_p = _policy_params(policy)
+    x = logits
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    B, V = x.shape
+    device = x.device
+    if B == 0:
+        z = torch.zeros(0, dtype=torch.int64, device=device)
+        return torch.zeros(1, dtype=torch.int64, device=device), z, z.to(torch.float64)
+    if torch.isnan(x).any() or torch.isposinf(x).any():
+        raise ValueError("logits contain NaN or +inf")
+    if torch.isneginf(x).all(dim=1).any():
+        raise ValueError("a logits row is entirely -inf: the policy has an empty support")
+
+    if top_k is not None and top_k < V:
+        # The k-th largest value, then every token >= it (ties kept).
+        kth = torch.topk(x, top_k, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
+        counts = (x >= kth).sum(dim=1)
+        width = int(counts.max().item())
+        # The `width` largest entries of a row contain all of its kept tokens (a row with fewer kept tokens
+        # gets extra, smaller entries that are filtered out below). topk's tie order is unspecified, so sort
+        # by token id first and then stably by value.
+        cand_vals, cand_ids = torch.topk(x, width, dim=1, largest=True, sorted=False)
+        cand_ids, perm = torch.sort(cand_ids, dim=1)
+        cand_vals = cand_vals.gather(1, perm)
+        vals, perm = torch.sort(cand_vals, dim=1, descending=True, stable=True)
+        ids = cand_ids.gather(1, perm)
+        valid = vals >= kth
+    else:
+        # Whole vocabulary; a stable sort of the id-ordered row breaks ties by token id.
+        vals, ids = torch.sort(x, dim=1, descending=True, stable=True)
+        valid = torch.ones_like(vals, dtype=torch.bool)
+    valid &= torch.isfinite(vals)
+
+    z = vals.to(torch.float64) / temperature
+    logp = z - _masked_logsumexp(z, valid)
+
+    if top_p < 1.0:
+        prob = torch.where(valid, torch.exp(logp), torch.zeros((), dtype=torch.float64, device=device))
+        # Mass strictly before each token (exclusive prefix sums).
+        before = torch.cat(
+            [torch.zeros((B, 1), dtype=torch.float64, device=device), torch.cumsum(prob[:, :-1], dim=1)],
+            dim=1,
+        )
+        keep = before < top_p * (1.0 - TOP_P_SLACK)
+        keep[:, 0] = True
+        valid &= keep
+        logp = logp - _masked_logsumexp(logp, valid)
+
+    # As in the Rust core: a token whose f64 probability underflows to 0 is not in the support.
+    valid &= torch.exp(logp) > 0.0
+    counts = valid.sum(dim=1)
+    offsets = torch.zeros(B + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(counts, dim=0)
+    tokens = ids[valid].to(torch.int64)
+    logprobs = logp[valid]
+    return offsets, tokens, logprobs
+
+
+def policy_support_numpy(logits: Any, policy: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`policy_support_torch` returning host numpy arrays ``(offsets int64, tokens int64, logprobs
+    float64)``. Accepts a numpy array or a torch tensor."""
+    t = logits if isinstance(logits, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(logits))
+    offsets, tokens, logprobs = policy_support_torch(t, policy)
+    return (
+        offsets.cpu().numpy().astype(np.int64, copy=False),
+        tokens.cpu().numpy().astype(np.int64, copy=False),
+        logprobs.cpu().numpy().astype(np.float64, copy=False),
+    )

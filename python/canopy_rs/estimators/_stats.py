@@ -1,0 +1,141 @@
+"""Small numpy statistics helpers shared by the estimators (no scipy at import time).
+
+Correlations follow the reference code (paper-spec 2.8): Pearson, Spearman on mid-ranks, Kendall tau-b, all
+NaN when undefined (fewer than two points or a constant variable).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+
+__all__ = [
+    "rankdata",
+    "pearson",
+    "spearman",
+    "kendall_tau_b",
+    "mean_se",
+    "critical_value",
+    "fisher_ci",
+]
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based mid-ranks (ties get the average rank), as ``scipy.stats.rankdata(method="average")``."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # Boundaries of tie groups in the sorted order.
+    new_group = np.empty(n, dtype=bool)
+    if n:
+        new_group[0] = True
+        new_group[1:] = xs[1:] != xs[:-1]
+    starts = np.flatnonzero(new_group)
+    ends = np.append(starts[1:], n)
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape[0] < 2:
+        return math.nan
+    dx = x - x.mean()
+    dy = y - y.mean()
+    sxx = float(dx @ dx)
+    syy = float(dy @ dy)
+    if sxx <= 0.0 or syy <= 0.0:
+        return math.nan
+    r = float(dx @ dy) / math.sqrt(sxx * syy)
+    return max(-1.0, min(1.0, r))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if np.asarray(x).shape[0] < 2:
+        return math.nan
+    return pearson(rankdata(x), rankdata(y))
+
+
+def _tie_pairs(x: np.ndarray) -> int:
+    _, counts = np.unique(x, return_counts=True)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall tau-b. Exact O(n^2) pair count in row blocks (n is rollouts per prompt, ~100); for very large
+    n, scipy's O(n log n) routine is used when available."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.shape[0]
+    if n < 2:
+        return math.nan
+    n0 = n * (n - 1) // 2
+    denom = (n0 - _tie_pairs(x)) * (n0 - _tie_pairs(y))
+    if denom <= 0:
+        return math.nan
+    if n > 8192:
+        try:
+            from scipy.stats import kendalltau
+
+            return float(kendalltau(x, y, variant="b").statistic)
+        except ImportError:  # pragma: no cover - scipy is optional
+            pass
+    s = 0
+    block = max(1, (1 << 21) // n)
+    for a in range(0, n, block):
+        sx = np.sign(x[a : a + block, None] - x[None, :]).astype(np.int8)
+        sy = np.sign(y[a : a + block, None] - y[None, :]).astype(np.int8)
+        s += int(np.einsum("ij,ij->", sx, sy, dtype=np.int64))
+    # Every unordered pair was counted twice (i<j and j<i have the same sign product).
+    return (s // 2) / math.sqrt(denom)
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Sample mean and its standard error (ddof=1); SE is NaN with fewer than two values."""
+    v = np.asarray(values, dtype=np.float64)
+    m = v.shape[0]
+    if m == 0:
+        return math.nan, math.nan
+    mean = float(v.mean())
+    if m < 2:
+        return mean, math.nan
+    return mean, float(v.std(ddof=1) / math.sqrt(m))
+
+
+def critical_value(confidence: float, dof: float | None = None) -> float:
+    """Two-sided critical value: Student t with ``dof`` degrees of freedom when scipy is available (better
+    small-sample coverage), else the normal quantile."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    q = 0.5 + confidence / 2.0
+    if dof is not None and math.isfinite(dof) and dof >= 1:
+        try:
+            from scipy.stats import t as student_t
+
+            return float(student_t.ppf(q, dof))
+        except ImportError:  # pragma: no cover - scipy is optional
+            pass
+    return NormalDist().inv_cdf(q)
+
+
+def mean_ci(mean: float, se: float, crit: float) -> tuple[float, float]:
+    if not (math.isfinite(mean) and math.isfinite(se)):
+        return math.nan, math.nan
+    return mean - crit * se, mean + crit * se
+
+
+def fisher_ci(r: float, n: int, confidence: float, var_factor: float = 1.0, dof_shift: int = 3):
+    """Approximate CI for a correlation by the Fisher z transform: z = atanh(r) with standard error
+    sqrt(var_factor / (n - dof_shift)). var_factor 1 (Pearson), 1.06 (Spearman) and 0.437 with shift 4
+    (Kendall) are Fieller, Hartley & Pearson's (1957) approximations."""
+    if not math.isfinite(r) or n - dof_shift <= 0:
+        return math.nan, math.nan
+    z = math.atanh(max(-0.999999, min(0.999999, r)))
+    half = NormalDist().inv_cdf(0.5 + confidence / 2.0) * math.sqrt(var_factor / (n - dof_shift))
+    return math.tanh(z - half), math.tanh(z + half)

@@ -1,0 +1,225 @@
+"""Pooling per-prompt estimates over a (model, task) cell exactly as paper-spec section 5.
+
+* linear quantities: unweighted nanmean over prompts; ``exp`` after averaging (GenPPL, BF);
+* Pearson / Spearman: Fisher-z mean, weights max(n_p - 3, 0), r clipped to +-0.999999;
+* Kendall tau-b: raw-scale mean, weights n_p (n_p - 1) / 2;
+* covariance: weights n_p - 1 (= the pooled within-prompt unbiased covariance);
+* non-finite entries and zero weights are dropped; with no weight left, the plain nanmean is used;
+* decomposition from the pooled values: E[N] = CE / log GenPPL, E[r] = log BF, Cov = CE - E[N] E[r]
+  (a residual: mean within-prompt population covariance plus between-prompt covariance of the means);
+* running entropy rate: rollout-weighted over all prompts.
+
+:func:`pooled_columns` works on an index matrix ``[B, P]`` so the bootstrap evaluates all replicates at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["PooledEstimate", "pool", "prompt_columns", "pooled_columns", "POOLED_METRICS"]
+
+_CLIP = 0.999999
+
+# Per-prompt columns the pooled metrics are computed from.
+_COLUMNS = {
+    "ce_star": "ce_star",
+    "ce_star_surprisal": "ce_star_surprisal",
+    "expected_length": "expected_length",
+    "entropy_rate": "entropy_rate",
+    "truncation_rate": "truncation_rate",
+    "length_rate_pearson": "length_rate_pearson",
+    "length_rate_spearman": "length_rate_spearman",
+    "length_rate_kendall": "length_rate_kendall",
+    "length_rate_cov": "length_rate_cov",
+    "num_rollouts": "num_rollouts",
+}
+
+POOLED_METRICS = (
+    "ce_star",
+    "ce_star_surprisal",
+    "expected_length",
+    "entropy_rate",
+    "gen_ppl",
+    "branching_factor",
+    "truncation_rate",
+    "length_rate_pearson",
+    "length_rate_spearman",
+    "length_rate_kendall",
+    "length_rate_cov",
+    "length_driven",
+    "length_rate_cov_residual",
+    "length_driven_share",
+    "cov_share",
+)
+
+
+def prompt_columns(estimates: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Per-prompt arrays [P] from PromptEstimate objects (or mappings with the same keys)."""
+    if len(estimates) == 0:
+        raise ValueError("estimates must hold at least one prompt")
+    cols = {}
+    for key, attr in _COLUMNS.items():
+        vals = []
+        for e in estimates:
+            v = e[attr] if isinstance(e, Mapping) else getattr(e, attr)
+            vals.append(float(v))
+        cols[key] = np.asarray(vals, dtype=np.float64)
+    return cols
+
+
+def _take(x: np.ndarray, idx: Optional[np.ndarray]) -> np.ndarray:
+    return x[None, :] if idx is None else x[idx]
+
+
+def _nanmean(v: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(v)
+    cnt = finite.sum(axis=-1)
+    tot = np.where(finite, v, 0.0).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+
+
+def _weighted(v: np.ndarray, w: np.ndarray, transform=None, inverse=None) -> np.ndarray:
+    """Weighted mean over the last axis, dropping non-finite values and zero weights; falls back to the
+    plain nanmean of the values where no weight is left."""
+    ok = np.isfinite(v) & (w > 0)
+    tv = v if transform is None else transform(v)
+    wsum = np.where(ok, w, 0.0).sum(axis=-1)
+    tot = np.where(ok, w * np.where(ok, tv, 0.0), 0.0).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = tot / np.where(wsum > 0, wsum, 1.0)
+    if inverse is not None:
+        mean = inverse(mean)
+    return np.where(wsum > 0, mean, _nanmean(v))
+
+
+def _fisher(v):
+    return np.arctanh(np.clip(v, -_CLIP, _CLIP))
+
+
+def pooled_columns(cols: Mapping[str, np.ndarray], idx: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Pooled metrics for each row of the prompt index matrix ``idx`` [B, P] (None: all prompts once).
+
+    Returns arrays of shape [B] (or [1])."""
+    n = _take(cols["num_rollouts"], idx)
+    ce = _nanmean(_take(cols["ce_star"], idx))
+    ces = _nanmean(_take(cols["ce_star_surprisal"], idx))
+    length = _nanmean(_take(cols["expected_length"], idx))
+    rate = _nanmean(_take(cols["entropy_rate"], idx))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        gen_ppl = np.exp(ce / length)
+        bf = np.exp(rate)
+        length_driven = length * rate
+        cov_res = ce - length_driven
+        ld_share = length_driven / ce
+        cov_share = cov_res / ce
+    fisher_w = np.maximum(n - 3.0, 0.0)
+    return {
+        "ce_star": ce,
+        "ce_star_surprisal": ces,
+        "expected_length": length,
+        "entropy_rate": rate,
+        "gen_ppl": gen_ppl,
+        "branching_factor": bf,
+        "truncation_rate": _nanmean(_take(cols["truncation_rate"], idx)),
+        "length_rate_pearson": _weighted(_take(cols["length_rate_pearson"], idx), fisher_w, _fisher, np.tanh),
+        "length_rate_spearman": _weighted(_take(cols["length_rate_spearman"], idx), fisher_w, _fisher, np.tanh),
+        "length_rate_kendall": _weighted(_take(cols["length_rate_kendall"], idx), n * (n - 1.0) / 2.0),
+        "length_rate_cov": _weighted(_take(cols["length_rate_cov"], idx), n - 1.0),
+        "length_driven": length_driven,
+        "length_rate_cov_residual": cov_res,
+        "length_driven_share": ld_share,
+        "cov_share": cov_share,
+    }
+
+
+@dataclass(frozen=True)
+class PooledEstimate:
+    """Pooled metrics of one (model, task) cell. ``length_rate_cov`` is the pooled within-prompt covariance
+    (the reference ``entropy_rate_vs_length.covariance``); ``length_rate_cov_residual`` is the decomposition's
+    residual CE - E[N] E[r]. They are different numbers (spec 2.7)."""
+
+    num_prompts: int
+    ce_star: float
+    ce_star_surprisal: float
+    expected_length: float
+    entropy_rate: float
+    gen_ppl: float
+    branching_factor: float
+    truncation_rate: float
+    length_rate_pearson: float
+    length_rate_spearman: float
+    length_rate_kendall: float
+    length_rate_cov: float
+    length_driven: float
+    length_rate_cov_residual: float
+    length_driven_share: float
+    cov_share: float
+    trajectory_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    trajectory_rate: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    trajectory_active: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for k, v in self.__dict__.items():
+            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        return out
+
+    def to_pooled_metrics(self) -> dict[str, Any]:
+        """The reference ``pooled_metrics.json`` "raw" section layout (semantic keys omitted)."""
+        return {
+            "gen_ppl": self.gen_ppl,
+            "ce_star_max": self.ce_star,
+            "branching_factor": self.branching_factor,
+            "entropy_rate_vs_length": {
+                "pearson": self.length_rate_pearson,
+                "spearman": self.length_rate_spearman,
+                "kendall": self.length_rate_kendall,
+                "covariance": self.length_rate_cov,
+            },
+            "truncation_rate": self.truncation_rate,
+        }
+
+
+def _pooled_trajectory(estimates):
+    """Rollout-weighted running entropy rate: sum of per-rollout rates over all prompts / active count."""
+    with_traj = [e for e in estimates if getattr(e, "trajectory_positions", None) is not None]
+    if not with_traj:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
+    longest = max(with_traj, key=lambda e: len(e.trajectory_positions))
+    pos = np.asarray(longest.trajectory_positions)
+    tot = np.zeros(pos.shape[0])
+    act = np.zeros(pos.shape[0], dtype=np.int64)
+    for e in with_traj:
+        p = np.asarray(e.trajectory_positions)
+        if p.shape[0] and not np.array_equal(p, pos[: p.shape[0]]):
+            raise ValueError("prompts use different trajectory positions (bin_step); pool like with like")
+        k = p.shape[0]
+        tot[:k] += np.asarray(e.trajectory_rate_sum)
+        act[:k] += np.asarray(e.trajectory_active)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(act > 0, tot / np.maximum(act, 1), np.nan)
+    return pos, rate, act
+
+
+def pool(estimates: Sequence[Any]) -> PooledEstimate:
+    """Pool per-prompt :class:`PromptEstimate` objects (one per prompt) as the reference code does."""
+    cols = prompt_columns(estimates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        vals = {k: float(v[0]) for k, v in pooled_columns(cols).items()}
+    if isinstance(estimates[0], Mapping):
+        pos, rate, act = np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
+    else:
+        pos, rate, act = _pooled_trajectory(estimates)
+    return PooledEstimate(
+        num_prompts=len(estimates),
+        trajectory_positions=pos,
+        trajectory_rate=rate,
+        trajectory_active=act,
+        **vals,
+    )

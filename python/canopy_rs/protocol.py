@@ -1,0 +1,111 @@
+"""The engine <-> model protocol.
+
+The canopy (the prefix tree) lives in Rust; a model's state (a KV cache) lives in the backend. The driver
+(``canopy_rs.exact``, ``bounded``, ``sample``, ...) asks the backend to *expand* batches of nodes and tells it
+which nodes' state will never be needed again.
+
+A node is a generated prefix. It is named by an integer id chosen by the driver, unique within one run
+(between two ``reset()`` calls). The root (the prompt, no generated token) has ``parent_id == -1`` and
+``token == -1``. Expanding a node means: run the model on the node's last token on top of its parent's cached
+state (for the root: on the prompt) and return the next-token distribution. A node is only ever expanded
+after its parent was expanded and before its parent is released, so a backend never recomputes a prefix.
+
+A backend returns either
+
+* :class:`NextTokenLogits`: raw next-token logits ``[B, vocab_size]`` (float32 or float64); the Rust core
+  applies the decoding policy. The generic path, used by plain callables.
+* :class:`PolicySupport`: the policy already applied (on the model's device): for each row the support
+  (token ids with non-zero policy probability) and their log-probabilities, in CSR form. Only k-wide rows
+  cross to the host. The Rust core renormalises in f64 and computes the entropy.
+
+Rules a backend can rely on:
+
+1. ``reset()`` is called before a run; it frees all state.
+2. Ids in a batch are distinct and have never been expanded before in this run.
+3. Every parent in a batch was expanded earlier in this run and has not been released.
+4. ``release(ids)`` lists expanded nodes whose state no driver will read again (all their children that
+   needed it have been expanded). Releasing is a hint for memory; results never depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+
+from canopy_rs._core import Policy
+
+__all__ = [
+    "Backend",
+    "NodeBatch",
+    "NextTokenLogits",
+    "PolicySupport",
+    "Policy",
+    "BackendOutput",
+]
+
+
+@dataclass(frozen=True)
+class NodeBatch:
+    """Nodes to expand in one model call. All arrays are int64 of length B."""
+
+    node_ids: np.ndarray
+    parent_ids: np.ndarray  # -1 for the root
+    tokens: np.ndarray  # the node's last generated token; -1 for the root
+    depths: np.ndarray  # number of generated tokens in the prefix (root: 0)
+    _prefixes: Callable[[], list[list[int]]]
+
+    def __len__(self) -> int:
+        return int(self.node_ids.shape[0])
+
+    def prefixes(self) -> list[list[int]]:
+        """The full generated-token prefixes (prompt excluded). Computed on demand: backends that reuse
+        parent state never need them."""
+        return self._prefixes()
+
+
+@dataclass(frozen=True)
+class NextTokenLogits:
+    """Raw next-token logits, shape ``[B, vocab_size]``, float32 or float64, C-contiguous."""
+
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class PolicySupport:
+    """The decoding policy applied by the backend.
+
+    Row ``i`` owns ``tokens[offsets[i]:offsets[i+1]]`` (int64, distinct, in ``[0, vocab_size)``) and their
+    policy log-probabilities ``logprobs[...]`` (float64, finite). Rows must be non-empty and must sum to 1
+    within 1e-4; the core renormalises them exactly in f64.
+    """
+
+    offsets: np.ndarray
+    tokens: np.ndarray
+    logprobs: np.ndarray
+
+
+BackendOutput = Union[NextTokenLogits, PolicySupport]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What ``canopy_rs.exact`` and friends accept besides a plain ``logits_fn`` callable."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> Sequence[int]: ...
+
+    def reset(self) -> None: ...
+
+    def expand(self, batch: NodeBatch, policy: Policy) -> BackendOutput: ...
+
+    def release(self, node_ids: np.ndarray) -> None: ...
+
+    def counters(self) -> dict[str, float]:
+        """Cost counters since the last ``reset()``: at least ``model_calls`` and ``rows_evaluated``;
+        model backends add ``tokens_forwarded``, ``peak_live_kv_tokens``."""
+        ...

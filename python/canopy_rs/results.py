@@ -1,0 +1,186 @@
+"""Result records: the exact canopy (:class:`CanopyResult`) and a certified bracket (:class:`CanopyBounds`).
+
+Both are frozen and carry the bracket fields (``ce_star_lower``, ``ce_star_upper``, ``is_exact``,
+``explored_mass``, ``num_expanded``), so code that reads a bracket works on either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+
+def _plain(v: Any) -> Any:
+    """JSON-friendly values: arrays to lists, numpy scalars to Python, NaN kept as float."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How a result was computed: the policy, the model's EOS ids, cost counters, wall time."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float
+    top_k: Optional[int]
+    top_p: float
+    order: str
+    model_calls: int
+    rows_evaluated: int
+    tokens_forwarded: int
+    peak_live_kv_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CanopyResult:
+    """Exact population values of the canopy (CE*_max and companions), over the leaf distribution pi.
+
+    ``ce_star`` is the chain-rule sum over internal nodes of pi(u) h(u); ``ce_star_leaves`` is -sum pi log pi
+    over the leaves (equal up to rounding: a built-in self-check). Entropies are in nats.
+    """
+
+    ce_star: float
+    ce_star_leaves: float
+    total_mass: float
+    length_entropy: float
+    content_entropy: float
+    expected_length: float
+    entropy_rate: float
+    length_var: float
+    rate_var: float
+    length_rate_cov: float
+    length_rate_corr: float
+    gen_ppl: float
+    branching_factor: float
+    truncation_prob: float
+    length_pmf: np.ndarray
+    entropy_by_depth: np.ndarray
+    num_internal_nodes: int
+    num_leaves: int
+    max_support: int
+    info: RunInfo
+    nodes: Optional[dict[str, np.ndarray]] = field(default=None, repr=False, compare=False)
+
+    is_exact = True
+
+    @property
+    def ce_star_lower(self) -> float:
+        return self.ce_star
+
+    @property
+    def ce_star_upper(self) -> float:
+        return self.ce_star
+
+    @property
+    def explored_mass(self) -> float:
+        return self.total_mass
+
+    @property
+    def num_expanded(self) -> int:
+        return self.num_internal_nodes
+
+    # Cost counters, surfaced at the top level.
+    @property
+    def model_calls(self) -> int:
+        return self.info.model_calls
+
+    @property
+    def rows_evaluated(self) -> int:
+        return self.info.rows_evaluated
+
+    @property
+    def tokens_forwarded(self) -> int:
+        return self.info.tokens_forwarded
+
+    @property
+    def peak_live_kv_tokens(self) -> int:
+        return self.info.peak_live_kv_tokens
+
+    @property
+    def tokens_per_expanded_node(self) -> float:
+        return self.info.tokens_forwarded / max(self.num_internal_nodes, 1)
+
+    @property
+    def length_driven(self) -> float:
+        """E[N] E[r_N], the length-driven term of CE* = E[N] E[r_N] + Cov(N, r_N)."""
+        return self.expected_length * self.entropy_rate
+
+    @property
+    def eos_prob_by_depth(self) -> np.ndarray:
+        """P(the EOS that ends the rollout is token n), n = 0..max_new_tokens (truncation excluded)."""
+        p = self.length_pmf.copy()
+        p[-1] -= self.truncation_prob
+        return np.clip(p, 0.0, None)
+
+    def to_dict(self, include_nodes: bool = False) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("info", "nodes")}
+        d.update(
+            is_exact=True,
+            ce_star_lower=self.ce_star,
+            ce_star_upper=self.ce_star,
+            length_driven=self.length_driven,
+            tokens_per_expanded_node=self.tokens_per_expanded_node,
+        )
+        d.update(dataclasses.asdict(self.info))
+        if include_nodes and self.nodes is not None:
+            d["nodes"] = self.nodes
+        return _plain(d)
+
+
+@dataclass(frozen=True)
+class CanopyBounds:
+    """A certified bracket on CE*_max (and on E[N] and the truncation probability) from a partially expanded
+    canopy. ``ce_star_lower <= CE*_max <= ce_star_upper`` holds exactly (see :func:`canopy_rs.bounded`)."""
+
+    ce_star_lower: float
+    ce_star_upper: float
+    expected_length_lower: float
+    expected_length_upper: float
+    truncation_prob_lower: float
+    truncation_prob_upper: float
+    explored_mass: float
+    frontier_mass: float
+    num_expanded: int
+    frontier_size: int
+    num_nodes: int
+    stopped_by: str
+    info: RunInfo
+
+    is_exact = False
+
+    @property
+    def width(self) -> float:
+        return self.ce_star_upper - self.ce_star_lower
+
+    @property
+    def relative_width(self) -> float:
+        """Width relative to the lower bound (inf while the lower bound is 0)."""
+        return self.width / self.ce_star_lower if self.ce_star_lower > 0 else math.inf
+
+    @property
+    def model_calls(self) -> int:
+        return self.info.model_calls
+
+    @property
+    def tokens_forwarded(self) -> int:
+        return self.info.tokens_forwarded
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "info"}
+        d.update(is_exact=False, width=self.width)
+        d.update(dataclasses.asdict(self.info))
+        return _plain(d)

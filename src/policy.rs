@@ -1,0 +1,366 @@
+//! The decoding policy: temperature -> top-k -> top-p -> renormalise, applied to one logits row in f64.
+//!
+//! Semantics (the spec's, shared with the torch implementation in the transformers backend):
+//! * `z = logit / temperature`.
+//! * top-k keeps every token whose logit is >= the k-th largest (ties at the threshold kept, so possibly more
+//!   than k tokens). Selecting on the logits rather than on `z` is the same set, since `x / T` is monotone
+//!   for `T > 0`.
+//! * top-p sorts the kept tokens by `z` descending (ties by token id), and keeps the smallest prefix whose
+//!   cumulative probability reaches `p * (1 - 1e-12)` (the relative slack makes exact boundaries, such as a
+//!   uniform row and `p = 0.5`, independent of summation order). The first token is always kept.
+//! * the kept set is renormalised; tokens whose f64 probability underflows to 0 are not in the support.
+//!
+//! The support is emitted in ascending token order with its log-probabilities; the row's entropy (nats) is
+//! returned.
+
+use crate::error::{invalid, CanopyError, Result};
+use crate::stats::Neumaier;
+
+/// Relative slack on the top-p threshold (see the module docs).
+pub const TOP_P_SLACK: f64 = 1e-12;
+/// Above this k, top-k uses a selection on a copy of the row instead of the streaming insertion buffer.
+const STREAMING_TOP_K_MAX: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: f64,
+}
+
+impl Policy {
+    pub fn new(temperature: f64, top_k: Option<usize>, top_p: f64) -> Result<Self> {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(invalid(
+                "temperature",
+                format!("must be a finite number > 0, got {temperature} (use a small value such as 1e-3 for near-greedy decoding)"),
+            ));
+        }
+        if top_k == Some(0) {
+            return Err(invalid("top_k", "must be >= 1, or None to disable top-k"));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(invalid("top_p", format!("must be in (0, 1], got {top_p} (1.0 disables top-p)")));
+        }
+        Ok(Self { temperature, top_k, top_p })
+    }
+
+    /// The largest support this policy can produce over `vocab_size` tokens, ignoring ties.
+    pub fn nominal_support(&self, vocab_size: usize) -> usize {
+        self.top_k.map_or(vocab_size, |k| k.min(vocab_size))
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: None, top_p: 1.0 }
+    }
+}
+
+/// A logits element type the policy reads (f32 or f64); converted to f64 on the fly.
+pub trait Logit: Copy + Send + Sync + 'static {
+    fn to_f64(self) -> f64;
+}
+impl Logit for f32 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+impl Logit for f64 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Reusable per-thread buffers, so rows allocate nothing in the steady state.
+#[derive(Default)]
+pub struct Scratch {
+    top: Vec<f64>,
+    cand_z: Vec<f64>,
+    cand_tok: Vec<u32>,
+    order: Vec<u32>,
+    keep: Vec<bool>,
+}
+
+/// Apply `policy` to one row. Appends the support (ascending token ids) to `tokens`/`logprobs` and returns
+/// the entropy of the policy distribution in nats.
+pub fn apply_row<T: Logit>(
+    row: &[T],
+    policy: &Policy,
+    row_index: usize,
+    scratch: &mut Scratch,
+    tokens: &mut Vec<u32>,
+    logprobs: &mut Vec<f64>,
+) -> Result<f64> {
+    let threshold = select_threshold(row, policy, row_index, scratch)?;
+    // Kept candidates in token order.
+    scratch.cand_z.clear();
+    scratch.cand_tok.clear();
+    for (i, &v) in row.iter().enumerate() {
+        let x = v.to_f64();
+        if x >= threshold {
+            scratch.cand_z.push(x / policy.temperature);
+            scratch.cand_tok.push(i as u32);
+        }
+    }
+    if policy.top_p < 1.0 && scratch.cand_z.len() > 1 {
+        apply_top_p(policy.top_p, scratch);
+    }
+    Ok(emit_normalised(&scratch.cand_z, &scratch.cand_tok, tokens, logprobs))
+}
+
+/// Validates the row and returns the smallest logit that survives top-k (or the smallest finite value
+/// when top-k keeps everything).
+fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scratch: &mut Scratch) -> Result<f64> {
+    let mut finite = 0usize;
+    for &v in row {
+        let x = v.to_f64();
+        if x.is_nan() {
+            return Err(CanopyError::InvalidLogits {
+                row: row_index,
+                message: "contains NaN; check the model's numerics (dtype overflow?) before computing entropies".into(),
+            });
+        }
+        if x == f64::INFINITY {
+            return Err(CanopyError::InvalidLogits {
+                row: row_index,
+                message: "contains +inf; logits must be finite or -inf (masked)".into(),
+            });
+        }
+        finite += (x != f64::NEG_INFINITY) as usize;
+    }
+    if finite == 0 {
+        return Err(CanopyError::InvalidLogits {
+            row: row_index,
+            message: "is all -inf: no token has positive probability under the policy".into(),
+        });
+    }
+    let k = match policy.top_k {
+        Some(k) if k < finite => k,
+        _ => return Ok(f64::MIN), // every finite logit is kept (-inf never is: -inf < f64::MIN)
+    };
+    if k <= STREAMING_TOP_K_MAX {
+        // Streaming: `top` holds the k largest values seen so far, ascending; most elements are rejected
+        // by one comparison against top[0].
+        let top = &mut scratch.top;
+        top.clear();
+        for &v in row {
+            let x = v.to_f64();
+            if top.len() < k {
+                let pos = top.partition_point(|&t| t < x);
+                top.insert(pos, x);
+            } else if x > top[0] {
+                let pos = top.partition_point(|&t| t < x);
+                top.insert(pos, x);
+                top.remove(0);
+            }
+        }
+        Ok(top[0])
+    } else {
+        let top = &mut scratch.top;
+        top.clear();
+        top.extend(row.iter().map(|v| v.to_f64()));
+        let (_, kth, _) = top.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        Ok(*kth)
+    }
+}
+
+/// Keeps the smallest prefix (by z descending, ties by token id) whose probability reaches p.
+fn apply_top_p(top_p: f64, scratch: &mut Scratch) {
+    let n = scratch.cand_z.len();
+    let z = &scratch.cand_z;
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut total = Neumaier::default();
+    for &zi in z {
+        total.add((zi - max).exp());
+    }
+    let total = total.value();
+    let order = &mut scratch.order;
+    order.clear();
+    order.extend(0..n as u32);
+    // Candidates are in token order, so a stable sort on z descending breaks ties by token id.
+    order.sort_by(|&a, &b| z[b as usize].total_cmp(&z[a as usize]));
+    let target = top_p * (1.0 - TOP_P_SLACK);
+    let keep = &mut scratch.keep;
+    keep.clear();
+    keep.resize(n, false);
+    let mut cum = 0.0;
+    for &i in order.iter() {
+        keep[i as usize] = true;
+        cum += (z[i as usize] - max).exp() / total;
+        if cum >= target {
+            break;
+        }
+    }
+    let mut w = 0;
+    for r in 0..n {
+        if keep[r] {
+            scratch.cand_z[w] = scratch.cand_z[r];
+            scratch.cand_tok[w] = scratch.cand_tok[r];
+            w += 1;
+        }
+    }
+    scratch.cand_z.truncate(w);
+    scratch.cand_tok.truncate(w);
+}
+
+/// Softmax of `z` over the candidates in f64; appends the non-zero-probability entries and returns the
+/// entropy. `z` are unnormalised log-weights.
+pub(crate) fn emit_normalised(
+    z: &[f64],
+    tok: &[u32],
+    tokens: &mut Vec<u32>,
+    logprobs: &mut Vec<f64>,
+) -> f64 {
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = Neumaier::default();
+    for &zi in z {
+        sum.add((zi - max).exp());
+    }
+    let log_norm = max + sum.value().ln();
+    let mut entropy = Neumaier::default();
+    for (&zi, &t) in z.iter().zip(tok) {
+        let lp = zi - log_norm;
+        let p = lp.exp();
+        if p > 0.0 {
+            tokens.push(t);
+            logprobs.push(lp);
+            entropy.add(-p * lp);
+        }
+    }
+    entropy.value().max(0.0)
+}
+
+/// Validates one backend-supplied support row (tokens distinct and in range, log-probs finite, mass 1
+/// within 1e-4) and renormalises it exactly. `seen` is a vocab-sized stamp buffer owned by the caller.
+pub fn normalise_support_row(
+    row_tokens: &[i64],
+    row_logprobs: &[f64],
+    vocab_size: usize,
+    row_index: usize,
+    stamp: u32,
+    seen: &mut [u32],
+    tokens: &mut Vec<u32>,
+    logprobs: &mut Vec<f64>,
+) -> Result<f64> {
+    let bad = |message: String| CanopyError::InvalidLogits { row: row_index, message };
+    if row_tokens.is_empty() {
+        return Err(bad("support is empty: every row needs at least one token".into()));
+    }
+    let mut mass = Neumaier::default();
+    let mut z = Vec::with_capacity(row_tokens.len());
+    let mut tok = Vec::with_capacity(row_tokens.len());
+    // Sort by token so the emitted support is in ascending token order like apply_row's.
+    let mut idx: Vec<usize> = (0..row_tokens.len()).collect();
+    idx.sort_by_key(|&i| row_tokens[i]);
+    for i in idx {
+        let t = row_tokens[i];
+        if t < 0 || t as usize >= vocab_size {
+            return Err(bad(format!("token id {t} is outside [0, vocab_size={vocab_size})")));
+        }
+        if seen[t as usize] == stamp {
+            return Err(bad(format!("token id {t} appears twice in the support")));
+        }
+        seen[t as usize] = stamp;
+        let lp = row_logprobs[i];
+        if !lp.is_finite() || lp > 1e-6 {
+            return Err(bad(format!("log-probability {lp} for token {t} must be finite and <= 0")));
+        }
+        mass.add(lp.exp());
+        z.push(lp);
+        tok.push(t as u32);
+    }
+    let mass = mass.value();
+    if (mass - 1.0).abs() > 1e-4 {
+        return Err(bad(format!("support probabilities sum to {mass}, not 1 (send the renormalised policy)")));
+    }
+    Ok(emit_normalised(&z, &tok, tokens, logprobs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(row: &[f64], policy: Policy) -> (Vec<u32>, Vec<f64>, f64) {
+        let mut s = Scratch::default();
+        let (mut t, mut l) = (vec![], vec![]);
+        let h = apply_row(row, &policy, 0, &mut s, &mut t, &mut l).unwrap();
+        (t, l, h)
+    }
+
+    #[test]
+    fn uniform_full_support_has_log_v_entropy() {
+        let (t, _, h) = run(&[0.5; 8], Policy::default());
+        assert_eq!(t.len(), 8);
+        assert!((h - 8f64.ln()).abs() < 1e-14);
+    }
+
+    #[test]
+    fn top_k_keeps_ties_at_threshold() {
+        let p = Policy::new(1.0, Some(2), 1.0).unwrap();
+        let (t, _, _) = run(&[3.0, 1.0, 2.0, 2.0, 0.0], p);
+        assert_eq!(t, vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn top_p_keeps_crossing_token_and_first() {
+        // probs ~ [0.5, 0.3, 0.2]: p = 0.6 keeps {0, 1}; p = 0.01 keeps {0}.
+        let row = [0.5f64.ln(), 0.3f64.ln(), 0.2f64.ln()];
+        let (t, l, _) = run(&row, Policy::new(1.0, None, 0.6).unwrap());
+        assert_eq!(t, vec![0, 1]);
+        assert!((l[0] - (0.5f64 / 0.8).ln()).abs() < 1e-14);
+        let (t, _, h) = run(&row, Policy::new(1.0, None, 0.01).unwrap());
+        assert_eq!(t, vec![0]);
+        assert_eq!(h, 0.0);
+    }
+
+    #[test]
+    fn top_p_exact_boundary_on_uniform_row() {
+        let (t, _, _) = run(&[0.0; 4], Policy::new(1.0, None, 0.5).unwrap());
+        assert_eq!(t, vec![0, 1]);
+    }
+
+    #[test]
+    fn temperature_scales_before_softmax() {
+        let row = [1.0, 0.0];
+        let (_, l, _) = run(&row, Policy::new(2.0, None, 1.0).unwrap());
+        let p0 = 1.0 / (1.0 + (-0.5f64).exp());
+        assert!((l[0].exp() - p0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn neg_inf_is_masked_and_bad_rows_fail() {
+        let (t, _, _) = run(&[f64::NEG_INFINITY, 0.0, 0.0], Policy::default());
+        assert_eq!(t, vec![1, 2]);
+        let mut s = Scratch::default();
+        let (mut t, mut l) = (vec![], vec![]);
+        for row in [[f64::NAN, 0.0], [f64::INFINITY, 0.0], [f64::NEG_INFINITY, f64::NEG_INFINITY]] {
+            assert!(apply_row(&row, &Policy::default(), 3, &mut s, &mut t, &mut l).is_err());
+        }
+    }
+
+    #[test]
+    fn large_k_selection_matches_streaming() {
+        let row: Vec<f64> = (0..500).map(|i| ((i * 7919) % 101) as f64 * 0.1).collect();
+        for k in [1, 5, 64, 65, 200, 499] {
+            let (a, _, ha) = run(&row, Policy::new(0.7, Some(k), 1.0).unwrap());
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let thr = sorted[k - 1];
+            let expect: Vec<u32> = (0..row.len() as u32).filter(|&i| row[i as usize] >= thr).collect();
+            assert_eq!(a, expect, "k={k}");
+            assert!(ha.is_finite());
+        }
+    }
+
+    #[test]
+    fn bad_policy_values_are_rejected() {
+        assert!(Policy::new(0.0, None, 1.0).is_err());
+        assert!(Policy::new(f64::NAN, None, 1.0).is_err());
+        assert!(Policy::new(1.0, Some(0), 1.0).is_err());
+        assert!(Policy::new(1.0, None, 0.0).is_err());
+        assert!(Policy::new(1.0, None, 1.5).is_err());
+    }
+}

@@ -1,0 +1,385 @@
+//! The only module that knows PyO3: convert arguments, call the pure core with the GIL released, convert
+//! results and errors back. Arrays cross without copies where numpy allows it (inputs are borrowed
+//! read-only; outputs hand their Vec to numpy).
+
+use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::error::CanopyError as CoreError;
+use crate::policy::Policy;
+use crate::tree::{normalise_support, policy_rows, Order, Tree, TreeConfig, NO_NODE};
+
+create_exception!(_core, CanopyError, PyValueError, "An input the canopy engine cannot use.");
+create_exception!(_core, TreeTooLargeError, CanopyError, "The canopy would exceed max_nodes.");
+
+fn to_py(e: CoreError) -> PyErr {
+    match e {
+        CoreError::TreeTooLarge { .. } => TreeTooLargeError::new_err(e.to_string()),
+        CoreError::Protocol(_) => PyRuntimeError::new_err(e.to_string()),
+        _ => CanopyError::new_err(e.to_string()),
+    }
+}
+
+#[pyclass(name = "Policy", module = "canopy_rs._core", frozen)]
+struct PyPolicy {
+    inner: Policy,
+}
+
+#[pymethods]
+impl PyPolicy {
+    #[new]
+    #[pyo3(signature = (temperature = 1.0, top_k = None, top_p = 1.0))]
+    fn new(temperature: f64, top_k: Option<i64>, top_p: f64) -> PyResult<Self> {
+        let top_k = match top_k {
+            Some(k) if k < 1 => {
+                return Err(CanopyError::new_err(format!("top_k: must be >= 1, or None to disable top-k; got {k}")))
+            }
+            Some(k) => Some(k as usize),
+            None => None,
+        };
+        Ok(Self { inner: Policy::new(temperature, top_k, top_p).map_err(to_py)? })
+    }
+    #[getter]
+    fn temperature(&self) -> f64 {
+        self.inner.temperature
+    }
+    #[getter]
+    fn top_k(&self) -> Option<usize> {
+        self.inner.top_k
+    }
+    #[getter]
+    fn top_p(&self) -> f64 {
+        self.inner.top_p
+    }
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<PyPolicy>().map(|o| o.get().inner == self.inner).unwrap_or(false)
+    }
+    fn __hash__(&self) -> u64 {
+        let p = &self.inner;
+        p.temperature.to_bits() ^ p.top_k.unwrap_or(0).rotate_left(17) as u64 ^ p.top_p.to_bits().rotate_left(41)
+    }
+    fn __repr__(&self) -> String {
+        let k = self.inner.top_k.map_or("None".to_string(), |k| k.to_string());
+        format!("Policy(temperature={}, top_k={}, top_p={})", self.inner.temperature, k, self.inner.top_p)
+    }
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (f64, Option<usize>, f64))> {
+        let p = slf.get().inner;
+        Ok((slf.get_type().into_any(), (p.temperature, p.top_k, p.top_p)))
+    }
+}
+
+/// A 2-D float32/float64 C-contiguous array borrowed from Python.
+enum Logits<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+}
+
+impl<'py> Logits<'py> {
+    fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let arr = if let Ok(a) = obj.extract::<PyReadonlyArray2<f32>>() {
+            Self::F32(a)
+        } else if let Ok(a) = obj.extract::<PyReadonlyArray2<f64>>() {
+            Self::F64(a)
+        } else {
+            return Err(PyTypeError::new_err(
+                "logits: expected a 2-D numpy array of float32 or float64 with shape [rows, vocab_size]",
+            ));
+        };
+        let contiguous = match &arr {
+            Self::F32(a) => a.is_c_contiguous(),
+            Self::F64(a) => a.is_c_contiguous(),
+        };
+        if !contiguous {
+            return Err(CanopyError::new_err("logits: must be C-contiguous (use numpy.ascontiguousarray)"));
+        }
+        Ok(arr)
+    }
+    fn shape(&self) -> (usize, usize) {
+        let s = match self {
+            Self::F32(a) => a.shape(),
+            Self::F64(a) => a.shape(),
+        };
+        (s[0], s[1])
+    }
+}
+
+fn slice1<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| CanopyError::new_err(format!("{name}: must be a contiguous 1-D array")))
+}
+
+type Csr = (Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>);
+
+#[pyfunction]
+fn policy_support<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    policy: &Bound<'py, PyPolicy>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let p = policy.get().inner;
+    let arr = Logits::extract(logits)?;
+    let (_, v) = arr.shape();
+    let out: Result<Csr, CoreError> = match &arr {
+        Logits::F32(a) => {
+            let s = a.as_slice()?;
+            py.detach(|| policy_rows(s, v, &p))
+        }
+        Logits::F64(a) => {
+            let s = a.as_slice()?;
+            py.detach(|| policy_rows(s, v, &p))
+        }
+    };
+    csr_to_py(py, out.map_err(to_py)?)
+}
+
+fn csr_to_py(py: Python<'_>, (offsets, tokens, logprobs, entropy): Csr) -> PyResult<Bound<'_, PyAny>> {
+    let offsets: Vec<i64> = offsets.into_iter().map(|x| x as i64).collect();
+    let tokens: Vec<i64> = tokens.into_iter().map(i64::from).collect();
+    Ok((offsets.into_pyarray(py), tokens.into_pyarray(py), logprobs.into_pyarray(py), entropy.into_pyarray(py))
+        .into_pyobject(py)?
+        .into_any())
+}
+
+#[pyfunction]
+fn normalize_support<'py>(
+    py: Python<'py>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    tokens: PyReadonlyArray1<'py, i64>,
+    logprobs: PyReadonlyArray1<'py, f64>,
+    vocab_size: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (o, t, l) = (slice1(&offsets, "offsets")?, slice1(&tokens, "tokens")?, slice1(&logprobs, "logprobs")?);
+    let csr = py.detach(|| normalise_support(o, t, l, vocab_size)).map_err(to_py)?;
+    csr_to_py(py, csr)
+}
+
+#[pyclass(name = "Tree", module = "canopy_rs._core")]
+struct PyTree {
+    inner: Tree,
+}
+
+#[pymethods]
+impl PyTree {
+    #[new]
+    #[pyo3(signature = (vocab_size, eos_token_ids, max_new_tokens, policy, order = "depth-first", max_nodes = 10_000_000, record_nodes = false, support_cap = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vocab_size: i64,
+        eos_token_ids: Vec<i64>,
+        max_new_tokens: i64,
+        policy: &Bound<'_, PyPolicy>,
+        order: &str,
+        max_nodes: i64,
+        record_nodes: bool,
+        support_cap: Option<i64>,
+    ) -> PyResult<Self> {
+        let positive = |name: &str, v: i64| -> PyResult<usize> {
+            if v < 1 {
+                Err(CanopyError::new_err(format!("{name}: must be >= 1, got {v}")))
+            } else {
+                Ok(v as usize)
+            }
+        };
+        let vocab_size = positive("vocab_size", vocab_size)?;
+        let mut eos = Vec::with_capacity(eos_token_ids.len());
+        for e in eos_token_ids {
+            if e < 0 || e as usize >= vocab_size {
+                return Err(CanopyError::new_err(format!(
+                    "eos_token_ids: EOS id {e} is outside the vocabulary [0, vocab_size={vocab_size})"
+                )));
+            }
+            eos.push(e as u32);
+        }
+        let max_new_tokens = positive("max_new_tokens", max_new_tokens)?;
+        if max_new_tokens > u32::MAX as usize / 2 {
+            return Err(CanopyError::new_err("max_new_tokens: too large"));
+        }
+        let cfg = TreeConfig {
+            vocab_size,
+            eos_token_ids: eos,
+            max_new_tokens: max_new_tokens as u32,
+            policy: policy.get().inner,
+            order: Order::parse(order).map_err(to_py)?,
+            max_nodes: positive("max_nodes", max_nodes)?,
+            record_nodes,
+            support_cap: match support_cap {
+                Some(s) => positive("support_cap", s)?,
+                None => vocab_size,
+            },
+        };
+        Ok(Self { inner: Tree::new(cfg).map_err(to_py)? })
+    }
+
+    fn next_batch<'py>(&mut self, py: Python<'py>, max_rows: i64) -> PyResult<Bound<'py, PyAny>> {
+        if max_rows < 1 {
+            return Err(CanopyError::new_err(format!("batch_size: must be >= 1, got {max_rows}")));
+        }
+        let b = self.inner.next_batch(max_rows as usize).map_err(to_py)?;
+        Ok((b.node_ids.into_pyarray(py), b.parent_ids.into_pyarray(py), b.tokens.into_pyarray(py), b.depths.into_pyarray(py))
+            .into_pyobject(py)?
+            .into_any())
+    }
+
+    fn prefixes(&self, node_ids: PyReadonlyArray1<'_, i64>) -> PyResult<Vec<Vec<u32>>> {
+        let ids = node_ids.as_array();
+        ids.iter()
+            .map(|&i| {
+                if i < 0 {
+                    Err(CanopyError::new_err(format!("node_ids: negative id {i}")))
+                } else {
+                    self.inner.prefix(i as usize).map_err(to_py)
+                }
+            })
+            .collect()
+    }
+
+    fn ingest_logits(&mut self, py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<()> {
+        let arr = Logits::extract(logits)?;
+        let (rows, v) = arr.shape();
+        let tree = &mut self.inner;
+        match &arr {
+            Logits::F32(a) => {
+                let s = a.as_slice()?;
+                py.detach(|| tree.ingest_logits(s, rows, v))
+            }
+            Logits::F64(a) => {
+                let s = a.as_slice()?;
+                py.detach(|| tree.ingest_logits(s, rows, v))
+            }
+        }
+        .map_err(to_py)
+    }
+
+    fn ingest_support(
+        &mut self,
+        py: Python<'_>,
+        offsets: PyReadonlyArray1<'_, i64>,
+        tokens: PyReadonlyArray1<'_, i64>,
+        logprobs: PyReadonlyArray1<'_, f64>,
+    ) -> PyResult<()> {
+        let (o, t, l) = (slice1(&offsets, "offsets")?, slice1(&tokens, "tokens")?, slice1(&logprobs, "logprobs")?);
+        let tree = &mut self.inner;
+        py.detach(|| tree.ingest_support(o, t, l)).map_err(to_py)
+    }
+
+    fn take_released<'py>(&mut self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<i64>> {
+        let v: Vec<i64> = self.inner.take_released().into_iter().map(i64::from).collect();
+        v.into_pyarray(py)
+    }
+
+    fn frontier<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let ids = self.inner.frontier_ids();
+        let n = ids.len();
+        let (mut node_ids, mut parents, mut tokens, mut depths, mut log_reach) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for id in ids {
+            let (p, t, d, lr) = self.inner.node(id);
+            node_ids.push(id as i64);
+            parents.push(if p == NO_NODE { -1 } else { p as i64 });
+            tokens.push(if t == NO_NODE { -1 } else { t as i64 });
+            depths.push(d as i64);
+            log_reach.push(lr);
+        }
+        Ok((
+            node_ids.into_pyarray(py),
+            parents.into_pyarray(py),
+            tokens.into_pyarray(py),
+            depths.into_pyarray(py),
+            log_reach.into_pyarray(py),
+        )
+            .into_pyobject(py)?
+            .into_any())
+    }
+
+    #[getter]
+    fn is_done(&self) -> bool {
+        self.inner.is_done()
+    }
+    #[getter]
+    fn num_expanded(&self) -> u64 {
+        self.inner.num_expanded()
+    }
+    #[getter]
+    fn num_nodes(&self) -> usize {
+        self.inner.num_nodes()
+    }
+    #[getter]
+    fn frontier_size(&self) -> usize {
+        self.inner.frontier_size()
+    }
+
+    fn bounds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let b = py.detach(|| self.inner.bounds());
+        let d = PyDict::new(py);
+        d.set_item("ce_star_lower", b.ce_star_lower)?;
+        d.set_item("ce_star_upper", b.ce_star_upper)?;
+        d.set_item("expected_length_lower", b.expected_length_lower)?;
+        d.set_item("expected_length_upper", b.expected_length_upper)?;
+        d.set_item("truncation_prob_lower", b.truncation_prob_lower)?;
+        d.set_item("truncation_prob_upper", b.truncation_prob_upper)?;
+        d.set_item("explored_mass", b.explored_mass)?;
+        d.set_item("frontier_mass", b.frontier_mass)?;
+        d.set_item("num_expanded", b.num_expanded)?;
+        d.set_item("frontier_size", b.frontier_size)?;
+        d.set_item("num_nodes", b.num_nodes)?;
+        Ok(d)
+    }
+
+    fn result<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats().map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("ce_star", s.ce_star)?;
+        d.set_item("ce_star_leaves", s.ce_star_leaves)?;
+        d.set_item("total_mass", s.total_mass)?;
+        d.set_item("length_entropy", s.length_entropy)?;
+        d.set_item("content_entropy", s.content_entropy)?;
+        d.set_item("expected_length", s.expected_length)?;
+        d.set_item("entropy_rate", s.entropy_rate)?;
+        d.set_item("length_var", s.length_var)?;
+        d.set_item("rate_var", s.rate_var)?;
+        d.set_item("length_rate_cov", s.length_rate_cov)?;
+        d.set_item("length_rate_corr", s.length_rate_corr)?;
+        d.set_item("gen_ppl", s.gen_ppl)?;
+        d.set_item("branching_factor", s.branching_factor)?;
+        d.set_item("truncation_prob", s.truncation_prob)?;
+        d.set_item("length_pmf", s.length_pmf.into_pyarray(py))?;
+        d.set_item("entropy_by_depth", s.entropy_by_depth.into_pyarray(py))?;
+        d.set_item("num_internal_nodes", s.num_internal_nodes)?;
+        d.set_item("num_leaves", s.num_leaves)?;
+        d.set_item("max_support", s.max_support)?;
+        d.set_item("engine_calls", s.engine_calls)?;
+        Ok(d)
+    }
+
+    fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (parent, token, depth, log_reach, entropy, is_leaf) = self.inner.nodes();
+        let to_i64 = |v: &[u32]| -> Vec<i64> { v.iter().map(|&x| if x == NO_NODE { -1 } else { x as i64 }).collect() };
+        let d = PyDict::new(py);
+        d.set_item("parent", to_i64(parent).into_pyarray(py))?;
+        d.set_item("token", to_i64(token).into_pyarray(py))?;
+        d.set_item("depth", depth.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?;
+        d.set_item("log_reach", log_reach.to_vec().into_pyarray(py))?;
+        d.set_item("entropy", entropy.to_vec().into_pyarray(py))?;
+        d.set_item("is_leaf", is_leaf.to_vec().into_pyarray(py))?;
+        Ok(d)
+    }
+}
+
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A dedicated size for the rayon pool, like TOKENIZERS_PARALLELISM; the global pool is built lazily, so
+    // a failure here only means another library built it first.
+    if let Some(n) = std::env::var("CANOPY_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+    }
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("CanopyError", m.py().get_type::<CanopyError>())?;
+    m.add("TreeTooLargeError", m.py().get_type::<TreeTooLargeError>())?;
+    m.add_class::<PyPolicy>()?;
+    m.add_class::<PyTree>()?;
+    m.add_function(wrap_pyfunction!(policy_support, m)?)?;
+    m.add_function(wrap_pyfunction!(normalize_support, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,785 @@
+//! The canopy: a node arena and a frontier, expanded in batches.
+//!
+//! The driver (Python) repeatedly takes a batch of frontier nodes (`next_batch`), runs the model on them,
+//! and hands back either logits rows (`ingest_logits`: the policy is applied here, rows in parallel) or a
+//! support the backend computed itself (`ingest_support`). Ingestion records each node's entropy, creates
+//! its internal children (new frontier nodes) and folds its leaf children into the accumulators, in row
+//! order, so results do not depend on the thread count.
+//!
+//! Leaves (last token an EOS id, or depth == max_new_tokens) are aggregated on creation and, unless
+//! `record_nodes` is set, never stored: memory is proportional to the internal nodes.
+
+use std::collections::{BinaryHeap, VecDeque};
+
+use rayon::prelude::*;
+
+use crate::error::{invalid, CanopyError, Result};
+use crate::policy::{apply_row, normalise_support_row, Logit, Policy, Scratch};
+use crate::stats::{correlation, entropy_of, LeafMoments, Neumaier};
+
+pub const NO_NODE: u32 = u32::MAX;
+/// Rows per parallel task aim at this many logits, so tiny vocabularies are not split into tiny tasks.
+const ELEMENTS_PER_TASK: usize = 1 << 15;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Most recently created first: the least live state (the default for exact enumeration).
+    DepthFirst,
+    BreadthFirst,
+    /// Highest reach probability first (what the budgeted bracket uses).
+    BestFirst,
+}
+
+impl Order {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "depth-first" => Ok(Self::DepthFirst),
+            "breadth-first" => Ok(Self::BreadthFirst),
+            "best-first" => Ok(Self::BestFirst),
+            _ => Err(invalid("order", format!("unknown order {s:?}; use 'depth-first', 'breadth-first' or 'best-first'"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TreeConfig {
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub max_new_tokens: u32,
+    pub policy: Policy,
+    pub order: Order,
+    pub max_nodes: usize,
+    pub record_nodes: bool,
+    /// Largest policy support the certified upper bound may assume; checked on every expanded node.
+    pub support_cap: usize,
+}
+
+impl TreeConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.vocab_size == 0 || self.vocab_size > u32::MAX as usize - 1 {
+            return Err(invalid("vocab_size", format!("must be in [1, 2^32 - 2], got {}", self.vocab_size)));
+        }
+        if self.eos_token_ids.is_empty() {
+            return Err(invalid("eos_token_ids", "needs at least one EOS id (the spec's leaves end in EOS)"));
+        }
+        for &e in &self.eos_token_ids {
+            if e as usize >= self.vocab_size {
+                return Err(invalid(
+                    "eos_token_ids",
+                    format!("EOS id {e} is outside the vocabulary [0, vocab_size={})", self.vocab_size),
+                ));
+            }
+        }
+        if self.max_new_tokens == 0 {
+            return Err(invalid("max_new_tokens", "must be >= 1"));
+        }
+        if self.max_nodes == 0 {
+            return Err(invalid("max_nodes", "must be >= 1"));
+        }
+        if self.support_cap == 0 || self.support_cap > self.vocab_size {
+            return Err(invalid("support_cap", format!("must be in [1, vocab_size={}]", self.vocab_size)));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HeapItem {
+    log_reach: f64,
+    id: u32,
+}
+impl Eq for HeapItem {}
+impl Ord for HeapItem {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Max-heap on reach probability; among equals the older (smaller) id first.
+        self.log_reach.total_cmp(&other.log_reach).then_with(|| other.id.cmp(&self.id))
+    }
+}
+impl PartialOrd for HeapItem {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+enum Frontier {
+    Stack(Vec<u32>),
+    Queue(VecDeque<u32>),
+    Heap(BinaryHeap<HeapItem>),
+}
+
+impl Frontier {
+    fn new(order: Order) -> Self {
+        match order {
+            Order::DepthFirst => Self::Stack(Vec::new()),
+            Order::BreadthFirst => Self::Queue(VecDeque::new()),
+            Order::BestFirst => Self::Heap(BinaryHeap::new()),
+        }
+    }
+    fn push(&mut self, id: u32, log_reach: f64) {
+        match self {
+            Self::Stack(s) => s.push(id),
+            Self::Queue(q) => q.push_back(id),
+            Self::Heap(h) => h.push(HeapItem { log_reach, id }),
+        }
+    }
+    fn pop(&mut self) -> Option<u32> {
+        match self {
+            Self::Stack(s) => s.pop(),
+            Self::Queue(q) => q.pop_front(),
+            Self::Heap(h) => h.pop().map(|i| i.id),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Self::Stack(s) => s.len(),
+            Self::Queue(q) => q.len(),
+            Self::Heap(h) => h.len(),
+        }
+    }
+    fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::Stack(s) => s.clone(),
+            Self::Queue(q) => q.iter().copied().collect(),
+            Self::Heap(h) => h.iter().map(|i| i.id).collect(),
+        }
+    }
+}
+
+/// A batch handed to the driver.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub node_ids: Vec<i64>,
+    pub parent_ids: Vec<i64>,
+    pub tokens: Vec<i64>,
+    pub depths: Vec<i64>,
+}
+
+/// The policy's output for a batch, in CSR form, in row order.
+#[derive(Debug, Default)]
+struct RowsOut {
+    offsets: Vec<usize>,
+    tokens: Vec<u32>,
+    logprobs: Vec<f64>,
+    entropy: Vec<f64>,
+}
+
+/// Applies the policy to `rows` rows of width `vocab` (row-major), in parallel over fixed-size chunks.
+/// Output is identical for any thread count.
+pub fn policy_rows<T: Logit>(logits: &[T], vocab: usize, policy: &Policy) -> Result<(Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>)> {
+    let out = policy_rows_inner(logits, vocab, policy)?;
+    Ok((out.offsets, out.tokens, out.logprobs, out.entropy))
+}
+
+fn policy_rows_inner<T: Logit>(logits: &[T], vocab: usize, policy: &Policy) -> Result<RowsOut> {
+    if vocab == 0 || logits.len() % vocab != 0 {
+        return Err(CanopyError::Shape {
+            param: "logits",
+            message: format!("length {} is not a multiple of vocab_size {vocab}", logits.len()),
+        });
+    }
+    let rows = logits.len() / vocab;
+    let rows_per_task = (ELEMENTS_PER_TASK / vocab).max(1);
+    let run_chunk = |(chunk_index, chunk): (usize, &[T])| -> Result<RowsOut> {
+        let mut scratch = Scratch::default();
+        let mut out = RowsOut::default();
+        out.offsets.push(0);
+        for (j, row) in chunk.chunks_exact(vocab).enumerate() {
+            let h = apply_row(row, policy, chunk_index * rows_per_task + j, &mut scratch, &mut out.tokens, &mut out.logprobs)?;
+            out.entropy.push(h);
+            out.offsets.push(out.tokens.len());
+        }
+        Ok(out)
+    };
+    let chunks: Vec<Result<RowsOut>> = if rows > rows_per_task {
+        logits.par_chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
+    } else {
+        logits.chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
+    };
+    let mut merged = RowsOut { offsets: Vec::with_capacity(rows + 1), ..Default::default() };
+    merged.offsets.push(0);
+    for chunk in chunks {
+        let chunk = chunk?;
+        let base = merged.tokens.len();
+        merged.offsets.extend(chunk.offsets[1..].iter().map(|o| o + base));
+        merged.tokens.extend_from_slice(&chunk.tokens);
+        merged.logprobs.extend_from_slice(&chunk.logprobs);
+        merged.entropy.extend_from_slice(&chunk.entropy);
+    }
+    Ok(merged)
+}
+
+/// Validates and renormalises a backend-supplied CSR support.
+pub fn normalise_support(
+    offsets: &[i64],
+    tokens: &[i64],
+    logprobs: &[f64],
+    vocab_size: usize,
+) -> Result<(Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>)> {
+    let out = normalise_support_inner(offsets, tokens, logprobs, vocab_size)?;
+    Ok((out.offsets, out.tokens, out.logprobs, out.entropy))
+}
+
+fn normalise_support_inner(offsets: &[i64], tokens: &[i64], logprobs: &[f64], vocab_size: usize) -> Result<RowsOut> {
+    let shape = |message: String| CanopyError::Shape { param: "support", message };
+    if offsets.is_empty() || offsets[0] != 0 {
+        return Err(shape("offsets must start at 0 and have one entry per row plus one".into()));
+    }
+    if tokens.len() != logprobs.len() {
+        return Err(shape(format!("tokens ({}) and logprobs ({}) differ in length", tokens.len(), logprobs.len())));
+    }
+    if *offsets.last().unwrap() as usize != tokens.len() || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(shape("offsets must be non-decreasing and end at len(tokens)".into()));
+    }
+    let mut seen = vec![0u32; vocab_size];
+    let mut out = RowsOut::default();
+    out.offsets.push(0);
+    for (row, w) in offsets.windows(2).enumerate() {
+        let (a, b) = (w[0] as usize, w[1] as usize);
+        let h = normalise_support_row(
+            &tokens[a..b],
+            &logprobs[a..b],
+            vocab_size,
+            row,
+            row as u32 + 1,
+            &mut seen,
+            &mut out.tokens,
+            &mut out.logprobs,
+        )?;
+        out.entropy.push(h);
+        out.offsets.push(out.tokens.len());
+    }
+    Ok(out)
+}
+
+/// Exact population values over the leaf distribution (see the spec, sections 2 and 4).
+#[derive(Debug, Clone)]
+pub struct CanopyStats {
+    pub ce_star: f64,
+    pub ce_star_leaves: f64,
+    pub total_mass: f64,
+    pub length_entropy: f64,
+    pub content_entropy: f64,
+    pub expected_length: f64,
+    pub entropy_rate: f64,
+    pub length_var: f64,
+    pub rate_var: f64,
+    pub length_rate_cov: f64,
+    pub length_rate_corr: f64,
+    pub gen_ppl: f64,
+    pub branching_factor: f64,
+    pub truncation_prob: f64,
+    pub length_pmf: Vec<f64>,
+    /// Sum of pi(u) h(u) over internal nodes at each depth 0..max_new_tokens-1.
+    pub entropy_by_depth: Vec<f64>,
+    pub num_internal_nodes: u64,
+    pub num_leaves: u64,
+    pub max_support: u64,
+    pub engine_calls: u64,
+}
+
+/// Certified brackets for a partially expanded canopy.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    pub ce_star_lower: f64,
+    pub ce_star_upper: f64,
+    pub expected_length_lower: f64,
+    pub expected_length_upper: f64,
+    pub truncation_prob_lower: f64,
+    pub truncation_prob_upper: f64,
+    /// Probability mass of the leaves reached so far.
+    pub explored_mass: f64,
+    /// Probability mass of the unexpanded internal nodes (explored + frontier = 1).
+    pub frontier_mass: f64,
+    pub num_expanded: u64,
+    pub frontier_size: u64,
+    pub num_nodes: u64,
+}
+
+pub struct Tree {
+    cfg: TreeConfig,
+    is_eos: Vec<bool>,
+    // Arena, indexed by node id. Leaves are stored only with `record_nodes`.
+    parent: Vec<u32>,
+    token: Vec<u32>,
+    depth: Vec<u32>,
+    log_reach: Vec<f64>,
+    /// Sum of the step entropies of the node's strict ancestors (the path entropy before this node).
+    path_entropy: Vec<f64>,
+    /// h(u) once expanded; NaN before; 0 for recorded leaves.
+    entropy: Vec<f64>,
+    is_leaf: Vec<bool>,
+    /// Internal children not yet expanded: the node's state can be released when this reaches 0.
+    pending_children: Vec<u32>,
+    frontier: Frontier,
+    in_flight: Vec<u32>,
+    released: Vec<u32>,
+    // Accumulators.
+    chain: Neumaier,
+    chain_by_depth: Vec<Neumaier>,
+    leaf_mass: Neumaier,
+    leaf_plogp: Neumaier,
+    leaf_length: Neumaier,
+    length_pmf: Vec<Neumaier>,
+    truncated_mass: Neumaier,
+    moments: LeafMoments,
+    num_expanded: u64,
+    num_leaves: u64,
+    max_support: u64,
+    engine_calls: u64,
+}
+
+impl Tree {
+    pub fn new(cfg: TreeConfig) -> Result<Self> {
+        cfg.validate()?;
+        let mut is_eos = vec![false; cfg.vocab_size];
+        for &e in &cfg.eos_token_ids {
+            is_eos[e as usize] = true;
+        }
+        let t = cfg.max_new_tokens as usize;
+        let mut tree = Self {
+            frontier: Frontier::new(cfg.order),
+            is_eos,
+            parent: Vec::new(),
+            token: Vec::new(),
+            depth: Vec::new(),
+            log_reach: Vec::new(),
+            path_entropy: Vec::new(),
+            entropy: Vec::new(),
+            is_leaf: Vec::new(),
+            pending_children: Vec::new(),
+            in_flight: Vec::new(),
+            released: Vec::new(),
+            chain: Neumaier::default(),
+            chain_by_depth: vec![Neumaier::default(); t],
+            leaf_mass: Neumaier::default(),
+            leaf_plogp: Neumaier::default(),
+            leaf_length: Neumaier::default(),
+            length_pmf: vec![Neumaier::default(); t + 1],
+            truncated_mass: Neumaier::default(),
+            moments: LeafMoments::default(),
+            num_expanded: 0,
+            num_leaves: 0,
+            max_support: 0,
+            engine_calls: 0,
+            cfg,
+        };
+        let root = tree.push_node(NO_NODE, NO_NODE, 0, 0.0, 0.0, false);
+        tree.frontier.push(root, 0.0);
+        Ok(tree)
+    }
+
+    pub fn config(&self) -> &TreeConfig {
+        &self.cfg
+    }
+
+    fn push_node(&mut self, parent: u32, token: u32, depth: u32, log_reach: f64, path_entropy: f64, leaf: bool) -> u32 {
+        let id = self.parent.len() as u32;
+        self.parent.push(parent);
+        self.token.push(token);
+        self.depth.push(depth);
+        self.log_reach.push(log_reach);
+        self.path_entropy.push(path_entropy);
+        self.entropy.push(if leaf { 0.0 } else { f64::NAN });
+        self.is_leaf.push(leaf);
+        self.pending_children.push(0);
+        id
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.frontier.len() == 0 && self.in_flight.is_empty()
+    }
+    pub fn num_expanded(&self) -> u64 {
+        self.num_expanded
+    }
+    pub fn num_nodes(&self) -> usize {
+        self.parent.len()
+    }
+    pub fn frontier_size(&self) -> usize {
+        self.frontier.len() + self.in_flight.len()
+    }
+    /// Nodes created so far, leaves included (what `max_nodes` limits).
+    pub fn nodes_reached(&self) -> usize {
+        self.parent.len() + if self.cfg.record_nodes { 0 } else { self.num_leaves as usize }
+    }
+
+    /// Pops up to `max_rows` frontier nodes for the driver to evaluate.
+    pub fn next_batch(&mut self, max_rows: usize) -> Result<Batch> {
+        if !self.in_flight.is_empty() {
+            return Err(CanopyError::Protocol(
+                "next_batch called before the previous batch was ingested".into(),
+            ));
+        }
+        if max_rows == 0 {
+            return Err(invalid("batch_size", "must be >= 1"));
+        }
+        let mut b = Batch::default();
+        while self.in_flight.len() < max_rows {
+            let Some(id) = self.frontier.pop() else { break };
+            self.in_flight.push(id);
+            let i = id as usize;
+            b.node_ids.push(id as i64);
+            b.parent_ids.push(if self.parent[i] == NO_NODE { -1 } else { self.parent[i] as i64 });
+            b.tokens.push(if self.token[i] == NO_NODE { -1 } else { self.token[i] as i64 });
+            b.depths.push(self.depth[i] as i64);
+        }
+        Ok(b)
+    }
+
+    /// The generated tokens of each node (prompt excluded).
+    pub fn prefix(&self, id: usize) -> Result<Vec<u32>> {
+        if id >= self.parent.len() {
+            return Err(invalid("node_ids", format!("node id {id} does not exist (num_nodes={})", self.parent.len())));
+        }
+        let mut out = Vec::with_capacity(self.depth[id] as usize);
+        let mut u = id as u32;
+        while self.parent[u as usize] != NO_NODE {
+            out.push(self.token[u as usize]);
+            u = self.parent[u as usize];
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn ingest_logits<T: Logit>(&mut self, logits: &[T], rows: usize, vocab: usize) -> Result<()> {
+        self.check_rows(rows)?;
+        if vocab != self.cfg.vocab_size {
+            return Err(CanopyError::Shape {
+                param: "logits",
+                message: format!("has {vocab} columns but vocab_size is {}; pass the model's full vocabulary width", self.cfg.vocab_size),
+            });
+        }
+        let out = policy_rows_inner(&logits[..rows * vocab], vocab, &self.cfg.policy).map_err(|e| self.requeue_on_error(e))?;
+        self.ingest_rows(out)
+    }
+
+    pub fn ingest_support(&mut self, offsets: &[i64], tokens: &[i64], logprobs: &[f64]) -> Result<()> {
+        self.check_rows(offsets.len().saturating_sub(1))?;
+        let out = normalise_support_inner(offsets, tokens, logprobs, self.cfg.vocab_size).map_err(|e| self.requeue_on_error(e))?;
+        self.ingest_rows(out)
+    }
+
+    fn check_rows(&mut self, rows: usize) -> Result<()> {
+        if self.in_flight.is_empty() {
+            return Err(CanopyError::Protocol("ingest called without a pending batch (call next_batch first)".into()));
+        }
+        if rows != self.in_flight.len() {
+            let e = CanopyError::Shape {
+                param: "logits",
+                message: format!("has {rows} rows but the batch has {} nodes", self.in_flight.len()),
+            };
+            return Err(self.requeue_on_error(e));
+        }
+        Ok(())
+    }
+
+    /// A failed ingestion leaves the batch's nodes on the frontier, so bounds stay valid.
+    fn requeue_on_error(&mut self, e: CanopyError) -> CanopyError {
+        for id in std::mem::take(&mut self.in_flight) {
+            self.frontier.push(id, self.log_reach[id as usize]);
+        }
+        e
+    }
+
+    fn ingest_rows(&mut self, out: RowsOut) -> Result<()> {
+        let t_max = self.cfg.max_new_tokens;
+        // Node budget: count first, so nothing is half-ingested.
+        let new_nodes = out.tokens.len();
+        if self.nodes_reached() + new_nodes > self.cfg.max_nodes {
+            let depth = self.in_flight.iter().map(|&u| self.depth[u as usize]).max().unwrap_or(0);
+            let reached = self.nodes_reached() + new_nodes;
+            let e = CanopyError::TreeTooLarge { max_nodes: self.cfg.max_nodes, reached, expanded: self.num_expanded as usize, depth };
+            return Err(self.requeue_on_error(e));
+        }
+        if let Some((row, w)) = out.offsets.windows(2).enumerate().find(|(_, w)| w[1] - w[0] > self.cfg.support_cap) {
+            // The certified bound assumed at most support_cap children: refuse rather than lie.
+            let e = invalid(
+                "support_cap",
+                format!(
+                    "node {} has {} tokens in its policy support, more than support_cap={} (ties at the top-k \
+                     threshold keep extra tokens); raise support_cap or leave it unset",
+                    self.in_flight[row],
+                    w[1] - w[0],
+                    self.cfg.support_cap
+                ),
+            );
+            return Err(self.requeue_on_error(e));
+        }
+        let batch = std::mem::take(&mut self.in_flight);
+        for (row, &u) in batch.iter().enumerate() {
+            let ui = u as usize;
+            let (a, b) = (out.offsets[row], out.offsets[row + 1]);
+            let support = (b - a) as u64;
+            self.max_support = self.max_support.max(support);
+            let h = out.entropy[row];
+            let d = self.depth[ui];
+            let lr = self.log_reach[ui];
+            let reach = lr.exp();
+            self.entropy[ui] = h;
+            self.chain.add(reach * h);
+            self.chain_by_depth[d as usize].add(reach * h);
+            self.num_expanded += 1;
+            let child_depth = d + 1;
+            let child_path = self.path_entropy[ui] + h;
+            let mut internal_children = 0u32;
+            for j in a..b {
+                let tok = out.tokens[j];
+                let child_lr = lr + out.logprobs[j];
+                let eos = self.is_eos[tok as usize];
+                if eos || child_depth == t_max {
+                    self.add_leaf(child_lr, child_depth, child_path, eos);
+                    if self.cfg.record_nodes {
+                        self.push_node(u, tok, child_depth, child_lr, child_path, true);
+                    }
+                } else {
+                    let c = self.push_node(u, tok, child_depth, child_lr, child_path, false);
+                    self.frontier.push(c, child_lr);
+                    internal_children += 1;
+                }
+            }
+            self.pending_children[ui] = internal_children;
+            if internal_children == 0 {
+                self.released.push(u);
+            }
+            let p = self.parent[ui];
+            if p != NO_NODE {
+                let pc = &mut self.pending_children[p as usize];
+                *pc -= 1;
+                if *pc == 0 {
+                    self.released.push(p);
+                }
+            }
+        }
+        self.engine_calls += 1;
+        Ok(())
+    }
+
+    #[inline]
+    fn add_leaf(&mut self, log_reach: f64, n: u32, path_entropy: f64, eos: bool) {
+        let p = log_reach.exp();
+        self.num_leaves += 1;
+        self.leaf_mass.add(p);
+        if p > 0.0 {
+            self.leaf_plogp.add(p * log_reach);
+        }
+        self.leaf_length.add(p * n as f64);
+        self.length_pmf[n as usize].add(p);
+        if !eos {
+            self.truncated_mass.add(p);
+        }
+        self.moments.add(p, n as f64, path_entropy / n as f64);
+    }
+
+    pub fn take_released(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Unexpanded internal nodes (the batch in flight included).
+    pub fn frontier_ids(&self) -> Vec<u32> {
+        let mut ids = self.frontier.ids();
+        ids.extend_from_slice(&self.in_flight);
+        ids
+    }
+
+    pub fn node(&self, id: u32) -> (u32, u32, u32, f64) {
+        let i = id as usize;
+        (self.parent[i], self.token[i], self.depth[i], self.log_reach[i])
+    }
+
+    /// Certified brackets. Proof sketch: CE*_max = sum over internal u of pi(u) h(u) with h >= 0, so the
+    /// expanded nodes' sum is a lower bound; an unexpanded node u at depth d heads a subtree whose leaf
+    /// entropy is at most log(#leaves) <= (T - d) log S (S = support_cap), contributing pi(u) times that.
+    pub fn bounds(&self) -> Bounds {
+        let t = self.cfg.max_new_tokens as f64;
+        let log_s = (self.cfg.support_cap as f64).ln();
+        let mut gap = Neumaier::default();
+        let mut mass = Neumaier::default();
+        let mut len_lo = Neumaier::default();
+        let mut len_hi = Neumaier::default();
+        for id in self.frontier_ids() {
+            let i = id as usize;
+            let p = self.log_reach[i].exp();
+            let d = self.depth[i] as f64;
+            mass.add(p);
+            gap.add(p * (t - d) * log_s);
+            len_lo.add(p * (d + 1.0));
+            len_hi.add(p * t);
+        }
+        let lower = self.chain.value();
+        let explored_len = self.leaf_length.value();
+        let truncated = self.truncated_mass.value();
+        Bounds {
+            ce_star_lower: lower,
+            ce_star_upper: lower + gap.value(),
+            expected_length_lower: explored_len + len_lo.value(),
+            expected_length_upper: explored_len + len_hi.value(),
+            truncation_prob_lower: truncated,
+            truncation_prob_upper: truncated + mass.value(),
+            explored_mass: self.leaf_mass.value(),
+            frontier_mass: mass.value(),
+            num_expanded: self.num_expanded,
+            frontier_size: self.frontier_size() as u64,
+            num_nodes: self.parent.len() as u64,
+        }
+    }
+
+    /// Exact values; only once the whole canopy is expanded.
+    pub fn stats(&self) -> Result<CanopyStats> {
+        if !self.is_done() {
+            return Err(CanopyError::Protocol(format!(
+                "the canopy is not fully expanded ({} frontier nodes left); use bounds() for a bracket",
+                self.frontier_size()
+            )));
+        }
+        let m = &self.moments;
+        let ce = self.chain.value();
+        let pmf: Vec<f64> = self.length_pmf.iter().map(|s| s.value()).collect();
+        let length_entropy = entropy_of(&pmf);
+        let (var_n, var_r, cov) = (m.var_n(), m.var_r(), m.cov());
+        Ok(CanopyStats {
+            ce_star: ce,
+            ce_star_leaves: -self.leaf_plogp.value(),
+            total_mass: self.leaf_mass.value(),
+            length_entropy,
+            content_entropy: ce - length_entropy,
+            expected_length: m.mean_n(),
+            entropy_rate: m.mean_r(),
+            length_var: var_n,
+            rate_var: var_r,
+            length_rate_cov: cov,
+            length_rate_corr: correlation(var_n, var_r, cov, m.mean_r()),
+            gen_ppl: (ce / m.mean_n()).exp(),
+            branching_factor: m.mean_r().exp(),
+            truncation_prob: self.truncated_mass.value(),
+            length_pmf: pmf,
+            entropy_by_depth: self.chain_by_depth.iter().map(|s| s.value()).collect(),
+            num_internal_nodes: self.num_expanded,
+            num_leaves: self.num_leaves,
+            max_support: self.max_support,
+            engine_calls: self.engine_calls,
+        })
+    }
+
+    /// Per-node arrays (meaningful for leaves only with `record_nodes`).
+    pub fn nodes(&self) -> (&[u32], &[u32], &[u32], &[f64], &[f64], &[bool]) {
+        (&self.parent, &self.token, &self.depth, &self.log_reach, &self.entropy, &self.is_leaf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// i.i.d. steps: EOS (token 0) with probability q, else uniform over k other tokens.
+    fn iid_logits(q: f64, k: usize) -> Vec<f64> {
+        let mut row = vec![((1.0 - q) / k as f64).ln(); k + 1];
+        row[0] = q.ln();
+        row
+    }
+
+    fn run(cfg: TreeConfig, row: &[f64], batch: usize) -> Tree {
+        let v = cfg.vocab_size;
+        let mut tree = Tree::new(cfg).unwrap();
+        while !tree.is_done() {
+            let b = tree.next_batch(batch).unwrap();
+            let logits: Vec<f64> = b.node_ids.iter().flat_map(|_| row.iter().copied()).collect();
+            tree.ingest_logits(&logits, b.node_ids.len(), v).unwrap();
+        }
+        tree
+    }
+
+    fn cfg(v: usize, t: u32, order: Order) -> TreeConfig {
+        TreeConfig {
+            vocab_size: v,
+            eos_token_ids: vec![0],
+            max_new_tokens: t,
+            policy: Policy::default(),
+            order,
+            max_nodes: 10_000_000,
+            record_nodes: false,
+            support_cap: v,
+        }
+    }
+
+    #[test]
+    fn iid_closed_form() {
+        let (q, k, t) = (0.3f64, 3usize, 6u32);
+        let h = -q * q.ln() - (1.0 - q) * ((1.0 - q) / k as f64).ln();
+        let expect: f64 = (0..t).map(|i| (1.0 - q).powi(i as i32) * h).sum();
+        for order in [Order::DepthFirst, Order::BreadthFirst, Order::BestFirst] {
+            let tree = run(cfg(k + 1, t, order), &iid_logits(q, k), 7);
+            let s = tree.stats().unwrap();
+            assert!((s.ce_star - expect).abs() < 1e-12, "{order:?}");
+            assert!((s.ce_star_leaves - expect).abs() < 1e-12);
+            assert!((s.total_mass - 1.0).abs() < 1e-12);
+            assert!((s.truncation_prob - (1.0 - q).powi(t as i32)).abs() < 1e-12);
+            // CE = H(N) + H(Y|N) and CE = E[N]E[r] + Cov.
+            assert!((s.ce_star - (s.expected_length * s.entropy_rate + s.length_rate_cov)).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn bounds_bracket_and_collapse() {
+        let row = iid_logits(0.2, 2);
+        let c = cfg(3, 5, Order::BestFirst);
+        let exact = run(c.clone(), &row, 4).stats().unwrap().ce_star;
+        let mut tree = Tree::new(c).unwrap();
+        let mut last_width = f64::INFINITY;
+        while !tree.is_done() {
+            let b = tree.bounds();
+            assert!(b.ce_star_lower <= exact + 1e-12 && exact <= b.ce_star_upper + 1e-12);
+            let width = b.ce_star_upper - b.ce_star_lower;
+            assert!(width <= last_width + 1e-12);
+            last_width = width;
+            let batch = tree.next_batch(2).unwrap();
+            let logits: Vec<f64> = batch.node_ids.iter().flat_map(|_| row.iter().copied()).collect();
+            tree.ingest_logits(&logits, batch.node_ids.len(), 3).unwrap();
+        }
+        let b = tree.bounds();
+        assert_eq!(b.ce_star_lower, b.ce_star_upper);
+        assert!((b.ce_star_lower - exact).abs() < 1e-12);
+    }
+
+    #[test]
+    fn node_budget_is_enforced_before_growth() {
+        let mut c = cfg(4, 8, Order::BreadthFirst);
+        c.max_nodes = 50;
+        let mut tree = Tree::new(c).unwrap();
+        let row = [0.0; 4];
+        let err = loop {
+            let b = tree.next_batch(16).unwrap();
+            let logits: Vec<f64> = b.node_ids.iter().flat_map(|_| row.iter().copied()).collect();
+            if let Err(e) = tree.ingest_logits(&logits, b.node_ids.len(), 4) {
+                break e;
+            }
+        };
+        assert!(matches!(err, CanopyError::TreeTooLarge { max_nodes: 50, .. }));
+        assert!(tree.nodes_reached() <= 50);
+        // The failed batch went back to the frontier, so the bracket is still valid.
+        assert!(tree.bounds().frontier_mass > 0.0);
+    }
+
+    #[test]
+    fn release_happens_after_all_internal_children() {
+        let mut tree = Tree::new(cfg(3, 3, Order::BreadthFirst)).unwrap();
+        let row = [0.0; 3];
+        let mut released = vec![];
+        while !tree.is_done() {
+            let b = tree.next_batch(100).unwrap();
+            let logits: Vec<f64> = b.node_ids.iter().flat_map(|_| row.iter().copied()).collect();
+            tree.ingest_logits(&logits, b.node_ids.len(), 3).unwrap();
+            released.extend(tree.take_released());
+        }
+        released.sort();
+        // Every internal node (1 + 2 + 4) is released exactly once.
+        assert_eq!(released, (0..7).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn protocol_errors_are_reported() {
+        let mut tree = Tree::new(cfg(3, 2, Order::DepthFirst)).unwrap();
+        assert!(matches!(tree.ingest_logits(&[0.0f64; 3], 1, 3), Err(CanopyError::Protocol(_))));
+        tree.next_batch(1).unwrap();
+        assert!(matches!(tree.next_batch(1), Err(CanopyError::Protocol(_))));
+        assert!(matches!(tree.ingest_logits(&[0.0f64; 4], 1, 4), Err(CanopyError::Shape { .. })));
+    }
+}
