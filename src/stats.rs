@@ -26,8 +26,10 @@ impl Neumaier {
     }
 }
 
-/// Weighted Welford moments of (N, r). Deviations from the running mean are exactly zero when every value
-/// is equal, so a degenerate variance comes out as exactly 0 rather than rounding noise.
+/// Weighted running moments of (N, r) (West 1979). The squared-deviation updates use `W_old / W_new * d^2`
+/// rather than `d * (x - new_mean)`, which cancels catastrophically when a heavy value follows a light one.
+/// Deviations from the running mean are exactly zero when every value is equal, so a degenerate variance
+/// comes out as exactly 0 rather than rounding noise.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LeafMoments {
     weight: f64,
@@ -44,15 +46,16 @@ impl LeafMoments {
         if w <= 0.0 {
             return;
         }
-        self.weight += w;
-        let frac = w / self.weight;
+        let new_weight = self.weight + w;
+        let old_share = self.weight / new_weight;
         let dn = n - self.mean_n;
         let dr = r - self.mean_r;
-        self.mean_n += dn * frac;
-        self.mean_r += dr * frac;
-        self.m2_n += w * dn * (n - self.mean_n);
-        self.m2_r += w * dr * (r - self.mean_r);
-        self.c_nr += w * dn * (r - self.mean_r);
+        self.mean_n += dn * (w / new_weight);
+        self.mean_r += dr * (w / new_weight);
+        self.m2_n += w * old_share * dn * dn;
+        self.m2_r += w * old_share * dr * dr;
+        self.c_nr += w * old_share * dn * dr;
+        self.weight = new_weight;
     }
 
     pub fn weight(&self) -> f64 {

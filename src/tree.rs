@@ -634,20 +634,33 @@ impl Tree {
         let ce = self.chain.value();
         let pmf: Vec<f64> = self.length_pmf.iter().map(|s| s.value()).collect();
         let length_entropy = entropy_of(&pmf);
-        let (var_n, var_r, cov) = (m.var_n(), m.var_r(), m.cov());
+        // E[N] and Var(N) by two passes over the length pmf: N takes at most T values, so this is exact to
+        // rounding and immune to the running-mean drift of the streamed moments.
+        let mass: f64 = self.leaf_mass.value();
+        let mut mean_n = Neumaier::default();
+        for (n, p) in pmf.iter().enumerate() {
+            mean_n.add(n as f64 * p);
+        }
+        let mean_n = mean_n.value() / mass;
+        let mut var_n = Neumaier::default();
+        for (n, p) in pmf.iter().enumerate() {
+            var_n.add(p * (n as f64 - mean_n).powi(2));
+        }
+        let var_n = var_n.value().max(0.0) / mass;
+        let (var_r, cov) = (m.var_r(), m.cov());
         Ok(CanopyStats {
             ce_star: ce,
             ce_star_leaves: -self.leaf_plogp.value(),
             total_mass: self.leaf_mass.value(),
             length_entropy,
             content_entropy: ce - length_entropy,
-            expected_length: m.mean_n(),
+            expected_length: mean_n,
             entropy_rate: m.mean_r(),
             length_var: var_n,
             rate_var: var_r,
             length_rate_cov: cov,
             length_rate_corr: correlation(var_n, var_r, cov, m.mean_r()),
-            gen_ppl: (ce / m.mean_n()).exp(),
+            gen_ppl: (ce / mean_n).exp(),
             branching_factor: m.mean_r().exp(),
             truncation_prob: self.truncated_mass.value(),
             length_pmf: pmf,

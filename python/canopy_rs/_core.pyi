@@ -4,10 +4,21 @@ Everything heavy (the decoding policy on logits rows, the canopy arena and front
 Rust with the GIL released. Python owns the model and drives the loop.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
+
+__all__ = [
+    "__version__",
+    "CanopyError",
+    "TreeTooLargeError",
+    "Policy",
+    "Tree",
+    "policy_support",
+    "normalize_support",
+]
 
 __version__: str
 
@@ -17,20 +28,21 @@ class CanopyError(ValueError):
 class TreeTooLargeError(CanopyError):
     """The canopy would exceed ``max_nodes``."""
 
+@final
 class Policy:
     """The decoding policy: temperature -> top-k (ties at the k-th value kept) -> top-p (smallest prefix of
     the descending order whose probability reaches p; the first token always kept) -> renormalise."""
 
-    def __init__(
-        self, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0
-    ) -> None: ...
+    def __new__(
+        cls, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0
+    ) -> Self: ...
     @property
     def temperature(self) -> float: ...
     @property
     def top_k(self) -> Optional[int]: ...
     @property
     def top_p(self) -> float: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 def policy_support(
@@ -61,6 +73,7 @@ def normalize_support(
     """Validate a backend's CSR support (tokens distinct and in range, log-probs finite, each row summing to 1
     within 1e-4) and renormalise it in f64. Returns the same layout as :func:`policy_support`."""
 
+@final
 class Tree:
     """The canopy of one prompt under one policy, expanded in batches.
 
@@ -68,8 +81,8 @@ class Tree:
     probability first; what ``bounded`` uses). ``support_cap`` is the largest policy support the certified
     upper bound may assume (default: ``vocab_size``); every expanded node is checked against it."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         vocab_size: int,
         eos_token_ids: Sequence[int],
         max_new_tokens: int,
@@ -78,7 +91,7 @@ class Tree:
         max_nodes: int = 10_000_000,
         record_nodes: bool = False,
         support_cap: Optional[int] = None,
-    ) -> None: ...
+    ) -> Self: ...
     def next_batch(
         self, max_rows: int
     ) -> tuple[

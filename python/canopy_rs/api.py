@@ -26,6 +26,8 @@ DEFAULT_MAX_NODES = 10_000_000
 # Rows per model call: wide enough to amortise a forward, small enough that a V=150k float32 batch stays
 # around 0.3 GB.
 DEFAULT_BATCH_ELEMENTS = 1 << 26
+# Best-first batches take at most 1/BEST_FIRST_SHARE of the frontier.
+BEST_FIRST_SHARE = 4
 # Approximate arena bytes per stored node (parent, token, depth, log pi, path entropy, h, flags).
 ARENA_BYTES_PER_NODE = 48
 
@@ -204,6 +206,10 @@ class _Run:
                 if hit is not None:
                     return hit
                 rows = self.batch_size
+                if self.order == "best-first":
+                    # Popping the whole frontier at once would be breadth-first: take only its best share,
+                    # so the batch stays close to the exact priority order while still growing wide.
+                    rows = min(rows, max(1, tree.frontier_size // BEST_FIRST_SHARE))
                 if budget is not None and budget.nodes is not None:
                     rows = min(rows, budget.nodes - tree.num_expanded)
                 ids, parents, tokens, depths = tree.next_batch(rows)

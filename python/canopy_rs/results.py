@@ -86,8 +86,28 @@ class CanopyResult:
         return self.ce_star
 
     @property
+    def expected_length_lower(self) -> float:
+        return self.expected_length
+
+    @property
+    def expected_length_upper(self) -> float:
+        return self.expected_length
+
+    @property
+    def truncation_prob_lower(self) -> float:
+        return self.truncation_prob
+
+    @property
+    def truncation_prob_upper(self) -> float:
+        return self.truncation_prob
+
+    @property
     def explored_mass(self) -> float:
         return self.total_mass
+
+    frontier_mass = 0.0
+    frontier_size = 0
+    width = 0.0
 
     @property
     def num_expanded(self) -> int:

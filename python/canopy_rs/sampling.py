@@ -166,14 +166,10 @@ class Rollouts:
 
 
 def _make_policy(temperature: float, top_k: Optional[int], top_p: float):
-    try:  # the lead's validation, so error messages match exact()
-        from canopy_rs.api import _policy_from_args
+    # exact()'s own validation, so the same arguments fail the same way everywhere.
+    from canopy_rs.api import make_policy
 
-        return _policy_from_args(temperature, top_k, top_p)
-    except ImportError:
-        from canopy_rs._core import Policy
-
-        return Policy(temperature, top_k, top_p)
+    return make_policy(temperature, top_k, top_p)
 
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:

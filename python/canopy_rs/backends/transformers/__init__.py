@@ -1,0 +1,349 @@
+"""The transformers backend: any causal LM plus a prompt, expanded with shared-prefix KV reuse.
+
+    model = canopy_rs.TransformersModel(hf_model, tokenizer, prompt="...", chat=False)
+    res = canopy_rs.exact(model, max_new_tokens=6, top_k=4)
+
+Two expansion strategies behind the :class:`canopy_rs.protocol.Backend` interface; both forward exactly one
+token per expanded node after the prompt:
+
+* ``"tree"`` (tree attention, :mod:`.tree_attention`): the prompt KV is computed once and the live canopy is
+  one flattened cache row; each forward feeds the whole batch of frontier tokens with a custom 4D mask
+  (prompt + ancestors + self visible) and explicit ``position_ids`` (prompt length + depth - 1). Needs
+  ``attn_implementation`` ``"sdpa"`` or ``"eager"`` and plain full-attention KV layers.
+* ``"per-row"`` (:mod:`.per_row`): one cache row per expanded node, children gathered from their parents'
+  rows. Works for every model (sliding-window, linear-attention / recurrent, hybrid, flash-attention).
+
+``strategy="auto"`` picks tree attention when the model supports it *and* a startup self-check (tree logits
+vs full recomputation on a tiny branching prefix) passes, else per-row with a warning naming the reason.
+
+The decoding policy (temperature -> top-k -> top-p -> renormalise) runs on the model's device
+(:func:`canopy_rs.backends.torch_policy.policy_support_torch`, float64 after top-k); only the support rows
+cross to the host. ``debug_logits=True`` returns the full V-wide logits instead (the Rust core then applies
+the policy).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from canopy_rs.backends.torch_policy import policy_support_torch
+from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
+
+from ._common import (
+    KVBudgetExceededError,
+    ModelRunner,
+    render_prompt,
+    resolve_eos_token_ids,
+    resolve_vocab_size,
+    tree_attention_unsupported_reason,
+)
+from .per_row import PerRowEngine
+from .tree_attention import TreeAttentionEngine
+
+__all__ = [
+    "TransformersModel",
+    "KVBudgetExceededError",
+    "TreeAttentionUnsupported",
+    "tree_attention_self_check",
+    "STRATEGIES",
+]
+
+STRATEGIES = ("auto", "tree", "per-row")
+_STRATEGY_ALIASES = {"per_row": "per-row", "rows": "per-row", "tree-attention": "tree", "tree_attention": "tree"}
+
+
+class TreeAttentionUnsupported(ValueError):
+    """``strategy="tree"`` was requested for a model that tree attention cannot run exactly."""
+
+
+def _self_check_tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+@torch.inference_mode()
+def tree_attention_self_check(
+    runner: ModelRunner, device: torch.device, dtype: torch.dtype, mask_kind: str, prompt_ids: Sequence[int], vocab_size: int
+) -> tuple[bool, str]:
+    """Expand a tiny two-level tree (two sibling branches, three grandchildren) with tree attention and
+    compare every node's logits with a full no-cache forward of its sequence. Returns ``(ok, detail)``."""
+    prompt = [int(t) for t in prompt_ids[:4]]
+    V = int(vocab_size)
+    a, b, c = prompt[0] % V, (prompt[0] + 1) % V, (prompt[0] + 2) % V
+    eng = TreeAttentionEngine(runner, device, dtype, mask_kind, compact_min=1, compact_fraction=0.0)
+    nodes = {1: (0, a, [a]), 2: (0, b, [b]), 3: (1, c, [a, c]), 4: (2, a, [b, a]), 5: (1, b, [a, b]), 6: (3, b, [a, c, b])}
+    calls0 = (runner.tokens_forwarded, runner.model_calls)
+    try:
+        got = {0: eng.prefill(0, prompt)[0]}
+        for batch in ([1, 2], [3, 4, 5]):
+            lg = eng.expand(
+                np.array(batch, dtype=np.int64),
+                np.array([nodes[n][0] for n in batch], dtype=np.int64),
+                np.array([nodes[n][1] for n in batch], dtype=np.int64),
+                np.array([len(nodes[n][2]) for n in batch], dtype=np.int64),
+            )
+            got.update({n: lg[i] for i, n in enumerate(batch)})
+        # Release a branch so that the last expansion runs on a compacted cache.
+        eng.release(np.array([2, 4, 5], dtype=np.int64))
+        lg = eng.expand(np.array([6]), np.array([3]), np.array([b]), np.array([3]))
+        got[6] = lg[0]
+        worst = 0.0
+        for n, logits in got.items():
+            seq = prompt + (nodes[n][2] if n else [])
+            ref = runner.full_logits(seq, device).float()
+            diff = (logits.float() - ref).abs().max().item()
+            scale = max(1.0, ref.abs().max().item())
+            worst = max(worst, diff / scale)
+    except Exception as exc:  # the model rejected the mask / position ids / cache layout
+        return False, f"tree attention forward failed ({type(exc).__name__}: {exc})"
+    finally:
+        runner.tokens_forwarded, runner.model_calls = calls0
+    tol = _self_check_tolerance(dtype)
+    if not worst <= tol:
+        return False, (
+            f"tree-attention logits differ from full recomputation by {worst:.3g} (relative; tolerance {tol:g}): "
+            "this model does not honour a custom 4D mask / position_ids"
+        )
+    return True, f"max relative logit difference {worst:.2g}"
+
+
+class TransformersModel:
+    """A :class:`canopy_rs.protocol.Backend` for a transformers causal LM and one prompt.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``-like: ``forward(input_ids, cache=...,
+            attention_mask=..., position_ids=...)`` returning ``.logits``). It is put in eval mode; ``device``
+            and ``dtype``, if given, move/cast it in place.
+        tokenizer: needed for a string prompt (and ``chat=True``); optional for token-id prompts.
+        prompt: a string, or a list of token ids used as is.
+        chat: render the prompt with the tokenizer's chat template (user turn, generation prompt; Qwen3-style
+            templates get ``enable_thinking=False``). Otherwise a string is tokenised raw (with the tokenizer's
+            own special tokens, e.g. BOS).
+        strategy: ``"auto"`` (tree attention if supported and the self-check passes, else per-row with a
+            warning), ``"tree"`` (raises :class:`TreeAttentionUnsupported` naming the reason if it cannot
+            run) or ``"per-row"``.
+        eos_token_ids: override the EOS ids (default: all of ``generation_config.eos_token_id``, else the
+            config's, else the tokenizer's). Each id is its own outcome; ``[]`` means no EOS.
+        vocab_size: override the vocabulary (default: the logits width); logits are cut to the first
+            ``vocab_size`` columns.
+        max_live_kv_tokens: cap on live KV tokens (tree: cache columns incl. the prompt; per-row: rows x
+            their lengths). Exceeding it raises :class:`KVBudgetExceededError`.
+        debug_logits: return V-wide :class:`NextTokenLogits` instead of the device-side policy support.
+        self_check: run the tree-attention startup self-check (a few tiny forwards).
+        chat_template_kwargs: extra keyword arguments for ``apply_chat_template``.
+
+    After ``canopy_rs.exact(model, ...)``, :meth:`counters` holds ``tokens_forwarded`` (prompt included),
+    ``model_calls``, ``rows_evaluated``, ``peak_live_kv_tokens``, ``prompt_tokens``,
+    ``tokens_per_expanded_node`` (after the prompt), ``kv_bytes``, ``support_entries`` and ``compactions``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        prompt: Union[str, Sequence[int], None] = None,
+        chat: bool = False,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+        strategy: str = "auto",
+        *,
+        eos_token_ids: Optional[Sequence[int]] = None,
+        vocab_size: Optional[int] = None,
+        max_live_kv_tokens: Optional[int] = None,
+        debug_logits: bool = False,
+        self_check: bool = True,
+        chat_template_kwargs: Optional[dict] = None,
+    ) -> None:
+        if prompt is None:
+            raise TypeError("TransformersModel needs a prompt (a string or a list of token ids)")
+        strategy = _STRATEGY_ALIASES.get(strategy, strategy)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if max_live_kv_tokens is not None and int(max_live_kv_tokens) < 1:
+            raise ValueError("max_live_kv_tokens must be a positive int or None")
+        if device is not None:
+            model.to(device)
+        if dtype is not None:
+            model.to(dtype)
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        try:
+            p = next(model.parameters())
+            self.device, self.dtype = p.device, p.dtype
+        except StopIteration:  # pragma: no cover
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.chat = bool(chat)
+        self.prompt_ids: list[int] = render_prompt(model, tokenizer, prompt, self.chat, chat_template_kwargs)
+        self._logits_width = resolve_vocab_size(model, None)
+        self._vocab_size = resolve_vocab_size(model, vocab_size)
+        self._eos = resolve_eos_token_ids(model, tokenizer, eos_token_ids, self._vocab_size)
+        if max(self.prompt_ids) >= self._logits_width or min(self.prompt_ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self._logits_width})")
+        self.debug_logits = bool(debug_logits)
+        self.max_live_kv_tokens = None if max_live_kv_tokens is None else int(max_live_kv_tokens)
+        self.runner = ModelRunner(model)
+        self.requested_strategy = strategy
+        self.strategy, self.strategy_reason = self._choose_strategy(strategy, self_check)
+        self.engine = self._make_engine(self.strategy)
+        self.reset()
+
+    # ------------------------------------------------------------------------------------------------
+    def _mask_kind(self) -> str:
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        return "bool" if impl == "sdpa" else "float"
+
+    def _choose_strategy(self, strategy: str, self_check: bool) -> tuple[str, str]:
+        if strategy == "per-row":
+            return "per-row", "requested"
+        reason = tree_attention_unsupported_reason(self.model)
+        if reason is None and self_check:
+            ok, detail = tree_attention_self_check(
+                self.runner, self.device, self.dtype, self._mask_kind(), self.prompt_ids, self._logits_width
+            )
+            if not ok:
+                reason = f"startup self-check failed: {detail}"
+        if reason is None:
+            return "tree", "requested" if strategy == "tree" else "auto: tree attention supported"
+        if strategy == "tree":
+            raise TreeAttentionUnsupported(f"tree attention is not available for this model: {reason}")
+        warnings.warn(
+            f"canopy_rs.TransformersModel: using per-row caches instead of tree attention: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "per-row", reason
+
+    def _make_engine(self, strategy: str) -> Any:
+        if strategy == "tree":
+            return TreeAttentionEngine(
+                self.runner, self.device, self.dtype, self._mask_kind(), max_live_kv_tokens=self.max_live_kv_tokens
+            )
+        return PerRowEngine(self.runner, self.device, max_live_kv_tokens=self.max_live_kv_tokens)
+
+    def with_prompt(self, prompt: Union[str, Sequence[int]], **overrides: Any) -> "TransformersModel":
+        """A backend for another prompt on the same model (the strategy decision and self-check are reused
+        unless ``strategy`` is overridden)."""
+        kwargs: dict[str, Any] = dict(
+            chat=self.chat,
+            strategy=self.strategy,
+            eos_token_ids=list(self._eos),
+            vocab_size=self._vocab_size,
+            max_live_kv_tokens=self.max_live_kv_tokens,
+            debug_logits=self.debug_logits,
+            self_check=False,
+        )
+        kwargs.update(overrides)
+        return TransformersModel(self.model, self.tokenizer, prompt, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------
+    # Backend protocol
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def reset(self) -> None:
+        self.engine.reset()
+        self.runner.tokens_forwarded = 0
+        self.runner.model_calls = 0
+        self._rows = 0
+        self._support_entries = 0
+
+    def expand(self, batch: NodeBatch, policy: Any) -> Union[PolicySupport, NextTokenLogits]:
+        ids = np.asarray(batch.node_ids, dtype=np.int64)
+        parents = np.asarray(batch.parent_ids, dtype=np.int64)
+        tokens = np.asarray(batch.tokens, dtype=np.int64)
+        depths = np.asarray(batch.depths, dtype=np.int64)
+        B = len(ids)
+        if B == 0:
+            raise ValueError("empty batch")
+        is_root = parents < 0
+        with torch.inference_mode():
+            if is_root.any():
+                if is_root.sum() > 1:
+                    raise ValueError("a batch can hold at most one root")
+                r = int(np.flatnonzero(is_root)[0])
+                root_logits = self.engine.prefill(int(ids[r]), self.prompt_ids)
+                if B == 1:
+                    logits = root_logits
+                else:
+                    rest = np.flatnonzero(~is_root)
+                    other = self.engine.expand(ids[rest], parents[rest], tokens[rest], depths[rest])
+                    logits = torch.empty((B, root_logits.shape[-1]), dtype=other.dtype, device=other.device)
+                    logits[r] = root_logits[0].to(other.dtype)
+                    logits[torch.as_tensor(rest).to(other.device)] = other
+            else:
+                if (tokens < 0).any() or (tokens >= self._logits_width).any():
+                    raise ValueError("node tokens must be in [0, vocab_size)")
+                logits = self.engine.expand(ids, parents, tokens, depths)
+            if self._vocab_size != logits.shape[-1]:
+                logits = logits[:, : self._vocab_size]
+            self._rows += B
+            if self.debug_logits:
+                return NextTokenLogits(np.ascontiguousarray(logits.float().cpu().numpy()))
+            offsets, toks, logprobs = policy_support_torch(logits, policy)
+            out = PolicySupport(
+                offsets.cpu().numpy().astype(np.int64, copy=False),
+                toks.cpu().numpy().astype(np.int64, copy=False),
+                logprobs.cpu().numpy().astype(np.float64, copy=False),
+            )
+        self._support_entries += int(out.tokens.shape[0])
+        return out
+
+    def release(self, node_ids: np.ndarray) -> None:
+        with torch.inference_mode():
+            self.engine.release(np.asarray(node_ids, dtype=np.int64).tolist())
+
+    def counters(self) -> dict[str, float]:
+        tokens = self.runner.tokens_forwarded
+        rows = self._rows
+        prompt = self.prompt_len if rows else 0
+        return {
+            "tokens_forwarded": tokens,
+            "model_calls": self.runner.model_calls,
+            "rows_evaluated": rows,
+            "peak_live_kv_tokens": self.engine.peak_live_kv_tokens,
+            "live_kv_tokens": self.engine.live_kv_tokens,
+            "kv_bytes": self.kv_bytes(),
+            "prompt_tokens": prompt,
+            "tokens_per_expanded_node": (tokens - prompt) / (rows - 1) if rows > 1 else 0.0,
+            "support_entries": self._support_entries,
+            "compactions": self.engine.compactions,
+        }
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the live KV caches (dead columns/rows until compaction included)."""
+        caches = []
+        if isinstance(self.engine, TreeAttentionEngine):
+            if self.engine.cache is not None:
+                caches.append(self.engine.cache)
+        else:
+            caches.extend(ch.cache for ch in self.engine.chunks.values())
+        total = 0
+        for cache in caches:
+            for layer in cache.layers:
+                for v in vars(layer).values():
+                    if isinstance(v, torch.Tensor) and v.ndim >= 1:
+                        total += v.numel() * v.element_size()
+                    elif isinstance(v, dict):
+                        total += sum(
+                            t.numel() * t.element_size() for t in v.values() if isinstance(t, torch.Tensor)
+                        )
+        return int(total)
+
+    def __repr__(self) -> str:
+        return (
+            f"TransformersModel({type(self.model).__name__}, strategy={self.strategy!r}, prompt_len={self.prompt_len}, "
+            f"vocab_size={self._vocab_size}, eos_token_ids={list(self._eos)}, device={self.device}, dtype={self.dtype})"
+        )

@@ -1,0 +1,230 @@
+"""Stochastic beam search (Gumbel-top-k; Kool, van Hoof & Welling, ICML 2019) and its importance-weighted
+estimators of CE*_max.
+
+Every node gets a perturbed log-probability G (the root: a Gumbel(0) draw); a child's G is a Gumbel with location log pi(child)
+conditioned so that the largest child's G equals its parent's ("top-down" Gumbel-max). Keeping the k largest G
+per level yields k leaves sampled *without replacement* from the leaf distribution, and the largest pruned G
+is the threshold kappa = the (k+1)-th largest leaf G.
+
+Conditional on kappa, leaf y is in the sample with probability q(y) = 1 - exp(-exp(log pi(y) - kappa)), and
+the Horvitz-Thompson-type estimator sum_{y in S} pi(y) / q(y) f(y) is unbiased for E_pi[f] (rank
+conditioning; Vieira 2017, Kool et al. 2019). Its terms have zero covariance (Duffield, Lund & Thorup 2007;
+Cohen & Kaplan 2007), so sum_S (pi f / q)^2 (1 - q) estimates the variance unbiasedly.
+
+f is the path's summed step entropies (``ce_star``, the Rao-Blackwellised form: the search expands every
+internal node on the beam paths, so h is known there) or the surprisal -log pi(y) (``ce_star_surprisal``).
+``ce_star_normalized`` divides by sum_S pi / q instead of 1 (biased, O(1/k), often lower variance). When the
+whole tree has at most k leaves the search enumerates it and every estimate is exact (kappa = -inf).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import _stats
+
+__all__ = ["BeamSearchEstimate", "stochastic_beam_search"]
+
+
+def _log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (x = 0 gives -inf)."""
+    with np.errstate(divide="ignore"):
+        return np.where(x > -math.log(2.0), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))
+
+
+def _gumbel_with_maximum(phi: np.ndarray, parent_g: np.ndarray, group: np.ndarray, num_groups: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """Gumbels with locations ``phi`` whose per-group maximum equals ``parent_g[group]`` (Kool et al.,
+    appendix B, numerically stable form)."""
+    g = phi + rng.gumbel(size=phi.shape[0])
+    z = np.full(num_groups, -np.inf)
+    np.maximum.at(z, group, g)
+    t = parent_g[group]
+    with np.errstate(invalid="ignore"):
+        v = t - g + _log1mexp(np.minimum(g - z[group], 0.0))
+        return t - np.maximum(v, 0.0) - np.log1p(np.exp(-np.abs(v)))
+
+
+@dataclass(frozen=True)
+class BeamSearchEstimate:
+    """Result of :func:`stochastic_beam_search`; ``leaf_*`` arrays describe the sampled leaves."""
+
+    ce_star: float
+    ce_star_se: float
+    ce_star_ci: tuple[float, float]
+    ce_star_surprisal: float
+    ce_star_surprisal_se: float
+    ce_star_surprisal_ci: tuple[float, float]
+    ce_star_normalized: float
+    ce_star_normalized_se: float
+    ce_star_normalized_ci: tuple[float, float]
+    beam_size: int
+    num_leaves: int
+    threshold: float
+    is_exact: bool
+    confidence: float
+    leaf_log_reach: np.ndarray
+    leaf_entropy_sums: np.ndarray
+    leaf_lengths: np.ndarray
+    leaf_inclusion: np.ndarray
+    leaf_tokens: list = field(repr=False, default_factory=list)
+    cost: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, np.ndarray):
+                out[k] = v.tolist()
+            elif isinstance(v, tuple):
+                out[k] = [float(x) for x in v]
+            else:
+                out[k] = v
+        return out
+
+
+def _ht(weights: np.ndarray, f: np.ndarray, q: np.ndarray, crit: float):
+    """Unbiased HT total, its SE, and the self-normalised version with a delta-method SE."""
+    a = weights * f
+    est = float(a.sum())
+    se = float(math.sqrt(max(0.0, float(np.sum(a * a * (1.0 - q))))))
+    wsum = float(weights.sum())
+    norm = est / wsum if wsum > 0 else math.nan
+    resid = weights * (f - norm)
+    nse = float(math.sqrt(max(0.0, float(np.sum(resid * resid * (1.0 - q)))))) / wsum if wsum > 0 else math.nan
+    return est, se, norm, nse
+
+
+def stochastic_beam_search(
+    model,
+    *,
+    beam_size: int,
+    max_new_tokens: int,
+    seed=None,
+    vocab_size: Optional[int] = None,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    batch_size: Optional[int] = None,
+    confidence: float = 0.95,
+) -> BeamSearchEstimate:
+    """Sample ``beam_size`` distinct leaves without replacement by stochastic beam search and estimate
+    CE*_max. Model and policy arguments are those of :func:`canopy_rs.exact`. Cost (``.cost``): the backend's
+    counters plus ``nodes_expanded`` and ``seconds``; model calls grow with depth, rows with
+    ``beam_size x depth``."""
+    from canopy_rs.protocol import NodeBatch  # noqa: F401  (core needed; fail early if missing)
+    from canopy_rs.sampling import _check_positive_int, _counters, _expand, _make_rng, _prepare
+
+    beam_size = _check_positive_int("beam_size", beam_size)
+    crit = _stats.critical_value(confidence)
+    backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
+        model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
+    )
+    rng = _make_rng(seed)
+    eos_arr = np.asarray(sorted(set(eos_ids)), dtype=np.int64)
+    t0 = time.perf_counter()
+    backend.reset()
+
+    # Unfinished beam (all at the same depth d): ids, log pi, G, sum of ancestors' h, paths [n, d].
+    ids = np.array([0], dtype=np.int64)
+    logpi = np.zeros(1)
+    # The root's G must be a Gumbel(0) draw, not 0: the inclusion probabilities assume unconditional
+    # Gumbels, and fixing the root conditions every leaf G on max = 0 (which biases the estimator).
+    gval = np.array([rng.gumbel()])
+    hsum = np.zeros(1)
+    paths = np.zeros((1, 0), dtype=np.int64)
+    support = _expand(backend, policy, ids, np.array([-1]), np.array([-1]), np.array([0]),
+                      lambda sl: [[] for _ in range(ids[sl].shape[0])], batch_size)
+    rows_expanded = 1
+    next_id = 1
+    # Finished leaves kept in the beam.
+    f_logpi = np.zeros(0)
+    f_g = np.zeros(0)
+    f_h = np.zeros(0)
+    f_len = np.zeros(0, dtype=np.int64)
+    f_tok: list[np.ndarray] = []
+    kappa = -np.inf
+    depth = 0
+    while ids.shape[0] > 0:
+        offsets, s_tok, s_lp, s_ent = support
+        counts = np.diff(offsets)
+        group = np.repeat(np.arange(ids.shape[0]), counts)
+        c_logpi = logpi[group] + s_lp
+        c_g = _gumbel_with_maximum(c_logpi, gval, group, ids.shape[0], rng)
+        c_h = hsum[group] + s_ent[group]
+        depth += 1
+        c_leaf = np.isin(s_tok, eos_arr) | (depth >= max_new_tokens)
+        # Candidates: the children, then the leaves already in the beam.
+        all_g = np.concatenate([c_g, f_g])
+        n_child = c_g.shape[0]
+        if all_g.shape[0] > beam_size:
+            keep = np.argpartition(-all_g, beam_size - 1)[:beam_size]
+            pruned = np.ones(all_g.shape[0], dtype=bool)
+            pruned[keep] = False
+            kappa = max(kappa, float(all_g[pruned].max()))
+            keep = np.sort(keep)
+        else:
+            keep = np.arange(all_g.shape[0])
+        keep_child = keep[keep < n_child]
+        keep_fin = keep[keep >= n_child] - n_child
+        new_leaf = keep_child[c_leaf[keep_child]]
+        new_int = keep_child[~c_leaf[keep_child]]
+        # Leaves: old kept ones, then newly finished children.
+        f_logpi = np.concatenate([f_logpi[keep_fin], c_logpi[new_leaf]])
+        f_g = np.concatenate([f_g[keep_fin], c_g[new_leaf]])
+        f_h = np.concatenate([f_h[keep_fin], c_h[new_leaf]])
+        f_len = np.concatenate([f_len[keep_fin], np.full(new_leaf.shape[0], depth, dtype=np.int64)])
+        f_tok = [f_tok[i] for i in keep_fin] + [
+            np.append(paths[group[e]], s_tok[e]) for e in new_leaf
+        ]
+        # Internal children go on: expand them as the next beam.
+        prev_ids = ids
+        par_rows = group[new_int]
+        ids = np.arange(next_id, next_id + new_int.shape[0], dtype=np.int64)
+        next_id += new_int.shape[0]
+        new_paths = np.concatenate([paths[par_rows], s_tok[new_int][:, None]], axis=1)
+        logpi, gval, hsum, paths = c_logpi[new_int], c_g[new_int], c_h[new_int], new_paths
+        if ids.shape[0]:
+            support = _expand(backend, policy, ids, prev_ids[par_rows], s_tok[new_int], np.full(ids.shape[0], depth),
+                              lambda sl, p=new_paths: [row.tolist() for row in p[sl]], batch_size)
+            rows_expanded += int(ids.shape[0])
+        backend.release(prev_ids)
+
+    if math.isinf(kappa):
+        q = np.ones(f_logpi.shape[0])
+    else:
+        q = -np.expm1(-np.exp(f_logpi - kappa))
+    weights = np.exp(f_logpi) / q
+    est, se, norm, nse = _ht(weights, f_h, q, crit)
+    s_est, s_se, _, _ = _ht(weights, -f_logpi, q, crit)
+    exact = math.isinf(kappa)
+    cost = _counters(backend)
+    cost["nodes_expanded"] = float(rows_expanded)
+    cost["seconds"] = time.perf_counter() - t0
+    return BeamSearchEstimate(
+        ce_star=est,
+        ce_star_se=se,
+        ce_star_ci=(est - crit * se, est + crit * se),
+        ce_star_surprisal=s_est,
+        ce_star_surprisal_se=s_se,
+        ce_star_surprisal_ci=(s_est - crit * s_se, s_est + crit * s_se),
+        ce_star_normalized=norm,
+        ce_star_normalized_se=nse,
+        ce_star_normalized_ci=(norm - crit * nse, norm + crit * nse),
+        beam_size=beam_size,
+        num_leaves=int(f_logpi.shape[0]),
+        threshold=float(kappa),
+        is_exact=exact,
+        confidence=float(confidence),
+        leaf_log_reach=f_logpi,
+        leaf_entropy_sums=f_h,
+        leaf_lengths=f_len,
+        leaf_inclusion=q,
+        leaf_tokens=[t.tolist() for t in f_tok],
+        cost=cost,
+    )

@@ -1,0 +1,203 @@
+"""Exact head + sampled tail ("sum and sample") estimator of CE*_max.
+
+CE*_max = sum over internal nodes of pi(u) h(u) splits at the frontier F of a best-first expanded head:
+
+    CE*_max = head_sum + sum_{u in F} pi(u) H(L_u | u) = head_sum + m_F E_{u ~ pi / m_F}[ H_u ],
+
+where head_sum is the certified lower bound of the head (sum over expanded nodes of pi h), m_F the frontier
+mass and H_u the summed step entropies of a rollout started at the frontier node u (h(u) included), whose
+expectation is the entropy of u's subtree (the rollout form of spec 2.2, applied to the subtree). So
+
+    CE_hat = head_sum + m_F * mean_i H_i,   u_i ~ pi(u) / m_F,
+
+is unbiased. The head removes all variance from the high-probability part of the tree and the tail is
+weighted by m_F, which best-first expansion drives down fastest.
+
+Frontier nodes are drawn i.i.d. (``"multinomial"``) or one per stratum of the cumulative pi in tree order
+(``"stratified"``, the default: unbiased, never worse than i.i.d., and siblings - with similar subtrees - share
+strata). The stratified SE is the collapsed-strata estimator (pairs of adjacent strata), which is
+conservative.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import _stats
+
+__all__ = ["HybridEstimate", "estimate_hybrid"]
+
+
+@dataclass(frozen=True)
+class HybridEstimate:
+    ce_star: float
+    ce_star_se: float
+    ce_star_ci: tuple[float, float]
+    head_sum: float  # certified lower bound: sum over the expanded head of pi h
+    ce_star_upper: float  # the head's certified upper bound
+    frontier_mass: float
+    frontier_size: int
+    num_expanded: int
+    num_rollouts: int
+    tail_mean: float  # mean_i H_i
+    is_exact: bool  # the whole canopy fit in the head: ce_star is exact, se = 0
+    frontier_sampling: str
+    confidence: float
+    cost: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["ce_star_ci"] = [float(x) for x in self.ce_star_ci]
+        return out
+
+
+def _ingest(tree, backend, policy, ids, parents, tokens, depths):
+    from canopy_rs.backends.callable import as_logits_array
+    from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
+
+    batch = NodeBatch(ids, parents, tokens, depths, lambda ids=ids: tree.prefixes(ids))
+    out = backend.expand(batch, policy)
+    if isinstance(out, NextTokenLogits):
+        tree.ingest_logits(as_logits_array(out.logits, len(ids), backend.vocab_size, source=type(backend).__name__))
+    elif isinstance(out, PolicySupport):
+        tree.ingest_support(
+            np.ascontiguousarray(out.offsets, dtype=np.int64),
+            np.ascontiguousarray(out.tokens, dtype=np.int64),
+            np.ascontiguousarray(out.logprobs, dtype=np.float64),
+        )
+    else:
+        raise TypeError(f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport")
+
+
+def _collapsed_strata_var(y: np.ndarray) -> float:
+    """Variance of mean(y) for one draw per equal-weight stratum, by collapsing adjacent strata into pairs
+    (a trailing odd stratum joins the last pair): (1/n^2) sum_g n_g/(n_g-1) sum_{h in g} (y_h - ybar_g)^2."""
+    n = y.shape[0]
+    if n < 2:
+        return math.nan
+    bounds = list(range(0, n - n % 2, 2))
+    groups = [y[b : b + 2] for b in bounds]
+    if n % 2:
+        groups[-1] = y[n - 3 :]
+    tot = 0.0
+    for g in groups:
+        k = g.shape[0]
+        tot += k / (k - 1) * float(((g - g.mean()) ** 2).sum())
+    return tot / (n * n)
+
+
+def estimate_hybrid(
+    model,
+    *,
+    budget_nodes: int,
+    num_rollouts: int,
+    max_new_tokens: int,
+    seed=None,
+    vocab_size: Optional[int] = None,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    batch_size: Optional[int] = None,
+    frontier_sampling: str = "stratified",
+    confidence: float = 0.95,
+    share_prefixes: bool = True,
+) -> HybridEstimate:
+    """Unbiased CE*_max estimate: the exact sum over a best-first head of ``budget_nodes`` expanded nodes plus
+    ``num_rollouts`` rollouts started at frontier nodes drawn in proportion to pi. Model and policy arguments
+    are those of :func:`canopy_rs.exact`. If the canopy has at most ``budget_nodes`` internal nodes the
+    result is exact (``is_exact``, SE 0) and no rollout is run."""
+    from canopy_rs._core import Tree
+    from canopy_rs.sampling import _check_positive_int, _counters, _make_rng, _prepare, _run_rollouts
+
+    budget_nodes = _check_positive_int("budget_nodes", budget_nodes)
+    num_rollouts = _check_positive_int("num_rollouts", num_rollouts)
+    if frontier_sampling not in ("stratified", "multinomial"):
+        raise ValueError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
+    backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
+        model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
+    )
+    rng = _make_rng(seed)
+    v = backend.vocab_size
+    rows_per_call = batch_size or int(min(4096, max(16, (1 << 26) // (4 * v))))
+    t0 = time.perf_counter()
+    tree = Tree(v, list(eos_ids), max_new_tokens, policy, order="best-first")
+    backend.reset()
+    while not tree.is_done and tree.num_expanded < budget_nodes:
+        ids, parents, tokens, depths = tree.next_batch(min(rows_per_call, budget_nodes - tree.num_expanded))
+        _ingest(tree, backend, policy, ids, parents, tokens, depths)
+        released = tree.take_released()
+        if len(released):
+            backend.release(released)
+    b = tree.bounds()
+    crit_n = _stats.critical_value(confidence)
+    if tree.is_done:
+        ce = float(tree.result()["ce_star"])
+        cost = _counters(backend)
+        cost["nodes_expanded"] = float(tree.num_expanded)
+        cost["seconds"] = time.perf_counter() - t0
+        return HybridEstimate(ce, 0.0, (ce, ce), ce, ce, 0.0, 0, int(tree.num_expanded), 0, math.nan, True,
+                              frontier_sampling, float(confidence), cost)
+
+    f_ids, f_par, f_tok, f_dep, f_logr = tree.frontier()
+    head = float(b["ce_star_lower"])
+    m_f = float(b["frontier_mass"])
+    # Tree order (lexicographic prefixes) puts siblings in neighbouring strata.
+    prefixes = tree.prefixes(f_ids)
+    order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
+    f_ids, f_par, f_tok, f_dep, f_logr = (a[order] for a in (f_ids, f_par, f_tok, f_dep, f_logr))
+    prefixes = [prefixes[i] for i in order]
+    w = np.exp(f_logr - f_logr.max())
+    cdf = np.cumsum(w)
+    cdf /= cdf[-1]
+    n = num_rollouts
+    if frontier_sampling == "stratified":
+        u = (np.arange(n) + rng.random(n)) / n
+    else:
+        u = rng.random(n)
+    assignment = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
+
+    run = _run_rollouts(
+        backend, policy,
+        start_ids=f_ids, start_parent_ids=f_par, start_tokens=f_tok, start_depths=f_dep,
+        start_prefixes=prefixes, assignment=assignment, id_base=int(tree.num_nodes), rng=rng,
+        max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
+        share_prefixes=share_prefixes,
+        # The head keeps every frontier parent alive; once the chosen starts are expanded none is needed.
+        release_after_start=np.unique(f_par),
+    )
+    h = run.entropies.sum(axis=1)
+    tail = float(h.mean())
+    if frontier_sampling == "stratified":
+        var = _collapsed_strata_var(h)
+        dof = max(1, n // 2)
+    else:
+        var = float(h.var(ddof=1) / n) if n >= 2 else math.nan
+        dof = n - 1
+    se = m_f * math.sqrt(var) if math.isfinite(var) else math.nan
+    ce = head + m_f * tail
+    crit = _stats.critical_value(confidence, dof) if n >= 2 else crit_n
+    cost = _counters(backend)
+    cost["nodes_expanded"] = float(tree.num_expanded + run.rows_expanded)
+    cost["seconds"] = time.perf_counter() - t0
+    return HybridEstimate(
+        ce_star=ce,
+        ce_star_se=se,
+        ce_star_ci=_stats.mean_ci(ce, se, crit),
+        head_sum=head,
+        ce_star_upper=float(b["ce_star_upper"]),
+        frontier_mass=m_f,
+        frontier_size=int(f_ids.shape[0]),
+        num_expanded=int(tree.num_expanded),
+        num_rollouts=n,
+        tail_mean=tail,
+        is_exact=False,
+        frontier_sampling=frontier_sampling,
+        confidence=float(confidence),
+        cost=cost,
+    )

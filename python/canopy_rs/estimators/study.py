@@ -1,0 +1,406 @@
+"""The estimator study: every estimator, repeated, against the exact CE*_max of a small canopy.
+
+:func:`compare` computes the exact value once (:func:`canopy_rs.exact`), then runs each estimator ``repeats``
+times per budget and reports mean, bias, standard deviation, RMSE, coverage of the nominal interval, the
+mean reported SE, and the cost (model calls, model tokens = rows evaluated = node expansions, wall seconds).
+
+A budget is a target number of model tokens (node expansions) per estimate. It is turned into each
+estimator's own size parameter with the exact E[N] (a harness convenience; the estimators do not see it):
+
+* ``mc_rb`` / ``mc_surprisal``: ``num_rollouts = round(budget / E[N])`` (one shared run gives both);
+* ``sbs`` / ``sbs_normalized`` / ``sbs_surprisal``: ``beam_size = round(budget / E[N])``;
+* ``hybrid`` / ``hybrid_multinomial``: a head of ``head_fraction * budget`` nodes and
+  ``round((1 - head_fraction) * budget / E[N])`` rollouts.
+
+Realised costs differ from the target (shared prefixes are forwarded once), so tables and plots use the
+*measured* mean cost, and :meth:`StudyResult.equal_cost_ratios` compares RMSEs at equal measured cost by
+interpolating the reference estimator's log-log RMSE curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["StudyResult", "compare", "random_logits_fn", "BUILTIN_ESTIMATORS"]
+
+# name -> (family, attribute prefix on the family's result)
+BUILTIN_ESTIMATORS = {
+    "mc_rb": ("mc", "ce_star"),
+    "mc_surprisal": ("mc", "ce_star_surprisal"),
+    "sbs": ("sbs", "ce_star"),
+    "sbs_normalized": ("sbs", "ce_star_normalized"),
+    "sbs_surprisal": ("sbs", "ce_star_surprisal"),
+    "hybrid": ("hybrid", "ce_star"),
+    "hybrid_multinomial": ("hybrid_multinomial", "ce_star"),
+}
+
+_COST_KEYS = ("model_calls", "rows_evaluated", "tokens_forwarded", "seconds")
+
+
+# ------------------------------------------------------------------------------------------------
+# A reproducible random model for studies and tests
+# ------------------------------------------------------------------------------------------------
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (vectorised, wrapping uint64 arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLD
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def random_logits_fn(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    eos_token_id: int = 0,
+    eos_bias: float = 0.0,
+    eos_slope: float = 0.0,
+) -> Callable[[list[list[int]]], np.ndarray]:
+    """A deterministic random "language model" for :func:`canopy_rs.exact` and friends.
+
+    The logits of a prefix are ``scale`` times i.i.d. standard normals drawn from a hash of (seed, prefix),
+    plus ``eos_bias + eos_slope * len(prefix)`` on the EOS id. Larger ``scale`` gives peakier policies.
+    Vectorised: one call evaluates any batch of prefixes."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    if not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id must lie in [0, vocab_size), got {eos_token_id}")
+    v = int(vocab_size)
+    col_keys = _mix(np.arange(2 * v, dtype=np.uint64) + np.uint64(0x5EED))
+    root = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+
+    def logits_fn(prefixes: list[list[int]]) -> np.ndarray:
+        b = len(prefixes)
+        lens = np.fromiter((len(p) for p in prefixes), dtype=np.int64, count=b)
+        width = int(lens.max()) if b else 0
+        arr = np.zeros((b, width), dtype=np.uint64)
+        for i, p in enumerate(prefixes):
+            arr[i, : len(p)] = p
+        h = np.full(b, root, dtype=np.uint64)
+        for d in range(width):
+            nh = _mix(h ^ _mix(arr[:, d] + np.uint64(1) + (np.uint64(d) << np.uint64(32))))
+            h = np.where(lens > d, nh, h)
+        x = _mix(h[:, None] ^ col_keys[None, :])
+        u = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+        z = np.sqrt(-2.0 * np.log(u[:, :v])) * np.cos(2.0 * np.pi * u[:, v:])
+        out = scale * z
+        out[:, eos_token_id] += eos_bias + eos_slope * lens
+        return out
+
+    return logits_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Study
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyResult:
+    """Rows (one per estimator and budget) plus the exact reference."""
+
+    exact_ce_star: float
+    exact: dict
+    rows: list[dict[str, Any]]
+    runs: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    settings: dict = field(default_factory=dict)
+
+    def estimators(self) -> list[str]:
+        return list(dict.fromkeys(r["estimator"] for r in self.rows))
+
+    def to_csv(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = list(self.rows[0].keys()) if self.rows else []
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow(r)
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exact_ce_star": self.exact_ce_star,
+            "exact": self.exact,
+            "settings": self.settings,
+            "rows": self.rows,
+            "equal_cost_ratios": self.equal_cost_ratios(),
+        }
+
+    def to_json(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_jsonable(self.to_dict()), indent=2, allow_nan=True))
+        return path
+
+    def _curve(self, name: str, cost_key: str = "tokens"):
+        rows = [r for r in self.rows if r["estimator"] == name and r["rmse"] > 0 and r[cost_key] > 0]
+        rows.sort(key=lambda r: r[cost_key])
+        return np.array([r[cost_key] for r in rows], dtype=float), np.array([r["rmse"] for r in rows], dtype=float)
+
+    def equal_cost_ratios(self, reference: str = "mc_rb", cost_key: str = "tokens") -> list[dict[str, Any]]:
+        """For each row: its RMSE divided by the reference's RMSE at the same measured cost. The reference
+        curve is a least-squares line in log-log space (Monte Carlo: slope near -1/2), so costs just outside
+        its measured range are extrapolated along it."""
+        x, y = self._curve(reference, cost_key)
+        out = []
+        if x.shape[0] < 2:
+            return out
+        slope, icept = np.polyfit(np.log(x), np.log(y), 1)
+        for r in self.rows:
+            c = r[cost_key]
+            ref = math.exp(icept + slope * math.log(c)) if c > 0 else math.nan
+            out.append({
+                "estimator": r["estimator"],
+                "budget": r["budget"],
+                cost_key: c,
+                "rmse": r["rmse"],
+                f"{reference}_rmse_at_cost": ref,
+                "ratio": r["rmse"] / ref if ref > 0 else math.nan,
+            })
+        return out
+
+    def format_table(self) -> str:
+        cols = [("estimator", "{:<18}"), ("budget", "{:>7}"), ("tokens", "{:>9.1f}"), ("model_calls", "{:>7.1f}"),
+                ("seconds", "{:>8.4f}"), ("mean", "{:>9.4f}"), ("bias", "{:>+9.4f}"), ("sd", "{:>8.4f}"),
+                ("rmse", "{:>8.4f}"), ("mean_se", "{:>8.4f}"), ("coverage", "{:>6.3f}")]
+        ratio = {(r["estimator"], r["budget"]): r["ratio"] for r in self.equal_cost_ratios()}
+        head = " ".join(f"{c:>{len(f.format(0 if c != 'estimator' else ''))}}" if c != "estimator" else f"{c:<18}"
+                        for c, f in cols) + "  rmse/mc_rb@cost"
+        lines = [f"exact CE*_max = {self.exact_ce_star:.6f} nats", head]
+        for r in self.rows:
+            cells = []
+            for c, f in cols:
+                val = r[c]
+                cells.append(f.format(val))
+            rr = ratio.get((r["estimator"], r["budget"]), math.nan)
+            lines.append(" ".join(cells) + f"  {rr:>8.3f}")
+        return "\n".join(lines)
+
+    def plot(self, path: Union[str, Path], *, title: Optional[str] = None, cost_key: str = "tokens") -> Path:
+        """Log-log RMSE vs measured cost, one line per estimator; PNG or SVG by the file suffix."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=130)
+        markers = "osD^v<>px*"
+        for i, name in enumerate(self.estimators()):
+            x, y = self._curve(name, cost_key)
+            if x.shape[0]:
+                ax.loglog(x, y, marker=markers[i % len(markers)], lw=1.6, ms=5, label=name)
+        x, y = self._curve("mc_rb", cost_key)
+        if x.shape[0]:
+            xs = np.geomspace(x.min(), x.max(), 8)
+            ax.loglog(xs, y[0] * np.sqrt(x[0] / xs), ls=":", color="grey", lw=1.0, label="slope -1/2")
+        ax.set_xlabel("model tokens per estimate (node expansions)" if cost_key == "tokens" else cost_key)
+        ax.set_ylabel("RMSE vs exact CE*$_{max}$ (nats)")
+        ax.set_title(title or f"Estimator RMSE vs cost (exact CE* = {self.exact_ce_star:.3f})", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _seed_for(seed: int, family: int, budget: int, repeat: int) -> int:
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, family, budget, repeat])
+    return int(ss.generate_state(1, dtype=np.uint64)[0])
+
+
+def _outcome(res: Any, prefix: str) -> tuple[float, float, float, float]:
+    value = float(getattr(res, prefix))
+    se = float(getattr(res, prefix + "_se", math.nan))
+    ci = getattr(res, prefix + "_ci", None)
+    lo, hi = (float(ci[0]), float(ci[1])) if ci is not None else (math.nan, math.nan)
+    return value, se, lo, hi
+
+
+def compare(
+    model: Any,
+    *,
+    estimators: Sequence[Union[str, tuple[str, Callable[..., Any]]]] = ("mc_rb", "mc_surprisal", "sbs", "hybrid"),
+    budgets: Sequence[int],
+    repeats: int,
+    seed: int = 0,
+    max_new_tokens: int,
+    vocab_size: Optional[int] = None,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    batch_size: Optional[int] = None,
+    confidence: float = 0.95,
+    head_fraction: float = 0.5,
+    exact_result: Any = None,
+    max_nodes: int = 10_000_000,
+    progress: bool = False,
+) -> StudyResult:
+    """Run every estimator ``repeats`` times per budget (target model tokens per estimate) on ``model`` and
+    judge it against the exact CE*_max. Estimators are built-in names (:data:`BUILTIN_ESTIMATORS`) or
+    ``(name, fn)`` with ``fn(model, budget=..., seed=..., expected_length=..., **model_and_policy_args)``
+    returning an object with ``ce_star``, ``ce_star_se``, optionally ``ce_star_ci``, and a ``cost`` dict.
+    Pass ``exact_result`` to reuse an exact run."""
+    from canopy_rs.api import exact
+    from canopy_rs.sampling import _check_positive_int, sample
+
+    from .beam import stochastic_beam_search
+    from .hybrid import estimate_hybrid
+    from .montecarlo import estimate
+
+    repeats = _check_positive_int("repeats", repeats)
+    if len(budgets) == 0:
+        raise ValueError("budgets must hold at least one budget")
+    budgets = [_check_positive_int("budgets", b) for b in budgets]
+    if not 0.0 < head_fraction < 1.0:
+        raise ValueError(f"head_fraction must be in (0, 1), got {head_fraction!r}")
+    if len(estimators) == 0:
+        raise ValueError("estimators must name at least one estimator")
+    specs: list[tuple[str, str, str, Optional[Callable]]] = []  # (name, family, prefix, fn)
+    for e in estimators:
+        if isinstance(e, str):
+            if e not in BUILTIN_ESTIMATORS:
+                raise ValueError(f"unknown estimator {e!r}; choose from {sorted(BUILTIN_ESTIMATORS)} or pass (name, fn)")
+            fam, prefix = BUILTIN_ESTIMATORS[e]
+            specs.append((e, fam, prefix, None))
+        elif isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) and callable(e[1]):
+            specs.append((e[0], "custom:" + e[0], "ce_star", e[1]))
+        else:
+            raise ValueError(f"estimators entries must be names or (name, callable) pairs, got {e!r}")
+
+    kw = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    t0 = time.perf_counter()
+    ex = exact_result if exact_result is not None else exact(model, max_nodes=max_nodes, **kw)
+    exact_seconds = time.perf_counter() - t0 if exact_result is None else math.nan
+    truth = float(ex.ce_star)
+    e_n = float(ex.expected_length)
+
+    def run_family(fam: str, fn: Optional[Callable], budget: int, s: int):
+        n_roll = max(2, int(round(budget / e_n)))
+        if fam == "mc":
+            r = sample(model, num_rollouts=n_roll, seed=s, **kw)
+            return estimate(r, confidence=confidence), r.cost
+        if fam == "sbs":
+            r = stochastic_beam_search(model, beam_size=n_roll, seed=s, confidence=confidence, **kw)
+            return r, r.cost
+        if fam in ("hybrid", "hybrid_multinomial"):
+            head = max(1, int(round(head_fraction * budget)))
+            tail = max(2, int(round((1.0 - head_fraction) * budget / e_n)))
+            r = estimate_hybrid(model, budget_nodes=head, num_rollouts=tail, seed=s, confidence=confidence,
+                                frontier_sampling="stratified" if fam == "hybrid" else "multinomial", **kw)
+            return r, r.cost
+        r = fn(model, budget=budget, seed=s, expected_length=e_n, **kw)
+        return r, dict(getattr(r, "cost", {}) or {})
+
+    families = list(dict.fromkeys(f for _, f, _, _ in specs))
+    fam_fn = {f: fn for _, f, _, fn in specs}
+    total = len(families) * len(budgets) * repeats
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="study", unit="run")
+        except ImportError:  # pragma: no cover
+            bar = None
+    runs: list[dict[str, Any]] = []
+    for bi, budget in enumerate(budgets):
+        for fi, fam in enumerate(families):
+            for rep in range(repeats):
+                s = _seed_for(seed, fi, bi, rep)
+                t1 = time.perf_counter()
+                res, cost = run_family(fam, fam_fn[fam], budget, s)
+                secs = time.perf_counter() - t1
+                for name, f2, prefix, _ in specs:
+                    if f2 != fam:
+                        continue
+                    value, se, lo, hi = _outcome(res, prefix)
+                    runs.append({
+                        "estimator": name, "budget": budget, "repeat": rep, "seed": s,
+                        "value": value, "se": se, "ci_low": lo, "ci_high": hi,
+                        "model_calls": float(cost.get("model_calls", math.nan)),
+                        "tokens": float(cost.get("rows_evaluated", cost.get("nodes_expanded", math.nan))),
+                        "tokens_forwarded": float(cost.get("tokens_forwarded", math.nan)),
+                        "seconds": secs,
+                    })
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    rows = []
+    tol = 1e-9 * (1.0 + abs(truth))
+    for name, _, _, _ in specs:
+        for budget in budgets:
+            rr = [r for r in runs if r["estimator"] == name and r["budget"] == budget]
+            v = np.array([r["value"] for r in rr])
+            se = np.array([r["se"] for r in rr])
+            lo = np.array([r["ci_low"] for r in rr])
+            hi = np.array([r["ci_high"] for r in rr])
+            err = v - truth
+            covered = (lo - tol <= truth) & (truth <= hi + tol)
+            rows.append({
+                "estimator": name,
+                "budget": budget,
+                "repeats": len(rr),
+                "exact": truth,
+                "mean": float(v.mean()),
+                "bias": float(err.mean()),
+                "sd": float(v.std(ddof=1)) if len(rr) > 1 else math.nan,
+                "rmse": float(math.sqrt(np.mean(err * err))),
+                "mean_se": float(math.sqrt(np.nanmean(se * se))) if np.isfinite(se).any() else math.nan,
+                "coverage": float(covered.mean()),
+                "model_calls": float(np.mean([r["model_calls"] for r in rr])),
+                "tokens": float(np.mean([r["tokens"] for r in rr])),
+                "tokens_forwarded": float(np.mean([r["tokens_forwarded"] for r in rr])),
+                "seconds": float(np.mean([r["seconds"] for r in rr])),
+            })
+    exact_info = {
+        "ce_star": truth,
+        "expected_length": e_n,
+        "num_internal_nodes": int(getattr(ex, "num_internal_nodes", 0)),
+        "num_leaves": int(getattr(ex, "num_leaves", 0)),
+        "model_calls": int(getattr(ex, "model_calls", 0)),
+        "rows_evaluated": int(getattr(ex, "rows_evaluated", 0)),
+        "seconds": exact_seconds,
+    }
+    settings = {
+        "budgets": list(budgets), "repeats": repeats, "seed": seed, "confidence": confidence,
+        "head_fraction": head_fraction, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "top_k": top_k, "top_p": top_p, "estimators": [s[0] for s in specs],
+    }
+    return StudyResult(truth, exact_info, rows, runs, settings)

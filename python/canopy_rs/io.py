@@ -1,0 +1,368 @@
+"""Run outputs: ``result.json``, per-prompt / per-rollout / per-node CSV (and Parquet when pyarrow is
+importable), and per-prompt checkpoints so that an interrupted run resumes where it stopped.
+
+Layout of an output directory::
+
+    DIR/result.json        everything: the run's configuration, library and model versions, seeds, per-prompt
+                           records (exact result / bracket / estimates) and pooled values
+    DIR/prompts.csv        one row per prompt, scalar fields flattened (exact_*, bounds_*, mc_*, err_*)
+    DIR/rollouts.csv       one row per sampled rollout (prompt, N, sum h, r_N, surprisal, flags, token ids)
+    DIR/nodes.csv          one row per canopy node (with --nodes)
+    DIR/*.parquet          the same tables, when pyarrow is installed
+    DIR/runs/<key>/        per-prompt checkpoints: record.json (+ rollouts.csv, nodes.csv)
+
+A prompt's ``key`` hashes the prompt text and every setting that changes its numbers, so rerunning into the
+same ``DIR`` skips prompts whose checkpoint matches and recomputes the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "jsonable",
+    "dumps",
+    "prompt_key",
+    "read_prompts",
+    "RunDir",
+    "write_csv",
+    "rollout_rows",
+    "node_rows",
+    "flatten",
+    "have_parquet",
+]
+
+RESULT_JSON = "result.json"
+PROMPTS_CSV = "prompts.csv"
+ROLLOUTS_CSV = "rollouts.csv"
+NODES_CSV = "nodes.csv"
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------------
+
+
+def jsonable(v: Any, *, strict: bool = True) -> Any:
+    """Plain JSON values: numpy arrays/scalars to Python, dataclasses and objects with ``to_dict`` to dicts,
+    paths to strings. With ``strict``, NaN and +-inf become ``null`` (valid JSON for every reader)."""
+    if hasattr(v, "to_dict") and callable(v.to_dict) and not isinstance(v, type):
+        return jsonable(v.to_dict(), strict=strict)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return jsonable(dataclasses.asdict(v), strict=strict)
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist(), strict=strict)
+    if isinstance(v, np.generic):
+        return jsonable(v.item(), strict=strict)
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x, strict=strict) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x, strict=strict) for x in v]
+    if isinstance(v, float) and strict and not math.isfinite(v):
+        return None
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    return v
+
+
+def dumps(v: Any, *, strict: bool = True, indent: Optional[int] = 2) -> str:
+    return json.dumps(jsonable(v, strict=strict), indent=indent, allow_nan=not strict)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+_PROMPT_KEYS = ("prompt", "text", "question", "input", "instruction", "content")
+
+
+def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """Prompts from a file: JSONL (one JSON object or string per line; the prompt is the first of the keys
+    ``prompt, text, question, input, instruction, content``; an ``id`` key is kept) or plain text (one prompt
+    per non-empty line). Returns ``[{"id": ..., "prompt": ...}]``."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    is_json = p.suffix.lower() in (".jsonl", ".json", ".ndjson") or (
+        bool(lines) and lines[0].lstrip()[:1] in ("{", '"')
+    )
+    out: list[dict[str, Any]] = []
+    for i, ln in enumerate(lines):
+        if not is_json:
+            out.append({"id": str(i), "prompt": ln})
+            continue
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{i + 1}: not valid JSON ({e.msg}); use one JSON object per line") from None
+        if isinstance(obj, str):
+            out.append({"id": str(i), "prompt": obj})
+            continue
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{p}:{i + 1}: expected a JSON object or string, got {type(obj).__name__}")
+        for k in _PROMPT_KEYS:
+            if isinstance(obj.get(k), str):
+                out.append({"id": str(obj.get("id", obj.get("prompt_id", i))), "prompt": obj[k]})
+                break
+        else:
+            raise ValueError(f"{p}:{i + 1}: no prompt field (one of {', '.join(_PROMPT_KEYS)})")
+    if not out:
+        raise ValueError(f"{p}: no prompts")
+    return out
+
+
+def prompt_key(prompt: str, config: Mapping[str, Any]) -> str:
+    """A short stable hash of the prompt and the settings that determine its results."""
+    blob = json.dumps({"prompt": prompt, "config": jsonable(config)}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalar fields of a nested dict as ``prefix+key`` columns (arrays and long lists are left out; short
+    pairs such as confidence intervals become ``_lo``/``_hi``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, name + "_"))
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            if len(v) == 2 and all(isinstance(x, (int, float, np.number)) or x is None for x in v):
+                out[name + "_lo"], out[name + "_hi"] = v[0], v[1]
+        elif isinstance(v, (str, int, float, bool, np.number)) or v is None:
+            out[name] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+def write_csv(path: Union[str, os.PathLike], rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> None:
+    """Rows to CSV (columns: the union in first-seen order unless given); floats at full precision."""
+    if columns is None:
+        seen: dict[str, None] = {}
+        for r in rows:
+            for k in r:
+                seen.setdefault(k, None)
+        columns = list(seen)
+    import io as _io
+
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_value(r.get(k)) for k in columns})
+    _atomic_write(Path(path), buf.getvalue())
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_csv(path: Union[str, os.PathLike]) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def have_parquet() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def write_parquet(path: Union[str, os.PathLike], rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Writes rows as Parquet when pyarrow is importable; returns whether it did."""
+    if not have_parquet() or not rows:
+        return False
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list] = {}
+    for r in rows:
+        for k in r:
+            cols.setdefault(k, [])
+    for r in rows:
+        for k in cols:
+            cols[k].append(r.get(k))
+    pq.write_table(pa.table(cols), str(path))
+    return True
+
+
+def rollout_rows(rollouts: Any, prompt_index: int, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """One row per rollout of a :class:`canopy_rs.sampling.Rollouts`: N, sum of step entropies H, r_N = H/N,
+    surprisal sum S, flags, and the token ids (space separated; ``text`` too when a tokenizer is given)."""
+    lengths = np.asarray(rollouts.lengths)
+    h = np.asarray(rollouts.step_entropy_sums)
+    s = np.asarray(rollouts.surprisal_sums)
+    eos = np.asarray(rollouts.eos)
+    trunc = np.asarray(rollouts.truncated)
+    toks = rollouts.token_lists()
+    rows = []
+    for i in range(len(lengths)):
+        n = int(lengths[i])
+        row = {
+            "prompt_index": prompt_index,
+            "rollout": i,
+            "length": n,
+            "entropy_sum": float(h[i]),
+            "entropy_rate": float(h[i]) / max(n, 1),
+            "surprisal_sum": float(s[i]),
+            "eos": bool(eos[i]),
+            "truncated": bool(trunc[i]),
+            "tokens": " ".join(str(int(t)) for t in toks[i]),
+        }
+        if tokenizer is not None:
+            try:
+                row["text"] = tokenizer.decode(toks[i], skip_special_tokens=False)
+            except Exception:
+                pass
+        rows.append(row)
+    return rows
+
+
+def node_rows(nodes: Mapping[str, np.ndarray], prompt_index: int) -> list[dict[str, Any]]:
+    """One row per canopy node from ``CanopyResult.nodes`` (``parent, token, depth, log_reach, entropy,
+    is_leaf``); ``node`` is the engine id, ``reach`` = exp(log_reach)."""
+    cols = {k: np.asarray(v) for k, v in nodes.items()}
+    n = len(next(iter(cols.values()))) if cols else 0
+    ids = cols.get("id", np.arange(n))
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {"prompt_index": prompt_index, "node": int(ids[i])}
+        for k, v in cols.items():
+            if k == "id":
+                continue
+            x = v[i]
+            row[k] = bool(x) if v.dtype == np.bool_ else (int(x) if np.issubdtype(v.dtype, np.integer) else float(x))
+        if "log_reach" in row:
+            row["reach"] = math.exp(row["log_reach"])
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The output directory
+# --------------------------------------------------------------------------------------------------
+
+
+class RunDir:
+    """An output directory with per-prompt checkpoints (see the module docstring)."""
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _run(self, key: str) -> Path:
+        return self.path / "runs" / key
+
+    def load(self, key: str) -> Optional[dict[str, Any]]:
+        """The finished record of prompt ``key``, or None when it has not been completed."""
+        p = self._run(key) / "record.json"
+        if not p.is_file():
+            return None
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return rec if isinstance(rec, dict) and rec.get("complete") else None
+
+    def save(
+        self,
+        key: str,
+        record: Mapping[str, Any],
+        rollouts: Optional[Sequence[Mapping[str, Any]]] = None,
+        nodes: Optional[Sequence[Mapping[str, Any]]] = None,
+    ) -> None:
+        """Checkpoints one prompt; the record is written last (and atomically), so a prompt counts as done
+        only once all its files are complete."""
+        d = self._run(key)
+        d.mkdir(parents=True, exist_ok=True)
+        if rollouts is not None:
+            write_csv(d / ROLLOUTS_CSV, rollouts)
+        if nodes is not None:
+            write_csv(d / NODES_CSV, nodes)
+        rec = dict(record)
+        rec["complete"] = True
+        # NaN kept as NaN here (Python's json reads it back): pooling needs the floats.
+        _atomic_write(d / "record.json", dumps(rec, strict=False))
+
+    def rows(self, key: str, table: str) -> list[dict[str, Any]]:
+        p = self._run(key) / table
+        return read_csv(p) if p.is_file() else []
+
+    def write_result(self, result: Mapping[str, Any]) -> Path:
+        p = self.path / RESULT_JSON
+        _atomic_write(p, dumps(result, strict=True) + "\n")
+        return p
+
+    def write_table(self, name: str, rows: Sequence[Mapping[str, Any]], parquet: bool = True) -> list[Path]:
+        """``name.csv`` (and ``name.parquet`` when pyarrow is importable)."""
+        out = [self.path / f"{name}.csv"]
+        write_csv(out[0], rows)
+        if parquet and rows and write_parquet(self.path / f"{name}.parquet", _typed(rows)):
+            out.append(self.path / f"{name}.parquet")
+        return out
+
+
+def _typed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """CSV round-tripped rows (strings) back to numbers/bools for Parquet."""
+    out = []
+    for r in rows:
+        t = {}
+        for k, v in r.items():
+            if isinstance(v, str):
+                if v in ("True", "False"):
+                    t[k] = v == "True"
+                    continue
+                if k not in ("tokens", "text", "prompt", "id"):
+                    try:
+                        t[k] = int(v)
+                        continue
+                    except ValueError:
+                        try:
+                            t[k] = float(v)
+                            continue
+                        except ValueError:
+                            pass
+            t[k] = v
+        out.append(t)
+    return out
+
+
+def iter_keys(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    return [str(r["key"]) for r in records]
