@@ -112,24 +112,52 @@ pub fn apply_row<T: Logit>(
 }
 
 /// Validates the row and returns the smallest logit that survives top-k (or the smallest finite value
-/// when top-k keeps everything).
+/// when top-k keeps everything). One pass for small k: validation and the streaming top-k share the loop.
 fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scratch: &mut Scratch) -> Result<f64> {
+    let k = policy.top_k.unwrap_or(usize::MAX).min(row.len());
+    let streaming = k < row.len() && k <= STREAMING_TOP_K_MAX;
+    // `top[..len]` holds the k largest values seen so far, ascending, in a stack array (no allocation or
+    // memmove calls); most elements are rejected by one comparison against `floor` = top[0] once full.
+    let mut top = [0.0f64; STREAMING_TOP_K_MAX];
+    let mut len = 0usize;
+    let mut floor = f64::NEG_INFINITY;
     let mut finite = 0usize;
+    let mut bad = false;
     for &v in row {
         let x = v.to_f64();
-        if x.is_nan() {
-            return Err(CanopyError::InvalidLogits {
-                row: row_index,
-                message: "contains NaN; check the model's numerics (dtype overflow?) before computing entropies".into(),
-            });
+        // NaN and +inf are the only values for which this fails (-inf passes and is counted out below).
+        bad |= !(x < f64::INFINITY);
+        finite += (x > f64::NEG_INFINITY) as usize;
+        if streaming && x > floor {
+            let mut i;
+            if len < k {
+                i = len;
+                while i > 0 && top[i - 1] > x {
+                    top[i] = top[i - 1];
+                    i -= 1;
+                }
+                len += 1;
+            } else {
+                // Drop the smallest (top[0]) and slide the smaller survivors down to make room for x.
+                i = 0;
+                while i + 1 < k && top[i + 1] < x {
+                    top[i] = top[i + 1];
+                    i += 1;
+                }
+            }
+            top[i] = x;
+            if len == k {
+                floor = top[0];
+            }
         }
-        if x == f64::INFINITY {
-            return Err(CanopyError::InvalidLogits {
-                row: row_index,
-                message: "contains +inf; logits must be finite or -inf (masked)".into(),
-            });
-        }
-        finite += (x != f64::NEG_INFINITY) as usize;
+    }
+    if bad {
+        let message = if row.iter().any(|v| v.to_f64().is_nan()) {
+            "contains NaN; check the model's numerics (dtype overflow?) before computing entropies"
+        } else {
+            "contains +inf; logits must be finite or -inf (masked)"
+        };
+        return Err(CanopyError::InvalidLogits { row: row_index, message: message.into() });
     }
     if finite == 0 {
         return Err(CanopyError::InvalidLogits {
@@ -137,34 +165,18 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
             message: "is all -inf: no token has positive probability under the policy".into(),
         });
     }
-    let k = match policy.top_k {
-        Some(k) if k < finite => k,
-        _ => return Ok(f64::MIN), // every finite logit is kept (-inf never is: -inf < f64::MIN)
-    };
-    if k <= STREAMING_TOP_K_MAX {
-        // Streaming: `top` holds the k largest values seen so far, ascending; most elements are rejected
-        // by one comparison against top[0].
-        let top = &mut scratch.top;
-        top.clear();
-        for &v in row {
-            let x = v.to_f64();
-            if top.len() < k {
-                let pos = top.partition_point(|&t| t < x);
-                top.insert(pos, x);
-            } else if x > top[0] {
-                let pos = top.partition_point(|&t| t < x);
-                top.insert(pos, x);
-                top.remove(0);
-            }
-        }
-        Ok(top[0])
-    } else {
-        let top = &mut scratch.top;
-        top.clear();
-        top.extend(row.iter().map(|v| v.to_f64()));
-        let (_, kth, _) = top.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        Ok(*kth)
+    if k >= finite {
+        return Ok(f64::MIN); // every finite logit is kept (-inf never is: -inf < f64::MIN)
     }
+    if streaming {
+        // Values equal to the k-th largest are kept by the caller's `>=`, so ties survive.
+        return Ok(top[0]);
+    }
+    let all = &mut scratch.top;
+    all.clear();
+    all.extend(row.iter().map(|v| v.to_f64()));
+    let (_, kth, _) = all.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    Ok(*kth)
 }
 
 /// Keeps the smallest prefix (by z descending, ties by token id) whose probability reaches p.
@@ -207,24 +219,21 @@ fn apply_top_p(top_p: f64, scratch: &mut Scratch) {
 }
 
 /// Softmax of `z` over the candidates in f64; appends the non-zero-probability entries and returns the
-/// entropy. `z` are unnormalised log-weights.
-pub(crate) fn emit_normalised(
-    z: &[f64],
-    tok: &[u32],
-    tokens: &mut Vec<u32>,
-    logprobs: &mut Vec<f64>,
-) -> f64 {
+/// entropy. `z` are unnormalised log-weights. One exp per candidate (reused for p and the entropy).
+pub(crate) fn emit_normalised(z: &[f64], tok: &[u32], tokens: &mut Vec<u32>, logprobs: &mut Vec<f64>) -> f64 {
     let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut sum = Neumaier::default();
     for &zi in z {
         sum.add((zi - max).exp());
     }
-    let log_norm = max + sum.value().ln();
+    let sum = sum.value();
+    let log_sum = sum.ln();
     let mut entropy = Neumaier::default();
     for (&zi, &t) in z.iter().zip(tok) {
-        let lp = zi - log_norm;
-        let p = lp.exp();
+        let shifted = zi - max;
+        let p = shifted.exp() / sum;
         if p > 0.0 {
+            let lp = shifted - log_sum;
             tokens.push(t);
             logprobs.push(lp);
             entropy.add(-p * lp);
@@ -364,3 +373,4 @@ mod tests {
         assert!(Policy::new(1.0, None, 1.5).is_err());
     }
 }
+

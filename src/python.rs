@@ -354,15 +354,15 @@ impl PyTree {
     }
 
     fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (parent, token, depth, log_reach, entropy, is_leaf) = self.inner.nodes();
+        let a = self.inner.node_arrays();
         let to_i64 = |v: &[u32]| -> Vec<i64> { v.iter().map(|&x| if x == NO_NODE { -1 } else { x as i64 }).collect() };
         let d = PyDict::new(py);
-        d.set_item("parent", to_i64(parent).into_pyarray(py))?;
-        d.set_item("token", to_i64(token).into_pyarray(py))?;
-        d.set_item("depth", depth.iter().map(|&x| x as i64).collect::<Vec<_>>().into_pyarray(py))?;
-        d.set_item("log_reach", log_reach.to_vec().into_pyarray(py))?;
-        d.set_item("entropy", entropy.to_vec().into_pyarray(py))?;
-        d.set_item("is_leaf", is_leaf.to_vec().into_pyarray(py))?;
+        d.set_item("parent", to_i64(&a.parent).into_pyarray(py))?;
+        d.set_item("token", to_i64(&a.token).into_pyarray(py))?;
+        d.set_item("depth", to_i64(&a.depth).into_pyarray(py))?;
+        d.set_item("log_reach", a.log_reach.into_pyarray(py))?;
+        d.set_item("entropy", a.entropy.into_pyarray(py))?;
+        d.set_item("is_leaf", a.is_leaf.into_pyarray(py))?;
         Ok(d)
     }
 }

@@ -295,21 +295,37 @@ pub struct Bounds {
     pub num_nodes: u64,
 }
 
+/// One arena slot (one push per child keeps ingestion cache-friendly).
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    parent: u32,
+    token: u32,
+    depth: u32,
+    /// Internal children not yet expanded: the node's state can be released when this reaches 0.
+    pending_children: u32,
+    log_reach: f64,
+    /// Sum of the step entropies of the node's strict ancestors (the path entropy before this node).
+    path_entropy: f64,
+    /// h(u) once expanded; NaN before; 0 for recorded leaves.
+    entropy: f64,
+    is_leaf: bool,
+}
+
+/// Per-node columns for users who want node-level data.
+pub struct NodeArrays {
+    pub parent: Vec<u32>,
+    pub token: Vec<u32>,
+    pub depth: Vec<u32>,
+    pub log_reach: Vec<f64>,
+    pub entropy: Vec<f64>,
+    pub is_leaf: Vec<bool>,
+}
+
 pub struct Tree {
     cfg: TreeConfig,
     is_eos: Vec<bool>,
-    // Arena, indexed by node id. Leaves are stored only with `record_nodes`.
-    parent: Vec<u32>,
-    token: Vec<u32>,
-    depth: Vec<u32>,
-    log_reach: Vec<f64>,
-    /// Sum of the step entropies of the node's strict ancestors (the path entropy before this node).
-    path_entropy: Vec<f64>,
-    /// h(u) once expanded; NaN before; 0 for recorded leaves.
-    entropy: Vec<f64>,
-    is_leaf: Vec<bool>,
-    /// Internal children not yet expanded: the node's state can be released when this reaches 0.
-    pending_children: Vec<u32>,
+    /// Arena, indexed by node id. Leaves are stored only with `record_nodes`.
+    nodes: Vec<Node>,
     frontier: Frontier,
     in_flight: Vec<u32>,
     released: Vec<u32>,
@@ -339,14 +355,7 @@ impl Tree {
         let mut tree = Self {
             frontier: Frontier::new(cfg.order),
             is_eos,
-            parent: Vec::new(),
-            token: Vec::new(),
-            depth: Vec::new(),
-            log_reach: Vec::new(),
-            path_entropy: Vec::new(),
-            entropy: Vec::new(),
-            is_leaf: Vec::new(),
-            pending_children: Vec::new(),
+            nodes: Vec::new(),
             in_flight: Vec::new(),
             released: Vec::new(),
             chain: Neumaier::default(),
@@ -373,15 +382,17 @@ impl Tree {
     }
 
     fn push_node(&mut self, parent: u32, token: u32, depth: u32, log_reach: f64, path_entropy: f64, leaf: bool) -> u32 {
-        let id = self.parent.len() as u32;
-        self.parent.push(parent);
-        self.token.push(token);
-        self.depth.push(depth);
-        self.log_reach.push(log_reach);
-        self.path_entropy.push(path_entropy);
-        self.entropy.push(if leaf { 0.0 } else { f64::NAN });
-        self.is_leaf.push(leaf);
-        self.pending_children.push(0);
+        let id = self.nodes.len() as u32;
+        self.nodes.push(Node {
+            parent,
+            token,
+            depth,
+            pending_children: 0,
+            log_reach,
+            path_entropy,
+            entropy: if leaf { 0.0 } else { f64::NAN },
+            is_leaf: leaf,
+        });
         id
     }
 
@@ -392,14 +403,14 @@ impl Tree {
         self.num_expanded
     }
     pub fn num_nodes(&self) -> usize {
-        self.parent.len()
+        self.nodes.len()
     }
     pub fn frontier_size(&self) -> usize {
         self.frontier.len() + self.in_flight.len()
     }
     /// Nodes created so far, leaves included (what `max_nodes` limits).
     pub fn nodes_reached(&self) -> usize {
-        self.parent.len() + if self.cfg.record_nodes { 0 } else { self.num_leaves as usize }
+        self.nodes.len() + if self.cfg.record_nodes { 0 } else { self.num_leaves as usize }
     }
 
     /// Pops up to `max_rows` frontier nodes for the driver to evaluate.
@@ -418,23 +429,23 @@ impl Tree {
             self.in_flight.push(id);
             let i = id as usize;
             b.node_ids.push(id as i64);
-            b.parent_ids.push(if self.parent[i] == NO_NODE { -1 } else { self.parent[i] as i64 });
-            b.tokens.push(if self.token[i] == NO_NODE { -1 } else { self.token[i] as i64 });
-            b.depths.push(self.depth[i] as i64);
+            b.parent_ids.push(if self.nodes[i].parent == NO_NODE { -1 } else { self.nodes[i].parent as i64 });
+            b.tokens.push(if self.nodes[i].token == NO_NODE { -1 } else { self.nodes[i].token as i64 });
+            b.depths.push(self.nodes[i].depth as i64);
         }
         Ok(b)
     }
 
     /// The generated tokens of each node (prompt excluded).
     pub fn prefix(&self, id: usize) -> Result<Vec<u32>> {
-        if id >= self.parent.len() {
-            return Err(invalid("node_ids", format!("node id {id} does not exist (num_nodes={})", self.parent.len())));
+        if id >= self.nodes.len() {
+            return Err(invalid("node_ids", format!("node id {id} does not exist (num_nodes={})", self.nodes.len())));
         }
-        let mut out = Vec::with_capacity(self.depth[id] as usize);
+        let mut out = Vec::with_capacity(self.nodes[id].depth as usize);
         let mut u = id as u32;
-        while self.parent[u as usize] != NO_NODE {
-            out.push(self.token[u as usize]);
-            u = self.parent[u as usize];
+        while self.nodes[u as usize].parent != NO_NODE {
+            out.push(self.nodes[u as usize].token);
+            u = self.nodes[u as usize].parent;
         }
         out.reverse();
         Ok(out)
@@ -475,7 +486,7 @@ impl Tree {
     /// A failed ingestion leaves the batch's nodes on the frontier, so bounds stay valid.
     fn requeue_on_error(&mut self, e: CanopyError) -> CanopyError {
         for id in std::mem::take(&mut self.in_flight) {
-            self.frontier.push(id, self.log_reach[id as usize]);
+            self.frontier.push(id, self.nodes[id as usize].log_reach);
         }
         e
     }
@@ -485,7 +496,7 @@ impl Tree {
         // Node budget: count first, so nothing is half-ingested.
         let new_nodes = out.tokens.len();
         if self.nodes_reached() + new_nodes > self.cfg.max_nodes {
-            let depth = self.in_flight.iter().map(|&u| self.depth[u as usize]).max().unwrap_or(0);
+            let depth = self.in_flight.iter().map(|&u| self.nodes[u as usize].depth).max().unwrap_or(0);
             let reached = self.nodes_reached() + new_nodes;
             let e = CanopyError::TreeTooLarge { max_nodes: self.cfg.max_nodes, reached, expanded: self.num_expanded as usize, depth };
             return Err(self.requeue_on_error(e));
@@ -511,15 +522,15 @@ impl Tree {
             let support = (b - a) as u64;
             self.max_support = self.max_support.max(support);
             let h = out.entropy[row];
-            let d = self.depth[ui];
-            let lr = self.log_reach[ui];
+            let d = self.nodes[ui].depth;
+            let lr = self.nodes[ui].log_reach;
             let reach = lr.exp();
-            self.entropy[ui] = h;
+            self.nodes[ui].entropy = h;
             self.chain.add(reach * h);
             self.chain_by_depth[d as usize].add(reach * h);
             self.num_expanded += 1;
             let child_depth = d + 1;
-            let child_path = self.path_entropy[ui] + h;
+            let child_path = self.nodes[ui].path_entropy + h;
             let mut internal_children = 0u32;
             for j in a..b {
                 let tok = out.tokens[j];
@@ -536,13 +547,13 @@ impl Tree {
                     internal_children += 1;
                 }
             }
-            self.pending_children[ui] = internal_children;
+            self.nodes[ui].pending_children = internal_children;
             if internal_children == 0 {
                 self.released.push(u);
             }
-            let p = self.parent[ui];
+            let p = self.nodes[ui].parent;
             if p != NO_NODE {
-                let pc = &mut self.pending_children[p as usize];
+                let pc = &mut self.nodes[p as usize].pending_children;
                 *pc -= 1;
                 if *pc == 0 {
                     self.released.push(p);
@@ -582,7 +593,7 @@ impl Tree {
 
     pub fn node(&self, id: u32) -> (u32, u32, u32, f64) {
         let i = id as usize;
-        (self.parent[i], self.token[i], self.depth[i], self.log_reach[i])
+        (self.nodes[i].parent, self.nodes[i].token, self.nodes[i].depth, self.nodes[i].log_reach)
     }
 
     /// Certified brackets. Proof sketch: CE*_max = sum over internal u of pi(u) h(u) with h >= 0, so the
@@ -597,8 +608,8 @@ impl Tree {
         let mut len_hi = Neumaier::default();
         for id in self.frontier_ids() {
             let i = id as usize;
-            let p = self.log_reach[i].exp();
-            let d = self.depth[i] as f64;
+            let p = self.nodes[i].log_reach.exp();
+            let d = self.nodes[i].depth as f64;
             mass.add(p);
             gap.add(p * (t - d) * log_s);
             len_lo.add(p * (d + 1.0));
@@ -618,7 +629,7 @@ impl Tree {
             frontier_mass: mass.value(),
             num_expanded: self.num_expanded,
             frontier_size: self.frontier_size() as u64,
-            num_nodes: self.parent.len() as u64,
+            num_nodes: self.nodes.len() as u64,
         }
     }
 
@@ -672,9 +683,17 @@ impl Tree {
         })
     }
 
-    /// Per-node arrays (meaningful for leaves only with `record_nodes`).
-    pub fn nodes(&self) -> (&[u32], &[u32], &[u32], &[f64], &[f64], &[bool]) {
-        (&self.parent, &self.token, &self.depth, &self.log_reach, &self.entropy, &self.is_leaf)
+    /// Per-node columns (leaves included only with `record_nodes`).
+    pub fn node_arrays(&self) -> NodeArrays {
+        let n = &self.nodes;
+        NodeArrays {
+            parent: n.iter().map(|x| x.parent).collect(),
+            token: n.iter().map(|x| x.token).collect(),
+            depth: n.iter().map(|x| x.depth).collect(),
+            log_reach: n.iter().map(|x| x.log_reach).collect(),
+            entropy: n.iter().map(|x| x.entropy).collect(),
+            is_leaf: n.iter().map(|x| x.is_leaf).collect(),
+        }
     }
 }
 
@@ -796,3 +815,4 @@ mod tests {
         assert!(matches!(tree.ingest_logits(&[0.0f64; 4], 1, 4), Err(CanopyError::Shape { .. })));
     }
 }
+

@@ -18,6 +18,7 @@ Only :func:`load_model` imports torch/transformers; :func:`default_gguf_path` im
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -170,13 +171,26 @@ def _hub_offline(quiet: bool) -> Iterator[None]:
 
     bar_was_on = hf_logging.is_progress_bar_enabled()
     level = hf_logging.get_verbosity()
+    # The gguf de-quantisation loop uses a plain tqdm that ignores disable_progress_bar().
+    gguf_mod: Any = None
+    gguf_tqdm: Any = None
     if quiet:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        try:
+            import transformers.modeling_gguf_pytorch_utils as gguf_mod
+
+            gguf_tqdm = getattr(gguf_mod, "tqdm", None)
+            if gguf_tqdm is not None:
+                gguf_mod.tqdm = functools.partial(gguf_tqdm, disable=True)
+        except Exception:  # pragma: no cover - other transformers layouts
+            gguf_mod = None
     try:
         yield
     finally:
         if quiet:
+            if gguf_mod is not None and gguf_tqdm is not None:
+                gguf_mod.tqdm = gguf_tqdm
             if bar_was_on:
                 hf_logging.enable_progress_bar()
             hf_logging.set_verbosity(level)

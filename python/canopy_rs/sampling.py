@@ -42,6 +42,8 @@ class Rollouts:
     seed: Any = None
     policy: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
+    # Rollout i was drawn from stratum [i/M, (i+1)/M) of the leaf CDF (see sample(stratified=True)).
+    stratified: bool = False
 
     def __post_init__(self) -> None:
         m = self.lengths.shape[0]
@@ -141,7 +143,10 @@ class Rollouts:
         return cls(tok, lengths, ent, lq, eos, int(max_new_tokens), eos_ids)
 
     def subset(self, index) -> "Rollouts":
-        """Rollouts ``index`` (a slice, an index array or a bool mask), trimmed to their longest row."""
+        """Rollouts ``index`` (a slice, an index array or a bool mask), trimmed to their longest row.
+        Not defined for a stratified sample (part of the strata is not a sample of the policy)."""
+        if self.stratified:
+            raise ValueError("subset() of stratified rollouts is not a sample of the policy")
         idx = np.arange(self.num_rollouts)[index]
         steps = self.steps[idx]
         width = int(steps.max()) if steps.size else 0
@@ -157,6 +162,7 @@ class Rollouts:
             self.seed,
             dict(self.policy),
             {},
+            False,
         )
 
 
@@ -242,29 +248,38 @@ def _expand(backend, policy, node_ids, parent_ids, tokens, depths, prefix_fn, ba
             np.concatenate(lps).astype(np.float64), np.concatenate(ents).astype(np.float64))
 
 
-def _sample_csr(offsets: np.ndarray, logprobs: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draw of one entry per (row, uniform) pair. Returns global entry indices.
+def _sample_csr(offsets: np.ndarray, logprobs: np.ndarray, rows: np.ndarray, u: np.ndarray):
+    """Inverse-CDF draw of one entry per (row, uniform) pair.
 
-    Cumulative sums are taken per row on a padded block (not one global cumsum) so that tiny probabilities
-    late in a row are not lost to cancellation against the running total of earlier rows."""
+    Returns ``(entry, frac_lo, frac_p)``: the global entry index, and the chosen entry's sub-interval of
+    [0, 1) (cumulative probability before it, and its probability) for stratified tracking. Cumulative sums
+    are taken per row on a padded block (not one global cumsum) so that tiny probabilities late in a row are
+    not lost to cancellation against the running total of earlier rows."""
     counts = np.diff(offsets)
-    out = np.empty(rows.shape[0], dtype=np.int64)
-    if rows.shape[0] == 0:
-        return out
+    n = rows.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    frac_lo = np.empty(n)
+    frac_p = np.empty(n)
+    if n == 0:
+        return out, frac_lo, frac_p
     kmax = int(counts[rows].max())
     chunk = max(1, (1 << 22) // max(kmax, 1))
     j = np.arange(kmax)
-    for a in range(0, rows.shape[0], chunk):
+    for a in range(0, n, chunk):
         r = rows[a : a + chunk]
         lo = offsets[r]
         k = counts[r]
         valid = j[None, :] < k[:, None]
         p = np.where(valid, np.exp(logprobs[np.where(valid, lo[:, None] + j[None, :], 0)]), 0.0)
         cum = np.cumsum(p, axis=1)
-        t = u[a : a + chunk] * cum[:, -1]
+        tot = cum[:, -1]
+        t = u[a : a + chunk] * tot
         pos = np.minimum((cum <= t[:, None]).sum(axis=1), k - 1)
+        ar = np.arange(r.shape[0])
         out[a : a + chunk] = lo + pos
-    return out
+        frac_p[a : a + chunk] = p[ar, pos] / tot
+        frac_lo[a : a + chunk] = (cum[ar, pos] - p[ar, pos]) / tot
+    return out, frac_lo, frac_p
 
 
 @dataclass
@@ -275,6 +290,33 @@ class _RunResult:
     steps: np.ndarray
     eos: np.ndarray
     rows_expanded: int
+
+
+@dataclass
+class _Strata:
+    """Stratified descent: rollout i walks the leaf CDF (children in support order) with the fixed point
+    ``u[i]`` of its stratum ``[lo[i], hi[i])`` while its node's interval ``[node_lo, node_lo + node_w)``
+    straddles a stratum boundary. Once the interval lies inside the stratum, the position of u within it is
+    exactly uniform and independent of the path, so fresh uniforms take over (no precision is lost to
+    rescaling over long rollouts)."""
+
+    u: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    node_lo: np.ndarray
+    node_w: np.ndarray
+
+    def tracked(self, i=slice(None)) -> np.ndarray:
+        lo, w = self.node_lo[i], self.node_w[i]
+        inside = (lo >= self.lo[i]) & (lo + w <= self.hi[i])
+        # Below ~1e-12 the rescaled position has too few bits left; such paths (u within 1e-12 of a
+        # stratum boundary) are practically never reached.
+        return ~inside & (w > 1e-12)
+
+
+def _stratified_uniforms(n: int, rng: np.random.Generator) -> np.ndarray:
+    """One uniform in each of the n equal strata of [0, 1)."""
+    return (np.arange(n) + rng.random(n)) / n
 
 
 def _run_rollouts(
@@ -294,12 +336,14 @@ def _run_rollouts(
     batch_size: Optional[int],
     share_prefixes: bool = True,
     release_after_start: Optional[np.ndarray] = None,
+    strata: Optional[_Strata] = None,
     progress=None,
 ) -> _RunResult:
     """Run ``len(assignment)`` rollouts; rollout ``i`` starts at (unexpanded) start node ``assignment[i]``.
 
     Start nodes are expanded first (each once, with their given ids); new nodes get ids ``id_base, ...``.
-    ``release_after_start``: ids (e.g. the start nodes' parents) to release once the starts are expanded."""
+    ``release_after_start``: ids (e.g. the start nodes' parents) to release once the starts are expanded.
+    ``strata``: stratified descent (see :class:`_Strata`); None draws every token independently."""
     m = int(assignment.shape[0])
     vocab = int(backend.vocab_size)
     eos_arr = np.asarray(sorted(set(int(e) for e in eos_ids)), dtype=np.int64)
@@ -333,6 +377,7 @@ def _run_rollouts(
     steps = np.zeros(m, dtype=np.int64)
     eos = np.zeros(m, dtype=bool)
     active = np.ones(m, dtype=bool)
+    tracked = strata.tracked() if strata is not None else np.zeros(m, dtype=bool)
     next_id = int(id_base)
     s = 0
     while True:
@@ -347,7 +392,18 @@ def _run_rollouts(
             cap = new_cap
         offsets, s_tok, s_lp, s_ent = support
         rows = cur_row[act]
-        e = _sample_csr(offsets, s_lp, rows, rng.random(act.size))
+        # Always draw, so the random stream does not depend on which rollouts are tracked.
+        u = rng.random(act.size)
+        tr = tracked[act]
+        if tr.any():
+            i = act[tr]
+            u[tr] = np.clip((strata.u[i] - strata.node_lo[i]) / strata.node_w[i], 0.0, np.nextafter(1.0, 0.0))
+        e, f_lo, f_p = _sample_csr(offsets, s_lp, rows, u)
+        if tr.any():
+            i = act[tr]
+            strata.node_lo[i] += strata.node_w[i] * f_lo[tr]
+            strata.node_w[i] *= f_p[tr]
+            tracked[i] = strata.tracked(i)
         tok = s_tok[e]
         tok_buf[act, s] = tok
         ent_buf[act, s] = s_ent[rows]
@@ -374,16 +430,12 @@ def _run_rollouts(
         n_new = rep.size
         new_ids = np.arange(next_id, next_id + n_new, dtype=np.int64)
         next_id += n_new
-        parent_ids = np.empty(n_new, dtype=np.int64)
         # Parent of a new node = the node its representative rollout currently sits on.
-        parent_ids[:] = prev_ids[cur_row[rep]]
+        parent_ids = prev_ids[cur_row[rep]]
         s_now = s
 
         def prefix_fn(sl, rep=rep, s_now=s_now):
-            out = []
-            for i in rep[sl]:
-                out.append(list(start_prefixes[assignment[i]]) + tok_buf[i, : s_now + 1].tolist())
-            return out
+            return [list(start_prefixes[assignment[i]]) + tok_buf[i, : s_now + 1].tolist() for i in rep[sl]]
 
         support = _expand(
             backend, policy, new_ids, parent_ids, tok_buf[rep, s].copy(), depth[rep].copy(),
@@ -441,19 +493,29 @@ def sample(
     top_p: float = 1.0,
     batch_size: Optional[int] = None,
     share_prefixes: bool = True,
+    stratified: bool = False,
     progress: bool = False,
 ) -> Rollouts:
     """Draw ``num_rollouts`` i.i.d. rollouts from the decoding policy of ``model`` (a callable or any
     backend accepted by :func:`canopy_rs.exact`, with the same model and policy arguments).
 
     Same ``seed`` (an int) and arguments give identical rollouts. ``batch_size`` caps the rows per model
-    call. The returned cost (``Rollouts.cost``) holds the backend's counters (``model_calls``,
+    call. ``share_prefixes`` forwards identical generated prefixes once (the tokens drawn are unchanged).
+    ``stratified=True`` draws rollout i from the i-th of M equal strata of the leaf distribution (children
+    in support order) instead of i.i.d.: each rollout is still distributed as q, the mean is unbiased with
+    lower variance, and :func:`canopy_rs.estimate` then reports collapsed-strata (conservative) SEs.
+    The returned cost (``Rollouts.cost``) holds the backend's counters (``model_calls``,
     ``rows_evaluated``, ...), ``nodes_expanded`` (distinct prefixes forwarded) and ``seconds``."""
     num_rollouts = _check_positive_int("num_rollouts", num_rollouts)
     backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
         model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
     )
     rng = _make_rng(seed)
+    strata = None
+    if stratified:
+        m = num_rollouts
+        strata = _Strata(u=_stratified_uniforms(m, rng), lo=np.arange(m) / m, hi=np.arange(1, m + 1) / m,
+                         node_lo=np.zeros(m), node_w=np.ones(m))
     t0 = time.perf_counter()
     backend.reset()
     bar = _Progress(progress, None, "rollouts")
@@ -464,7 +526,7 @@ def sample(
             start_depths=np.array([0]), start_prefixes=[[]],
             assignment=np.zeros(num_rollouts, dtype=np.int64), id_base=1, rng=rng,
             max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
-            share_prefixes=share_prefixes, progress=bar,
+            share_prefixes=share_prefixes, strata=strata, progress=bar,
         )
     finally:
         bar.close()
@@ -474,5 +536,5 @@ def sample(
     return Rollouts(
         tokens=run.tokens, lengths=run.steps.copy(), entropies=run.entropies, logq=run.logq, eos=run.eos,
         max_new_tokens=max_new_tokens, eos_token_ids=eos_ids, start_depths=None, seed=seed,
-        policy=_policy_dict(temperature, top_k, top_p), cost=cost,
+        policy=_policy_dict(temperature, top_k, top_p), cost=cost, stratified=bool(stratified),
     )

@@ -7,6 +7,7 @@ NaN when undefined (fewer than two points or a constant variable).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
@@ -18,7 +19,10 @@ __all__ = [
     "kendall_tau_b",
     "mean_se",
     "critical_value",
+    "student_t_ppf",
     "fisher_ci",
+    "mean_ci",
+    "collapsed_strata_var",
 ]
 
 
@@ -108,19 +112,79 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     return mean, float(v.std(ddof=1) / math.sqrt(m))
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+
+def _student_t_sf(t: float, dof: float) -> float:
+    """P(T > t) for t >= 0."""
+    return 0.5 * _betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+
+
+@lru_cache(maxsize=4096)
+def student_t_ppf(q: float, dof: float) -> float:
+    """Quantile of Student's t for q in (0.5, 1) (bisection on the exact tail; ~1e-12 accurate). Written out
+    so that intervals do not depend on whether scipy is installed."""
+    if not 0.5 < q < 1.0:
+        raise ValueError(f"q must be in (0.5, 1), got {q}")
+    tail = 1.0 - q
+    lo, hi = 0.0, 1.0
+    while _student_t_sf(hi, dof) > tail:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _student_t_sf(mid, dof) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
 def critical_value(confidence: float, dof: float | None = None) -> float:
-    """Two-sided critical value: Student t with ``dof`` degrees of freedom when scipy is available (better
-    small-sample coverage), else the normal quantile."""
+    """Two-sided critical value: Student t with ``dof`` degrees of freedom (better small-sample coverage
+    for a mean with an estimated SE), or the normal quantile when ``dof`` is None."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     q = 0.5 + confidence / 2.0
     if dof is not None and math.isfinite(dof) and dof >= 1:
-        try:
-            from scipy.stats import t as student_t
-
-            return float(student_t.ppf(q, dof))
-        except ImportError:  # pragma: no cover - scipy is optional
-            pass
+        return student_t_ppf(q, float(dof))
     return NormalDist().inv_cdf(q)
 
 
@@ -139,3 +203,24 @@ def fisher_ci(r: float, n: int, confidence: float, var_factor: float = 1.0, dof_
     z = math.atanh(max(-0.999999, min(0.999999, r)))
     half = NormalDist().inv_cdf(0.5 + confidence / 2.0) * math.sqrt(var_factor / (n - dof_shift))
     return math.tanh(z - half), math.tanh(z + half)
+
+
+def collapsed_strata_var(y: np.ndarray) -> float:
+    """Variance of mean(y) for one draw per equal-weight stratum (strata in order), by collapsing adjacent
+    strata into pairs (a trailing odd stratum joins the last pair):
+    (1/n^2) sum_g n_g/(n_g - 1) sum_{h in g} (y_h - ybar_g)^2. Conservative: it also counts the
+    between-strata differences inside each pair. NaN for fewer than two draws."""
+    y = np.asarray(y, dtype=np.float64)
+    n = y.shape[0]
+    if n < 2:
+        return math.nan
+    even = n - (n % 2)
+    pairs = y[:even].reshape(-1, 2)
+    tot = float(((pairs[:, 0] - pairs[:, 1]) ** 2).sum())  # k/(k-1) sum (y - ybar)^2 for k = 2
+    if n % 2:
+        # Replace the last pair by the last triple.
+        last = pairs[-1]
+        tot -= float((last[0] - last[1]) ** 2)
+        g = y[n - 3 :]
+        tot += 1.5 * float(((g - g.mean()) ** 2).sum())
+    return tot / (n * n)

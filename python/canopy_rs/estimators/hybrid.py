@@ -14,9 +14,10 @@ is unbiased. The head removes all variance from the high-probability part of the
 weighted by m_F, which best-first expansion drives down fastest.
 
 Frontier nodes are drawn i.i.d. (``"multinomial"``) or one per stratum of the cumulative pi in tree order
-(``"stratified"``, the default: unbiased, never worse than i.i.d., and siblings - with similar subtrees - share
-strata). The stratified SE is the collapsed-strata estimator (pairs of adjacent strata), which is
-conservative.
+(``"stratified"``, the default). Stratified rollouts keep descending with their stratum's point while their
+node's interval straddles a stratum boundary, so the strata reach below the frontier (each rollout is still
+distributed as pi restricted to its stratum: unbiased). The stratified SE is the collapsed-strata estimator
+(pairs of adjacent strata), which is conservative.
 """
 
 from __future__ import annotations
@@ -74,23 +75,6 @@ def _ingest(tree, backend, policy, ids, parents, tokens, depths):
         raise TypeError(f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport")
 
 
-def _collapsed_strata_var(y: np.ndarray) -> float:
-    """Variance of mean(y) for one draw per equal-weight stratum, by collapsing adjacent strata into pairs
-    (a trailing odd stratum joins the last pair): (1/n^2) sum_g n_g/(n_g-1) sum_{h in g} (y_h - ybar_g)^2."""
-    n = y.shape[0]
-    if n < 2:
-        return math.nan
-    bounds = list(range(0, n - n % 2, 2))
-    groups = [y[b : b + 2] for b in bounds]
-    if n % 2:
-        groups[-1] = y[n - 3 :]
-    tot = 0.0
-    for g in groups:
-        k = g.shape[0]
-        tot += k / (k - 1) * float(((g - g.mean()) ** 2).sum())
-    return tot / (n * n)
-
-
 def estimate_hybrid(
     model,
     *,
@@ -113,7 +97,9 @@ def estimate_hybrid(
     are those of :func:`canopy_rs.exact`. If the canopy has at most ``budget_nodes`` internal nodes the
     result is exact (``is_exact``, SE 0) and no rollout is run."""
     from canopy_rs._core import Tree
-    from canopy_rs.sampling import _check_positive_int, _counters, _make_rng, _prepare, _run_rollouts
+    from canopy_rs.sampling import (
+        _check_positive_int, _counters, _make_rng, _prepare, _run_rollouts, _Strata, _stratified_uniforms,
+    )
 
     budget_nodes = _check_positive_int("budget_nodes", budget_nodes)
     num_rollouts = _check_positive_int("num_rollouts", num_rollouts)
@@ -156,25 +142,32 @@ def estimate_hybrid(
     cdf = np.cumsum(w)
     cdf /= cdf[-1]
     n = num_rollouts
+    strata = None
     if frontier_sampling == "stratified":
-        u = (np.arange(n) + rng.random(n)) / n
+        u = _stratified_uniforms(n, rng)
     else:
         u = rng.random(n)
     assignment = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
+    if frontier_sampling == "stratified":
+        # Keep descending with u inside the frontier node's subtree while its interval straddles the
+        # rollout's stratum: the strata then reach below the frontier.
+        before = np.concatenate([[0.0], cdf[:-1]])
+        strata = _Strata(u=u, lo=np.arange(n) / n, hi=np.arange(1, n + 1) / n,
+                         node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
 
     run = _run_rollouts(
         backend, policy,
         start_ids=f_ids, start_parent_ids=f_par, start_tokens=f_tok, start_depths=f_dep,
         start_prefixes=prefixes, assignment=assignment, id_base=int(tree.num_nodes), rng=rng,
         max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
-        share_prefixes=share_prefixes,
+        share_prefixes=share_prefixes, strata=strata,
         # The head keeps every frontier parent alive; once the chosen starts are expanded none is needed.
         release_after_start=np.unique(f_par),
     )
     h = run.entropies.sum(axis=1)
     tail = float(h.mean())
     if frontier_sampling == "stratified":
-        var = _collapsed_strata_var(h)
+        var = _stats.collapsed_strata_var(h)
         dof = max(1, n // 2)
     else:
         var = float(h.var(ddof=1) / n) if n >= 2 else math.nan

@@ -115,9 +115,12 @@ def estimate_arrays(
     confidence: float = 0.95,
     bin_step: int = 5,
     cost: Optional[dict] = None,
+    stratified: bool = False,
 ) -> PromptEstimate:
     """Estimates from padded arrays: ``lengths`` [M] (N_i, EOS counted), ``entropies`` and ``logq`` [M, L]
     with zeros after N_i. ``eos`` [M] marks rollouts that ended by an EOS id (default: N_i < max_new_tokens).
+    ``stratified``: rollout i came from stratum i of M (:func:`canopy_rs.sample` with ``stratified=True``);
+    the SEs of means then use collapsed strata (pairs of neighbouring strata; conservative).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     ent = np.asarray(entropies, dtype=np.float64)
@@ -132,28 +135,33 @@ def estimate_arrays(
         raise ValueError("entropies has fewer columns than the longest rollout")
     if bin_step < 1:
         raise ValueError(f"bin_step must be >= 1, got {bin_step}")
-    crit_dof = _stats.critical_value(confidence, m - 1)
+    if stratified:
+        crit_dof = _stats.critical_value(confidence, max(1, m // 2))
+
+        def mean_se(v):
+            v = np.asarray(v, dtype=np.float64)
+            return float(v.mean()), math.sqrt(_stats.collapsed_strata_var(v))
+    else:
+        crit_dof = _stats.critical_value(confidence, m - 1)
+        mean_se = _stats.mean_se
 
     n = lengths.astype(np.float64)
     h_sum = ent.sum(axis=1)
     rate = h_sum / np.maximum(n, 1.0)
 
-    ce, ce_se = _stats.mean_se(h_sum)
+    ce, ce_se = mean_se(h_sum)
     if logq is None:
         s_sum = np.full(m, np.nan)
     else:
         s_sum = -np.asarray(logq, dtype=np.float64).sum(axis=1)
-    ces, ces_se = _stats.mean_se(s_sum)
-    nbar, nbar_se = _stats.mean_se(n)
-    rbar, rbar_se = _stats.mean_se(rate)
+    ces, ces_se = mean_se(s_sum)
+    nbar, nbar_se = mean_se(n)
+    rbar, rbar_se = mean_se(rate)
 
     # GenPPL = exp(ratio of means). Delta method on the ratio R = Hbar / Nbar: residuals (H - R N) / Nbar.
     ratio = ce / nbar
     gen_ppl = math.exp(ratio)
-    if m >= 2:
-        ratio_se = float(np.std((h_sum - ratio * n) / nbar, ddof=1) / math.sqrt(m))
-    else:
-        ratio_se = math.nan
+    ratio_se = mean_se((h_sum - ratio * n) / nbar)[1] if m >= 2 else math.nan
     ratio_ci = _stats.mean_ci(ratio, ratio_se, crit_dof)
     rate_ci = _stats.mean_ci(rbar, rbar_se, crit_dof)
 
@@ -165,8 +173,7 @@ def estimate_arrays(
     if m >= 2:
         cov = float(np.cov(n, rate, ddof=1)[0, 1])
         # Influence terms of the sample covariance give its asymptotic standard error.
-        infl = (n - nbar) * (rate - rbar)
-        cov_se = float(np.std(infl, ddof=1) / math.sqrt(m))
+        cov_se = mean_se((n - nbar) * (rate - rbar))[1]
     else:
         cov, cov_se = math.nan, math.nan
 
@@ -256,4 +263,5 @@ def estimate(rollouts, *, confidence: float = 0.95, bin_step: int = 5) -> Prompt
         confidence=confidence,
         bin_step=bin_step,
         cost=rollouts.cost,
+        stratified=bool(getattr(rollouts, "stratified", False)),
     )

@@ -7,7 +7,11 @@ mean reported SE, and the cost (model calls, model tokens = rows evaluated = nod
 A budget is a target number of model tokens (node expansions) per estimate. It is turned into each
 estimator's own size parameter with the exact E[N] (a harness convenience; the estimators do not see it):
 
-* ``mc_rb`` / ``mc_surprisal``: ``num_rollouts = round(budget / E[N])`` (one shared run gives both);
+* ``mc_rb`` / ``mc_surprisal``: ``num_rollouts = round(budget / E[N])`` (one run gives both), every rollout
+  forwarding its own tokens - the cost model of the reference pipeline (vLLM rollouts, ~sum N_i tokens);
+* ``mc_rb_shared`` / ``mc_surprisal_shared``: the same rollouts with identical generated prefixes forwarded
+  once (:func:`canopy_rs.sample`'s default; a large saving only on tiny trees);
+* ``mc_rb_stratified`` / ``mc_surprisal_stratified``: ``sample(stratified=True)``, shared prefixes;
 * ``sbs`` / ``sbs_normalized`` / ``sbs_surprisal``: ``beam_size = round(budget / E[N])``;
 * ``hybrid`` / ``hybrid_multinomial``: a head of ``head_fraction * budget`` nodes and
   ``round((1 - head_fraction) * budget / E[N])`` rollouts.
@@ -35,6 +39,10 @@ __all__ = ["StudyResult", "compare", "random_logits_fn", "BUILTIN_ESTIMATORS"]
 BUILTIN_ESTIMATORS = {
     "mc_rb": ("mc", "ce_star"),
     "mc_surprisal": ("mc", "ce_star_surprisal"),
+    "mc_rb_shared": ("mc_shared", "ce_star"),
+    "mc_surprisal_shared": ("mc_shared", "ce_star_surprisal"),
+    "mc_rb_stratified": ("mc_stratified", "ce_star"),
+    "mc_surprisal_stratified": ("mc_stratified", "ce_star_surprisal"),
     "sbs": ("sbs", "ce_star"),
     "sbs_normalized": ("sbs", "ce_star_normalized"),
     "sbs_surprisal": ("sbs", "ce_star_surprisal"),
@@ -311,8 +319,9 @@ def compare(
 
     def run_family(fam: str, fn: Optional[Callable], budget: int, s: int):
         n_roll = max(2, int(round(budget / e_n)))
-        if fam == "mc":
-            r = sample(model, num_rollouts=n_roll, seed=s, **kw)
+        if fam in ("mc", "mc_shared", "mc_stratified"):
+            r = sample(model, num_rollouts=n_roll, seed=s, share_prefixes=fam != "mc",
+                       stratified=fam == "mc_stratified", **kw)
             return estimate(r, confidence=confidence), r.cost
         if fam == "sbs":
             r = stochastic_beam_search(model, beam_size=n_roll, seed=s, confidence=confidence, **kw)
