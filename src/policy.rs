@@ -116,11 +116,13 @@ pub fn apply_row<T: Logit>(
 fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scratch: &mut Scratch) -> Result<f64> {
     let k = policy.top_k.unwrap_or(usize::MAX).min(row.len());
     let streaming = k < row.len() && k <= STREAMING_TOP_K_MAX;
-    // `top[..len]` holds the k largest values seen so far, ascending, in a stack array (no allocation or
-    // memmove calls); most elements are rejected by one comparison against `floor` = top[0] once full.
-    let mut top = [0.0f64; STREAMING_TOP_K_MAX];
+    // `top[..len]` holds the k largest values seen so far (unordered) in a stack array; `floor` is their
+    // minimum once k are held, at `floor_at`. Most elements are rejected by one comparison against it; an
+    // accepted one replaces the minimum, which is then recomputed over k values (no shifting).
+    let mut top = [f64::NEG_INFINITY; STREAMING_TOP_K_MAX];
     let mut len = 0usize;
     let mut floor = f64::NEG_INFINITY;
+    let mut floor_at = 0usize;
     let mut finite = 0usize;
     let mut bad = false;
     for &v in row {
@@ -129,25 +131,22 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
         bad |= !(x < f64::INFINITY);
         finite += (x > f64::NEG_INFINITY) as usize;
         if streaming && x > floor {
-            let mut i;
             if len < k {
-                i = len;
-                while i > 0 && top[i - 1] > x {
-                    top[i] = top[i - 1];
-                    i -= 1;
-                }
+                top[len] = x;
                 len += 1;
-            } else {
-                // Drop the smallest (top[0]) and slide the smaller survivors down to make room for x.
-                i = 0;
-                while i + 1 < k && top[i + 1] < x {
-                    top[i] = top[i + 1];
-                    i += 1;
+                if len < k {
+                    continue;
                 }
+            } else {
+                top[floor_at] = x;
             }
-            top[i] = x;
-            if len == k {
-                floor = top[0];
+            floor = top[0];
+            floor_at = 0;
+            for (i, &t) in top[1..k].iter().enumerate() {
+                if t < floor {
+                    floor = t;
+                    floor_at = i + 1;
+                }
             }
         }
     }
@@ -169,8 +168,8 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
         return Ok(f64::MIN); // every finite logit is kept (-inf never is: -inf < f64::MIN)
     }
     if streaming {
-        // Values equal to the k-th largest are kept by the caller's `>=`, so ties survive.
-        return Ok(top[0]);
+        // `floor` is the k-th largest; values equal to it are kept by the caller's `>=`, so ties survive.
+        return Ok(floor);
     }
     let all = &mut scratch.top;
     all.clear();
@@ -243,14 +242,12 @@ pub(crate) fn emit_normalised(z: &[f64], tok: &[u32], tokens: &mut Vec<u32>, log
 }
 
 /// Validates one backend-supplied support row (tokens distinct and in range, log-probs finite, mass 1
-/// within 1e-4) and renormalises it exactly. `seen` is a vocab-sized stamp buffer owned by the caller.
+/// within 1e-4) and renormalises it exactly.
 pub fn normalise_support_row(
     row_tokens: &[i64],
     row_logprobs: &[f64],
     vocab_size: usize,
     row_index: usize,
-    stamp: u32,
-    seen: &mut [u32],
     tokens: &mut Vec<u32>,
     logprobs: &mut Vec<f64>,
 ) -> Result<f64> {
@@ -261,18 +258,18 @@ pub fn normalise_support_row(
     let mut mass = Neumaier::default();
     let mut z = Vec::with_capacity(row_tokens.len());
     let mut tok = Vec::with_capacity(row_tokens.len());
-    // Sort by token so the emitted support is in ascending token order like apply_row's.
+    // Sort by token: the emitted support is in ascending token order like apply_row's, and duplicates
+    // become neighbours.
     let mut idx: Vec<usize> = (0..row_tokens.len()).collect();
     idx.sort_by_key(|&i| row_tokens[i]);
-    for i in idx {
+    for (j, &i) in idx.iter().enumerate() {
         let t = row_tokens[i];
         if t < 0 || t as usize >= vocab_size {
             return Err(bad(format!("token id {t} is outside [0, vocab_size={vocab_size})")));
         }
-        if seen[t as usize] == stamp {
+        if j > 0 && row_tokens[idx[j - 1]] == t {
             return Err(bad(format!("token id {t} appears twice in the support")));
         }
-        seen[t as usize] = stamp;
         let lp = row_logprobs[i];
         if !lp.is_finite() || lp > 1e-6 {
             return Err(bad(format!("log-probability {lp} for token {t} must be finite and <= 0")));

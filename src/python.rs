@@ -367,8 +367,18 @@ impl PyTree {
     }
 }
 
+extern "C" fn after_fork_in_child() {
+    crate::tree::set_parallel(false);
+}
+
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A forked child (DataLoader workers, multiprocessing) inherits the rayon pool without its threads:
+    // it computes sequentially instead of hanging.
+    #[cfg(unix)]
+    unsafe {
+        libc::pthread_atfork(None, None, Some(after_fork_in_child));
+    }
     // A dedicated size for the rayon pool, like TOKENIZERS_PARALLELISM; the global pool is built lazily, so
     // a failure here only means another library built it first.
     if let Some(n) = std::env::var("CANOPY_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {

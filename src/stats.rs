@@ -24,6 +24,12 @@ impl Neumaier {
     pub fn value(&self) -> f64 {
         self.sum + self.comp
     }
+
+    #[inline]
+    pub fn merge(&mut self, other: &Self) {
+        self.add(other.sum);
+        self.add(other.comp);
+    }
 }
 
 /// Weighted running moments of (N, r) (West 1979). The squared-deviation updates use `W_old / W_new * d^2`
@@ -56,6 +62,27 @@ impl LeafMoments {
         self.m2_r += w * old_share * dr * dr;
         self.c_nr += w * old_share * dn * dr;
         self.weight = new_weight;
+    }
+
+    /// Chan et al.'s pairwise merge: the moments of the union of two disjoint sets of leaves.
+    pub fn merge(&mut self, other: &Self) {
+        if other.weight <= 0.0 {
+            return;
+        }
+        if self.weight <= 0.0 {
+            *self = *other;
+            return;
+        }
+        let w = self.weight + other.weight;
+        let pair = self.weight * other.weight / w;
+        let dn = other.mean_n - self.mean_n;
+        let dr = other.mean_r - self.mean_r;
+        self.mean_n += dn * (other.weight / w);
+        self.mean_r += dr * (other.weight / w);
+        self.m2_n += other.m2_n + pair * dn * dn;
+        self.m2_r += other.m2_r + pair * dr * dr;
+        self.c_nr += other.c_nr + pair * dn * dr;
+        self.weight = w;
     }
 
     pub fn weight(&self) -> f64 {
@@ -137,6 +164,22 @@ mod tests {
         assert!((m.mean_n() - en).abs() < 1e-14);
         assert!((m.var_n() - vn).abs() < 1e-13);
         assert!((m.cov() - c).abs() < 1e-14);
+    }
+
+    #[test]
+    fn merged_moments_match_sequential() {
+        let data = [(0.1, 1.0, 0.5), (0.2, 3.0, 0.25), (1e-9, 2.0, 0.9), (0.4, 5.0, 0.1), (0.3, 5.0, 0.7)];
+        let mut all = LeafMoments::default();
+        let (mut a, mut b) = (LeafMoments::default(), LeafMoments::default());
+        for (i, &(w, n, r)) in data.iter().enumerate() {
+            all.add(w, n, r);
+            if i < 2 { a.add(w, n, r) } else { b.add(w, n, r) }
+        }
+        a.merge(&b);
+        assert!((a.var_n() - all.var_n()).abs() < 1e-14);
+        assert!((a.var_r() - all.var_r()).abs() < 1e-14);
+        assert!((a.cov() - all.cov()).abs() < 1e-14);
+        assert!((a.mean_r() - all.mean_r()).abs() < 1e-15);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! `record_nodes` is set, never stored: memory is proportional to the internal nodes.
 
 use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 
 use rayon::prelude::*;
 
@@ -18,6 +19,18 @@ use crate::policy::{apply_row, normalise_support_row, Logit, Policy, Scratch};
 use crate::stats::{correlation, entropy_of, LeafMoments, Neumaier};
 
 pub const NO_NODE: u32 = u32::MAX;
+
+/// Whether row batches may run on the rayon pool. Cleared in a forked child (see `python.rs`), whose copy
+/// of the pool has no threads: waiting on it would hang.
+static PARALLEL: AtomicBool = AtomicBool::new(true);
+
+pub fn set_parallel(enabled: bool) {
+    PARALLEL.store(enabled, AtomicOrdering::Relaxed);
+}
+
+fn parallel() -> bool {
+    PARALLEL.load(AtomicOrdering::Relaxed)
+}
 /// Rows per parallel task aim at this many logits, so tiny vocabularies are not split into tiny tasks.
 const ELEMENTS_PER_TASK: usize = 1 << 15;
 
@@ -190,7 +203,7 @@ fn policy_rows_inner<T: Logit>(logits: &[T], vocab: usize, policy: &Policy) -> R
         }
         Ok(out)
     };
-    let chunks: Vec<Result<RowsOut>> = if rows > rows_per_task {
+    let chunks: Vec<Result<RowsOut>> = if rows > rows_per_task && parallel() {
         logits.par_chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
     } else {
         logits.chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
@@ -220,31 +233,12 @@ pub fn normalise_support(
 }
 
 fn normalise_support_inner(offsets: &[i64], tokens: &[i64], logprobs: &[f64], vocab_size: usize) -> Result<RowsOut> {
-    let shape = |message: String| CanopyError::Shape { param: "support", message };
-    if offsets.is_empty() || offsets[0] != 0 {
-        return Err(shape("offsets must start at 0 and have one entry per row plus one".into()));
-    }
-    if tokens.len() != logprobs.len() {
-        return Err(shape(format!("tokens ({}) and logprobs ({}) differ in length", tokens.len(), logprobs.len())));
-    }
-    if *offsets.last().unwrap() as usize != tokens.len() || offsets.windows(2).any(|w| w[1] < w[0]) {
-        return Err(shape("offsets must be non-decreasing and end at len(tokens)".into()));
-    }
-    let mut seen = vec![0u32; vocab_size];
+    check_csr(offsets, tokens, logprobs)?;
     let mut out = RowsOut::default();
     out.offsets.push(0);
     for (row, w) in offsets.windows(2).enumerate() {
         let (a, b) = (w[0] as usize, w[1] as usize);
-        let h = normalise_support_row(
-            &tokens[a..b],
-            &logprobs[a..b],
-            vocab_size,
-            row,
-            row as u32 + 1,
-            &mut seen,
-            &mut out.tokens,
-            &mut out.logprobs,
-        )?;
+        let h = normalise_support_row(&tokens[a..b], &logprobs[a..b], vocab_size, row, &mut out.tokens, &mut out.logprobs)?;
         out.entropy.push(h);
         out.offsets.push(out.tokens.len());
     }
@@ -295,6 +289,98 @@ pub struct Bounds {
     pub num_nodes: u64,
 }
 
+/// Leaf aggregates of one chunk of rows (or of the whole tree).
+#[derive(Debug, Clone)]
+struct LeafAcc {
+    count: u64,
+    mass: Neumaier,
+    plogp: Neumaier,
+    length: Neumaier,
+    pmf: Vec<Neumaier>,
+    truncated: Neumaier,
+    moments: LeafMoments,
+}
+
+impl LeafAcc {
+    fn new(max_new_tokens: usize) -> Self {
+        Self {
+            count: 0,
+            mass: Neumaier::default(),
+            plogp: Neumaier::default(),
+            length: Neumaier::default(),
+            pmf: vec![Neumaier::default(); max_new_tokens + 1],
+            truncated: Neumaier::default(),
+            moments: LeafMoments::default(),
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, log_reach: f64, n: u32, path_entropy: f64, eos: bool) {
+        let p = log_reach.exp();
+        self.count += 1;
+        self.mass.add(p);
+        if p > 0.0 {
+            self.plogp.add(p * log_reach);
+        }
+        self.length.add(p * n as f64);
+        self.pmf[n as usize].add(p);
+        if !eos {
+            self.truncated.add(p);
+        }
+        self.moments.add(p, n as f64, path_entropy / n as f64);
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        self.mass.merge(&other.mass);
+        self.plogp.merge(&other.plogp);
+        self.length.merge(&other.length);
+        for (a, b) in self.pmf.iter_mut().zip(&other.pmf) {
+            a.merge(b);
+        }
+        self.truncated.merge(&other.truncated);
+        self.moments.merge(&other.moments);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Child {
+    row: u32,
+    token: u32,
+    log_reach: f64,
+    leaf: bool,
+}
+
+/// What the parallel phase produces for a chunk of rows.
+struct ChunkOut {
+    entropy: Vec<f64>,
+    support: Vec<u32>,
+    /// Internal children (and leaves too when recording nodes), in row order.
+    children: Vec<Child>,
+    leaves: LeafAcc,
+}
+
+impl ChunkOut {
+    fn new(max_new_tokens: usize) -> Self {
+        Self { entropy: Vec::new(), support: Vec::new(), children: Vec::new(), leaves: LeafAcc::new(max_new_tokens) }
+    }
+}
+
+/// Validates the CSR layout of a backend-supplied support.
+fn check_csr(offsets: &[i64], tokens: &[i64], logprobs: &[f64]) -> Result<()> {
+    let shape = |message: String| CanopyError::Shape { param: "support", message };
+    if offsets.is_empty() || offsets[0] != 0 {
+        return Err(shape("offsets must start at 0 and have one entry per row plus one".into()));
+    }
+    if tokens.len() != logprobs.len() {
+        return Err(shape(format!("tokens ({}) and logprobs ({}) differ in length", tokens.len(), logprobs.len())));
+    }
+    if *offsets.last().unwrap() as usize != tokens.len() || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(shape("offsets must be non-decreasing and end at len(tokens)".into()));
+    }
+    Ok(())
+}
+
 /// One arena slot (one push per child keeps ingestion cache-friendly).
 #[derive(Debug, Clone, Copy)]
 struct Node {
@@ -332,14 +418,8 @@ pub struct Tree {
     // Accumulators.
     chain: Neumaier,
     chain_by_depth: Vec<Neumaier>,
-    leaf_mass: Neumaier,
-    leaf_plogp: Neumaier,
-    leaf_length: Neumaier,
-    length_pmf: Vec<Neumaier>,
-    truncated_mass: Neumaier,
-    moments: LeafMoments,
+    leaves: LeafAcc,
     num_expanded: u64,
-    num_leaves: u64,
     max_support: u64,
     engine_calls: u64,
 }
@@ -360,14 +440,8 @@ impl Tree {
             released: Vec::new(),
             chain: Neumaier::default(),
             chain_by_depth: vec![Neumaier::default(); t],
-            leaf_mass: Neumaier::default(),
-            leaf_plogp: Neumaier::default(),
-            leaf_length: Neumaier::default(),
-            length_pmf: vec![Neumaier::default(); t + 1],
-            truncated_mass: Neumaier::default(),
-            moments: LeafMoments::default(),
+            leaves: LeafAcc::new(t),
             num_expanded: 0,
-            num_leaves: 0,
             max_support: 0,
             engine_calls: 0,
             cfg,
@@ -410,7 +484,7 @@ impl Tree {
     }
     /// Nodes created so far, leaves included (what `max_nodes` limits).
     pub fn nodes_reached(&self) -> usize {
-        self.nodes.len() + if self.cfg.record_nodes { 0 } else { self.num_leaves as usize }
+        self.nodes.len() + if self.cfg.record_nodes { 0 } else { self.leaves.count as usize }
     }
 
     /// Pops up to `max_rows` frontier nodes for the driver to evaluate.
@@ -453,20 +527,34 @@ impl Tree {
 
     pub fn ingest_logits<T: Logit>(&mut self, logits: &[T], rows: usize, vocab: usize) -> Result<()> {
         self.check_rows(rows)?;
-        if vocab != self.cfg.vocab_size {
-            return Err(CanopyError::Shape {
+        if vocab != self.cfg.vocab_size || logits.len() < rows * vocab {
+            let e = CanopyError::Shape {
                 param: "logits",
                 message: format!("has {vocab} columns but vocab_size is {}; pass the model's full vocabulary width", self.cfg.vocab_size),
-            });
+            };
+            return Err(self.requeue_on_error(e));
         }
-        let out = policy_rows_inner(&logits[..rows * vocab], vocab, &self.cfg.policy).map_err(|e| self.requeue_on_error(e))?;
-        self.ingest_rows(out)
+        let policy = self.cfg.policy;
+        let rows_per_task = (ELEMENTS_PER_TASK / vocab).max(1);
+        let chunks = self.expand_rows(rows, rows_per_task, |r, scratch, tokens, logprobs| {
+            apply_row(&logits[r * vocab..(r + 1) * vocab], &policy, r, scratch, tokens, logprobs)
+        });
+        self.commit(chunks)
     }
 
     pub fn ingest_support(&mut self, offsets: &[i64], tokens: &[i64], logprobs: &[f64]) -> Result<()> {
         self.check_rows(offsets.len().saturating_sub(1))?;
-        let out = normalise_support_inner(offsets, tokens, logprobs, self.cfg.vocab_size).map_err(|e| self.requeue_on_error(e))?;
-        self.ingest_rows(out)
+        if let Err(e) = check_csr(offsets, tokens, logprobs) {
+            return Err(self.requeue_on_error(e));
+        }
+        let vocab = self.cfg.vocab_size;
+        let rows = offsets.len() - 1;
+        let rows_per_task = (ELEMENTS_PER_TASK * rows / tokens.len().max(1)).max(1);
+        let chunks = self.expand_rows(rows, rows_per_task, |r, _, out_tokens, out_logprobs| {
+            let (a, b) = (offsets[r] as usize, offsets[r + 1] as usize);
+            normalise_support_row(&tokens[a..b], &logprobs[a..b], vocab, r, out_tokens, out_logprobs)
+        });
+        self.commit(chunks)
     }
 
     fn check_rows(&mut self, rows: usize) -> Result<()> {
@@ -491,93 +579,115 @@ impl Tree {
         e
     }
 
-    fn ingest_rows(&mut self, out: RowsOut) -> Result<()> {
+    /// The parallel half of ingestion: per chunk of rows, the policy support of each row, its leaf
+    /// children folded into a chunk accumulator, its internal children listed. Reads the tree only.
+    fn expand_rows<F>(&self, rows: usize, rows_per_task: usize, row_support: F) -> Result<Vec<ChunkOut>>
+    where
+        F: Fn(usize, &mut Scratch, &mut Vec<u32>, &mut Vec<f64>) -> Result<f64> + Sync,
+    {
         let t_max = self.cfg.max_new_tokens;
-        // Node budget: count first, so nothing is half-ingested.
-        let new_nodes = out.tokens.len();
+        let record = self.cfg.record_nodes;
+        let run_chunk = |start: usize| -> Result<ChunkOut> {
+            let end = (start + rows_per_task).min(rows);
+            let mut out = ChunkOut::new(t_max as usize);
+            let mut scratch = Scratch::default();
+            let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+            for r in start..end {
+                tokens.clear();
+                logprobs.clear();
+                let h = row_support(r, &mut scratch, &mut tokens, &mut logprobs)?;
+                let node = &self.nodes[self.in_flight[r] as usize];
+                let child_depth = node.depth + 1;
+                let child_path = node.path_entropy + h;
+                out.entropy.push(h);
+                out.support.push(tokens.len() as u32);
+                for (&tok, &lp) in tokens.iter().zip(&logprobs) {
+                    let child_lr = node.log_reach + lp;
+                    let eos = self.is_eos[tok as usize];
+                    let leaf = eos || child_depth == t_max;
+                    if leaf {
+                        out.leaves.add(child_lr, child_depth, child_path, eos);
+                    }
+                    if record || !leaf {
+                        out.children.push(Child { row: r as u32, token: tok, log_reach: child_lr, leaf });
+                    }
+                }
+            }
+            Ok(out)
+        };
+        let starts: Vec<usize> = (0..rows).step_by(rows_per_task).collect();
+        if starts.len() > 1 && parallel() {
+            starts.into_par_iter().map(run_chunk).collect()
+        } else {
+            starts.into_iter().map(run_chunk).collect()
+        }
+    }
+
+    /// The sequential half: checks the budgets, then merges chunk results in row order (so the sums do
+    /// not depend on the thread count), pushes internal children and tracks which states can be released.
+    fn commit(&mut self, chunks: Result<Vec<ChunkOut>>) -> Result<()> {
+        let chunks = match chunks {
+            Ok(c) => c,
+            Err(e) => return Err(self.requeue_on_error(e)),
+        };
+        let supports = chunks.iter().flat_map(|c| c.support.iter().copied());
+        let new_nodes: usize = supports.clone().map(|s| s as usize).sum();
+        if let Some((row, size)) = supports.enumerate().find(|&(_, s)| s as usize > self.cfg.support_cap) {
+            // The certified bound assumed at most support_cap children: refuse rather than lie.
+            let e = invalid(
+                "support_cap",
+                format!(
+                    "node {} has {size} tokens in its policy support, more than support_cap={} (ties at the \
+                     top-k threshold keep extra tokens); raise support_cap or leave it unset",
+                    self.in_flight[row], self.cfg.support_cap
+                ),
+            );
+            return Err(self.requeue_on_error(e));
+        }
         if self.nodes_reached() + new_nodes > self.cfg.max_nodes {
             let depth = self.in_flight.iter().map(|&u| self.nodes[u as usize].depth).max().unwrap_or(0);
             let reached = self.nodes_reached() + new_nodes;
             let e = CanopyError::TreeTooLarge { max_nodes: self.cfg.max_nodes, reached, expanded: self.num_expanded as usize, depth };
             return Err(self.requeue_on_error(e));
         }
-        if let Some((row, w)) = out.offsets.windows(2).enumerate().find(|(_, w)| w[1] - w[0] > self.cfg.support_cap) {
-            // The certified bound assumed at most support_cap children: refuse rather than lie.
-            let e = invalid(
-                "support_cap",
-                format!(
-                    "node {} has {} tokens in its policy support, more than support_cap={} (ties at the top-k \
-                     threshold keep extra tokens); raise support_cap or leave it unset",
-                    self.in_flight[row],
-                    w[1] - w[0],
-                    self.cfg.support_cap
-                ),
-            );
-            return Err(self.requeue_on_error(e));
-        }
         let batch = std::mem::take(&mut self.in_flight);
-        for (row, &u) in batch.iter().enumerate() {
-            let ui = u as usize;
-            let (a, b) = (out.offsets[row], out.offsets[row + 1]);
-            let support = (b - a) as u64;
-            self.max_support = self.max_support.max(support);
-            let h = out.entropy[row];
-            let d = self.nodes[ui].depth;
-            let lr = self.nodes[ui].log_reach;
-            let reach = lr.exp();
-            self.nodes[ui].entropy = h;
-            self.chain.add(reach * h);
-            self.chain_by_depth[d as usize].add(reach * h);
-            self.num_expanded += 1;
-            let child_depth = d + 1;
-            let child_path = self.nodes[ui].path_entropy + h;
-            let mut internal_children = 0u32;
-            for j in a..b {
-                let tok = out.tokens[j];
-                let child_lr = lr + out.logprobs[j];
-                let eos = self.is_eos[tok as usize];
-                if eos || child_depth == t_max {
-                    self.add_leaf(child_lr, child_depth, child_path, eos);
-                    if self.cfg.record_nodes {
-                        self.push_node(u, tok, child_depth, child_lr, child_path, true);
+        let mut row = 0usize;
+        for chunk in chunks {
+            self.leaves.merge(&chunk.leaves);
+            let mut children = chunk.children.iter().peekable();
+            for (&h, &support) in chunk.entropy.iter().zip(&chunk.support) {
+                let u = batch[row];
+                let node = self.nodes[u as usize];
+                let reach = node.log_reach.exp();
+                self.nodes[u as usize].entropy = h;
+                self.chain.add(reach * h);
+                self.chain_by_depth[node.depth as usize].add(reach * h);
+                self.num_expanded += 1;
+                self.max_support = self.max_support.max(support as u64);
+                let mut internal_children = 0u32;
+                while let Some(c) = children.next_if(|c| c.row as usize == row) {
+                    let id = self.push_node(u, c.token, node.depth + 1, c.log_reach, node.path_entropy + h, c.leaf);
+                    if !c.leaf {
+                        self.frontier.push(id, c.log_reach);
+                        internal_children += 1;
                     }
-                } else {
-                    let c = self.push_node(u, tok, child_depth, child_lr, child_path, false);
-                    self.frontier.push(c, child_lr);
-                    internal_children += 1;
                 }
-            }
-            self.nodes[ui].pending_children = internal_children;
-            if internal_children == 0 {
-                self.released.push(u);
-            }
-            let p = self.nodes[ui].parent;
-            if p != NO_NODE {
-                let pc = &mut self.nodes[p as usize].pending_children;
-                *pc -= 1;
-                if *pc == 0 {
-                    self.released.push(p);
+                self.nodes[u as usize].pending_children = internal_children;
+                if internal_children == 0 {
+                    self.released.push(u);
                 }
+                if node.parent != NO_NODE {
+                    let pc = &mut self.nodes[node.parent as usize].pending_children;
+                    *pc -= 1;
+                    if *pc == 0 {
+                        self.released.push(node.parent);
+                    }
+                }
+                row += 1;
             }
         }
         self.engine_calls += 1;
         Ok(())
-    }
-
-    #[inline]
-    fn add_leaf(&mut self, log_reach: f64, n: u32, path_entropy: f64, eos: bool) {
-        let p = log_reach.exp();
-        self.num_leaves += 1;
-        self.leaf_mass.add(p);
-        if p > 0.0 {
-            self.leaf_plogp.add(p * log_reach);
-        }
-        self.leaf_length.add(p * n as f64);
-        self.length_pmf[n as usize].add(p);
-        if !eos {
-            self.truncated_mass.add(p);
-        }
-        self.moments.add(p, n as f64, path_entropy / n as f64);
     }
 
     pub fn take_released(&mut self) -> Vec<u32> {
@@ -616,8 +726,8 @@ impl Tree {
             len_hi.add(p * t);
         }
         let lower = self.chain.value();
-        let explored_len = self.leaf_length.value();
-        let truncated = self.truncated_mass.value();
+        let explored_len = self.leaves.length.value();
+        let truncated = self.leaves.truncated.value();
         Bounds {
             ce_star_lower: lower,
             ce_star_upper: lower + gap.value(),
@@ -625,7 +735,7 @@ impl Tree {
             expected_length_upper: explored_len + len_hi.value(),
             truncation_prob_lower: truncated,
             truncation_prob_upper: truncated + mass.value(),
-            explored_mass: self.leaf_mass.value(),
+            explored_mass: self.leaves.mass.value(),
             frontier_mass: mass.value(),
             num_expanded: self.num_expanded,
             frontier_size: self.frontier_size() as u64,
@@ -641,13 +751,13 @@ impl Tree {
                 self.frontier_size()
             )));
         }
-        let m = &self.moments;
+        let m = &self.leaves.moments;
         let ce = self.chain.value();
-        let pmf: Vec<f64> = self.length_pmf.iter().map(|s| s.value()).collect();
+        let pmf: Vec<f64> = self.leaves.pmf.iter().map(|s| s.value()).collect();
         let length_entropy = entropy_of(&pmf);
         // E[N] and Var(N) by two passes over the length pmf: N takes at most T values, so this is exact to
         // rounding and immune to the running-mean drift of the streamed moments.
-        let mass: f64 = self.leaf_mass.value();
+        let mass: f64 = self.leaves.mass.value();
         let mut mean_n = Neumaier::default();
         for (n, p) in pmf.iter().enumerate() {
             mean_n.add(n as f64 * p);
@@ -661,8 +771,8 @@ impl Tree {
         let (var_r, cov) = (m.var_r(), m.cov());
         Ok(CanopyStats {
             ce_star: ce,
-            ce_star_leaves: -self.leaf_plogp.value(),
-            total_mass: self.leaf_mass.value(),
+            ce_star_leaves: -self.leaves.plogp.value(),
+            total_mass: self.leaves.mass.value(),
             length_entropy,
             content_entropy: ce - length_entropy,
             expected_length: mean_n,
@@ -673,11 +783,11 @@ impl Tree {
             length_rate_corr: correlation(var_n, var_r, cov, m.mean_r()),
             gen_ppl: (ce / mean_n).exp(),
             branching_factor: m.mean_r().exp(),
-            truncation_prob: self.truncated_mass.value(),
+            truncation_prob: self.leaves.truncated.value(),
             length_pmf: pmf,
             entropy_by_depth: self.chain_by_depth.iter().map(|s| s.value()).collect(),
             num_internal_nodes: self.num_expanded,
-            num_leaves: self.num_leaves,
+            num_leaves: self.leaves.count,
             max_support: self.max_support,
             engine_calls: self.engine_calls,
         })

@@ -310,3 +310,22 @@ def test_interrupt_keeps_the_bracket():
     truth = canopy_rs.exact(model, vocab_size=4, eos_token_ids=[0], max_new_tokens=6).ce_star
     assert b.num_expanded == b.info.rows_evaluated == 1 + 3 * 3  # root, then three full batches
     assert b.ce_star_lower <= truth <= b.ce_star_upper
+
+
+def _policy_rows_in_child(queue):
+    x = np.random.default_rng(1).normal(size=(20_000, 32)).astype(np.float32)
+    queue.put(len(canopy_rs._core.policy_support(x, canopy_rs.Policy(1.0, 4))[3]))
+
+
+def test_forked_child_does_not_hang_on_the_thread_pool():
+    import multiprocessing as mp
+
+    x = np.random.default_rng(0).normal(size=(20_000, 32)).astype(np.float32)
+    canopy_rs._core.policy_support(x, canopy_rs.Policy(1.0, 4))  # the parent's pool is running
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_policy_rows_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the forked child hung or failed"
+    assert queue.get(timeout=5) == 20_000

@@ -68,6 +68,16 @@ def test_matches_rust_reference_with_ties(policy, dtype):
         assert_same_support(tied_logits(rng, 24, vocab, dtype), policy)
 
 
+@pytest.mark.parametrize("policy", [Policy(1.0, 2, 1.0), Policy(0.8, 5, 0.9), Policy(1.0, 30, 1.0)], ids=repr)
+def test_many_ties_beyond_the_candidate_slack(policy):
+    # Wide rows of 3 distinct values: ~V/3 tokens tie at the k-th value, far more than k + the slack.
+    rng = np.random.default_rng(5)
+    for vocab in (64, 200):
+        x = rng.integers(-1, 2, size=(6, vocab)).astype(np.float32)
+        x[0] = rng.normal(size=vocab)  # one row without ties
+        assert_same_support(x, policy)
+
+
 def test_uniform_row_exact_top_p_boundary():
     # p = 0.5 on a uniform row of 8: the cumulative mass hits 0.5 exactly at the 4th token.
     logits = np.zeros((3, 8), dtype=np.float32)

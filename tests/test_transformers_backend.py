@@ -340,7 +340,7 @@ def test_tree_attention_compaction_uses_layer_keys_values():
 
 def test_sliding_window_falls_back_to_per_row():
     m = _build("qwen2", "sdpa", use_sliding_window=True, sliding_window=3, max_window_layers=0).double()
-    with pytest.raises(TreeAttentionUnsupported, match="sliding-window"):
+    with pytest.raises(TreeAttentionUnsupported, match="fills the sliding window"):
         TransformersModel(m, None, prompt=PROMPT, strategy="tree")
     with pytest.warns(RuntimeWarning, match="sliding-window"):
         be = TransformersModel(m, None, prompt=PROMPT)
@@ -351,6 +351,45 @@ def test_sliding_window_falls_back_to_per_row():
     res = canopy_rs.exact(be, batch_size=4, **pol)
     assert_results_equal(res, ref)
     assert be.counters()["tokens_per_expanded_node"] == pytest.approx(1.0)
+
+
+def test_sliding_window_tree_within_the_window():
+    """strategy='tree' on a sliding-window model: exact while prompt + depth <= window, an error beyond."""
+    window = 10
+    m = _build("qwen2", "sdpa", use_sliding_window=True, sliding_window=window, max_window_layers=0).double()
+    be = TransformersModel(m, None, prompt=PROMPT, strategy="tree")
+    assert be.strategy == "tree" and be.sliding_window == window
+    # Deepest expanded node: depth max_new_tokens - 1 = 6, and 4 + 6 <= 10.
+    pol = dict(temperature=1.0, top_k=2, top_p=1.0, max_new_tokens=window - len(PROMPT) + 1)
+    ref = canopy_rs.exact(naive_logits_fn(m, PROMPT), vocab_size=12, eos_token_ids=[0, 7], **pol)
+    assert_results_equal(canopy_rs.exact(be, batch_size=8, **pol), ref)
+    with pytest.raises(ValueError, match="sliding-window model"):
+        canopy_rs.exact(be, batch_size=8, **{**pol, "max_new_tokens": pol["max_new_tokens"] + 1})
+
+
+def test_gemma3_mixed_sliding_and_full_layers():
+    """Gemma-3 style: alternating sliding-window (8) and full layers. Per-row past the window, tree within."""
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip("transformers without Gemma 3")
+    torch.manual_seed(3)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=64, eos_token_id=[3, 5], initializer_range=0.3,
+    )
+    cfg._attn_implementation = "sdpa"
+    m = transformers.Gemma3ForCausalLM(cfg).eval().double()
+    naive = naive_logits_fn(m, PROMPT)
+    pol = dict(temperature=1.0, top_k=2, top_p=1.0, max_new_tokens=7)  # prompt 4 + depth 6 > window 8
+    with pytest.warns(RuntimeWarning, match="sliding-window"):
+        be = TransformersModel(m, None, prompt=PROMPT)
+    assert be.strategy == "per-row"
+    ref = canopy_rs.exact(naive, vocab_size=16, eos_token_ids=[3, 5], **pol)
+    assert_results_equal(canopy_rs.exact(be, batch_size=8, **pol), ref)
+    pol["max_new_tokens"] = 5  # 4 + 4 <= 8
+    ref = canopy_rs.exact(naive, vocab_size=16, eos_token_ids=[3, 5], **pol)
+    tree = TransformersModel(m, None, prompt=PROMPT, strategy="tree")
+    assert_results_equal(canopy_rs.exact(tree, batch_size=8, **pol), ref)
 
 
 def test_hybrid_linear_attention_model_uses_per_row():

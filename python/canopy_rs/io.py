@@ -148,15 +148,15 @@ def prompt_key(prompt: str, config: Mapping[str, Any]) -> str:
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Scalar fields of a nested dict as ``prefix+key`` columns (arrays and long lists are left out; short
-    pairs such as confidence intervals become ``_lo``/``_hi``)."""
+    """Scalar fields of a nested dict as ``prefix+key`` columns (arrays and lists are left out, except
+    ``*_ci`` intervals, which become ``*_ci_lo`` / ``*_ci_hi``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         name = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(flatten(v, name + "_"))
         elif isinstance(v, (list, tuple, np.ndarray)):
-            if len(v) == 2 and all(isinstance(x, (int, float, np.number)) or x is None for x in v):
+            if k.endswith("_ci") and len(v) == 2:
                 out[name + "_lo"], out[name + "_hi"] = v[0], v[1]
         elif isinstance(v, (str, int, float, bool, np.number)) or v is None:
             out[name] = v.item() if isinstance(v, np.generic) else v

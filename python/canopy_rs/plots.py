@@ -237,26 +237,10 @@ def plot_bracket_vs_budget(
     return fig
 
 
-def plot_rmse_vs_cost(study: Any, ax: Any = None, **kwargs: Any) -> Any:
-    """Estimator RMSE against cost: the estimator study's own plot (``canopy_rs.estimators``), not a copy."""
-    fn = _study_plot()
-    if ax is not None:
-        kwargs["ax"] = ax
-    return fn(study, **kwargs)
-
-
-def _study_plot() -> Any:
-    import importlib
-
-    for mod, name in (
-        ("canopy_rs.estimators.study", "plot_rmse_vs_cost"),
-        ("canopy_rs.estimators", "plot_rmse_vs_cost"),
-        ("canopy_rs.estimators.compare", "plot_rmse_vs_cost"),
-    ):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if hasattr(m, name):
-            return getattr(m, name)
-    raise ImportError("the estimator study's plot (canopy_rs.estimators ... plot_rmse_vs_cost) is not available")
+def plot_rmse_vs_cost(
+    study: Any, path: Union[str, os.PathLike], formats: Sequence[str] = ("png", "svg"), **kwargs: Any
+) -> list[Path]:
+    """Estimator RMSE against cost for a ``canopy_rs.estimators.study.StudyResult``: the study's own plot
+    (:meth:`StudyResult.plot`, not a copy), written once per format; returns the paths."""
+    p = Path(path)
+    return [Path(study.plot(p.with_suffix("." + fmt), **kwargs)) for fmt in formats]

@@ -29,6 +29,8 @@ __all__ = ["policy_support_torch", "policy_support_numpy", "TOP_P_SLACK"]
 
 #: Relative slack on the top-p threshold, identical to the Rust core's.
 TOP_P_SLACK = 1e-12
+#: Extra top-k candidates fetched to catch ties at the k-th value without a V-wide pass.
+TOP_K_TIE_SLACK = 16
 
 
 def _policy_params(policy: Any) -> Tuple[float, int | None, float]:
@@ -74,20 +76,25 @@ def policy_support_torch(
     if B == 0:
         z = torch.zeros(0, dtype=torch.int64, device=device)
         return torch.zeros(1, dtype=torch.int64, device=device), z, z.to(torch.float64)
-    if torch.isnan(x).any() or torch.isposinf(x).any():
-        raise ValueError("logits contain NaN or +inf")
-    if torch.isneginf(x).all(dim=1).any():
+    # One reduction (one device sync) validates every row: NaN propagates through amax, +inf and an all -inf
+    # row make it non-finite.
+    if not bool(torch.isfinite(x.amax(dim=1)).all()):
+        if torch.isnan(x).any():
+            raise ValueError("logits contain NaN; check the model's numerics (dtype overflow?)")
+        if torch.isposinf(x).any():
+            raise ValueError("logits contain +inf; logits must be finite or -inf (masked)")
         raise ValueError("a logits row is entirely -inf: the policy has an empty support")
 
     if top_k is not None and top_k < V:
-        # The k-th largest value, then every token >= it (ties kept).
-        kth = torch.topk(x, top_k, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
-        counts = (x >= kth).sum(dim=1)
-        width = int(counts.max().item())
-        # The `width` largest entries of a row contain all of its kept tokens (a row with fewer kept tokens
-        # gets extra, smaller entries that are filtered out below). topk's tie order is unspecified, so sort
-        # by token id first and then stably by value.
-        cand_vals, cand_ids = torch.topk(x, width, dim=1, largest=True, sorted=False)
+        # The k largest plus a slack for ties at the k-th value; if a row's ties overflow the slack, widen
+        # to every token >= the k-th value (rare: only a V-wide count then).
+        width = min(V, top_k + TOP_K_TIE_SLACK)
+        cand_vals, cand_ids = torch.topk(x, width, dim=1, largest=True, sorted=True)
+        kth = cand_vals[:, top_k - 1 : top_k]
+        if width < V and bool((cand_vals[:, -1:] >= kth).any()):
+            width = int((x >= kth).sum(dim=1).max().item())
+            cand_vals, cand_ids = torch.topk(x, width, dim=1, largest=True, sorted=True)
+        # topk's tie order is unspecified: sort by token id first, then stably by value.
         cand_ids, perm = torch.sort(cand_ids, dim=1)
         cand_vals = cand_vals.gather(1, perm)
         vals, perm = torch.sort(cand_vals, dim=1, descending=True, stable=True)

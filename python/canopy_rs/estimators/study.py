@@ -215,8 +215,10 @@ class StudyResult:
         markers = "osD^v<>px*"
         for i, name in enumerate(self.estimators()):
             x, y = self._curve(name, cost_key)
+            exact_at = [r[cost_key] for r in self.rows if r["estimator"] == name and r["rmse"] == 0]
+            label = name + (f" (exact from {min(exact_at):.0f})" if exact_at else "")
             if x.shape[0]:
-                ax.loglog(x, y, marker=markers[i % len(markers)], lw=1.6, ms=5, label=name)
+                ax.loglog(x, y, marker=markers[i % len(markers)], lw=1.6, ms=5, label=label)
         x, y = self._curve("mc_rb", cost_key)
         if x.shape[0]:
             xs = np.geomspace(x.min(), x.max(), 8)

@@ -9,7 +9,9 @@ token per expanded node after the prompt:
 * ``"tree"`` (tree attention, :mod:`.tree_attention`): the prompt KV is computed once and the live canopy is
   one flattened cache row; each forward feeds the whole batch of frontier tokens with a custom 4D mask
   (prompt + ancestors + self visible) and explicit ``position_ids`` (prompt length + depth - 1). Needs
-  ``attn_implementation`` ``"sdpa"`` or ``"eager"`` and plain full-attention KV layers.
+  ``attn_implementation`` ``"sdpa"`` or ``"eager"`` and attention KV layers (no linear-attention /
+  recurrent state). Sliding-window models run it only when asked (``strategy="tree"``) and only while
+  prompt + depth <= the window; past it the expansion raises.
 * ``"per-row"`` (:mod:`.per_row`): one cache row per expanded node, children gathered from their parents'
   rows. Works for every model (sliding-window, linear-attention / recurrent, hybrid, flash-attention).
 
@@ -39,7 +41,8 @@ from ._common import (
     render_prompt,
     resolve_eos_token_ids,
     resolve_vocab_size,
-    tree_attention_unsupported_reason,
+    sliding_window_reason,
+    tree_attention_support,
 )
 from .per_row import PerRowEngine
 from .tree_attention import TreeAttentionEngine
@@ -66,14 +69,25 @@ def _self_check_tolerance(dtype: torch.dtype) -> float:
 
 @torch.inference_mode()
 def tree_attention_self_check(
-    runner: ModelRunner, device: torch.device, dtype: torch.dtype, mask_kind: str, prompt_ids: Sequence[int], vocab_size: int
+    runner: ModelRunner,
+    device: torch.device,
+    dtype: torch.dtype,
+    mask_kind: str,
+    prompt_ids: Sequence[int],
+    vocab_size: int,
+    sliding_window: Optional[int] = None,
 ) -> tuple[bool, str]:
-    """Expand a tiny two-level tree (two sibling branches, three grandchildren) with tree attention and
-    compare every node's logits with a full no-cache forward of its sequence. Returns ``(ok, detail)``."""
-    prompt = [int(t) for t in prompt_ids[:4]]
+    """Expand a tiny three-level tree (sibling branches, a released branch, a compaction) with tree attention
+    and compare every node's logits with a full no-cache forward of its sequence. Returns ``(ok, detail)``."""
+    n_prompt = 4 if sliding_window is None else min(4, sliding_window - 3)
+    if n_prompt < 1:
+        return False, f"the sliding window ({sliding_window}) is too small for tree attention"
+    prompt = [int(t) for t in prompt_ids[:n_prompt]]
     V = int(vocab_size)
     a, b, c = prompt[0] % V, (prompt[0] + 1) % V, (prompt[0] + 2) % V
-    eng = TreeAttentionEngine(runner, device, dtype, mask_kind, compact_min=1, compact_fraction=0.0)
+    eng = TreeAttentionEngine(
+        runner, device, dtype, mask_kind, compact_min=1, compact_fraction=0.0, sliding_window=sliding_window
+    )
     nodes = {1: (0, a, [a]), 2: (0, b, [b]), 3: (1, c, [a, c]), 4: (2, a, [b, a]), 5: (1, b, [a, b]), 6: (3, b, [a, c, b])}
     calls0 = (runner.tokens_forwarded, runner.model_calls)
     try:
@@ -123,8 +137,9 @@ class TransformersModel:
             templates get ``enable_thinking=False``). Otherwise a string is tokenised raw (with the tokenizer's
             own special tokens, e.g. BOS).
         strategy: ``"auto"`` (tree attention if supported and the self-check passes, else per-row with a
-            warning), ``"tree"`` (raises :class:`TreeAttentionUnsupported` naming the reason if it cannot
-            run) or ``"per-row"``.
+            warning; sliding-window models get per-row), ``"tree"`` (raises :class:`TreeAttentionUnsupported`
+            naming the reason if it cannot run; on a sliding-window model it runs while prompt + depth <=
+            the window and raises beyond) or ``"per-row"``.
         eos_token_ids: override the EOS ids (default: all of ``generation_config.eos_token_id``, else the
             config's, else the tokenizer's). Each id is its own outcome; ``[]`` means no EOS.
         vocab_size: override the vocabulary (default: the logits width); logits are cut to the first
@@ -197,12 +212,21 @@ class TransformersModel:
         return "bool" if impl == "sdpa" else "float"
 
     def _choose_strategy(self, strategy: str, self_check: bool) -> tuple[str, str]:
+        self.sliding_window: Optional[int] = None
         if strategy == "per-row":
             return "per-row", "requested"
-        reason = tree_attention_unsupported_reason(self.model)
+        reason, window = tree_attention_support(self.model)
+        if reason is None and window is not None:
+            if strategy == "auto":
+                reason = sliding_window_reason(window)
+            elif self.prompt_len >= window:
+                reason = f"the prompt ({self.prompt_len} tokens) fills the sliding window ({window})"
+            else:
+                self.sliding_window = window
         if reason is None and self_check:
             ok, detail = tree_attention_self_check(
-                self.runner, self.device, self.dtype, self._mask_kind(), self.prompt_ids, self._logits_width
+                self.runner, self.device, self.dtype, self._mask_kind(), self.prompt_ids, self._logits_width,
+                self.sliding_window,
             )
             if not ok:
                 reason = f"startup self-check failed: {detail}"
@@ -220,7 +244,12 @@ class TransformersModel:
     def _make_engine(self, strategy: str) -> Any:
         if strategy == "tree":
             return TreeAttentionEngine(
-                self.runner, self.device, self.dtype, self._mask_kind(), max_live_kv_tokens=self.max_live_kv_tokens
+                self.runner,
+                self.device,
+                self.dtype,
+                self._mask_kind(),
+                max_live_kv_tokens=self.max_live_kv_tokens,
+                sliding_window=self.sliding_window,
             )
         return PerRowEngine(self.runner, self.device, max_live_kv_tokens=self.max_live_kv_tokens)
 

@@ -18,7 +18,9 @@ __all__ = [
     "render_prompt",
     "resolve_vocab_size",
     "resolve_eos_token_ids",
-    "tree_attention_unsupported_reason",
+    "tree_attention_support",
+    "sliding_window_reason",
+    "new_tree_cache",
     "select_cache_rows",
     "concat_caches",
     "can_concat_cache",
@@ -175,8 +177,11 @@ def resolve_eos_token_ids(
 _TREE_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def tree_attention_unsupported_reason(model: Any) -> Optional[str]:
-    """Why tree attention cannot run on ``model`` (``None`` if it can, pending the startup self-check)."""
+def tree_attention_support(model: Any) -> tuple[Optional[str], Optional[int]]:
+    """``(reason, sliding_window)``: ``reason`` says why tree attention cannot run on ``model`` at all
+    (``None`` if it can, pending the startup self-check); ``sliding_window`` is the smallest attention window
+    of the model's sliding-window layers (``None`` if it has none). A sliding-window model is exact under tree
+    attention only while prompt + depth <= window (then every window covers the whole sequence)."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in _TREE_ATTN_IMPLEMENTATIONS:
         hint = ""
@@ -185,32 +190,45 @@ def tree_attention_unsupported_reason(model: Any) -> Optional[str]:
         return (
             f"attn_implementation={impl!r} cannot take a custom 4D tree mask{hint}; tree attention needs "
             "'sdpa' or 'eager' (load the model with attn_implementation='sdpa')"
-        )
+        ), None
     try:
         cache = new_cache(model)
     except Exception as exc:  # pragma: no cover - exotic configs
-        return f"cannot build a DynamicCache for this model ({type(exc).__name__}: {exc})"
+        return f"cannot build a DynamicCache for this model ({type(exc).__name__}: {exc})", None
     kinds = set()
+    windows = []
     for layer in cache.layers:
-        if type(layer) is cache_utils.DynamicLayer:
+        if type(layer) is cache_utils.DynamicLayer or type(layer).__name__ == "DummyLayer":
             continue
-        if type(layer).__name__ == "DummyLayer":
+        if type(layer) is cache_utils.DynamicSlidingWindowLayer:
+            windows.append(int(layer.sliding_window))
             continue
         kinds.add(type(layer).__name__)
     if kinds:
         names = ", ".join(sorted(kinds))
         if any("Linear" in k for k in kinds):
             why = "linear-attention / recurrent state cannot be masked per branch"
-        elif any("Sliding" in k for k in kinds):
-            window = getattr(_text_config(model), "sliding_window", None)
-            why = (
-                f"sliding-window attention (window {window}) keeps only the last window of a flattened tree "
-                "cache, so branches cannot be masked once the tree exceeds the window"
-            )
         else:
-            why = "these cache layers are not plain full-attention KV caches"
-        return f"the model's cache layers ({names}) do not support tree attention: {why}"
-    return None
+            why = "these cache layers are not plain full- or sliding-window-attention KV caches"
+        return f"the model's cache layers ({names}) do not support tree attention: {why}", None
+    return None, (min(windows) if windows else None)
+
+
+def sliding_window_reason(window: int) -> str:
+    return (
+        f"sliding-window attention (window {window}): a flattened tree cache is exact only while prompt + depth "
+        f"<= {window}; pass strategy='tree' to use tree attention within that limit"
+    )
+
+
+def new_tree_cache(model: Any) -> Any:
+    """A ``DynamicCache`` whose sliding-window layers are replaced by full ``DynamicLayer``s (tree attention
+    keeps every column and enforces the window limit itself)."""
+    cache = new_cache(model)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is cache_utils.DynamicSlidingWindowLayer:
+            cache.layers[i] = cache_utils.DynamicLayer()
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ._common import KVBudgetExceededError, ModelRunner, new_cache
+from ._common import KVBudgetExceededError, ModelRunner, new_tree_cache
 
 __all__ = ["TreeAttentionEngine"]
 
@@ -47,6 +47,7 @@ class TreeAttentionEngine:
         compact_fraction: float = 0.5,
         compact_min: int = 256,
         block: int = 64,
+        sliding_window: Optional[int] = None,
     ):
         if mask_kind not in ("float", "bool"):
             raise ValueError(f"mask_kind must be 'float' or 'bool', got {mask_kind!r}")
@@ -58,6 +59,7 @@ class TreeAttentionEngine:
         self.compact_fraction = float(compact_fraction)
         self.compact_min = int(compact_min)
         self.W = int(block)
+        self.sliding_window = sliding_window
         self.peak_live_kv_tokens = 0
         self.compactions = 0
         self._clear()
@@ -120,7 +122,8 @@ class TreeAttentionEngine:
             raise KVBudgetExceededError(
                 f"the prompt ({len(prompt_ids)} tokens) alone exceeds max_live_kv_tokens={self.max_live_kv_tokens}"
             )
-        self.cache = new_cache(self.runner.model)
+        self._check_window(len(prompt_ids), 0)
+        self.cache = new_tree_cache(self.runner.model)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         logits = self.runner(ids, self.cache, last_only=True)[:, -1, :]
         self.root_id = int(root_id)
@@ -128,6 +131,15 @@ class TreeAttentionEngine:
         self._grow(self.P + 256)
         self._note_peak()
         return logits
+
+    def _check_window(self, prompt_len: int, depth: int) -> None:
+        w = self.sliding_window
+        if w is not None and prompt_len + depth > w:
+            raise ValueError(
+                f"tree attention on a sliding-window model (window {w}) is exact only while prompt + depth <= {w}; "
+                f"this batch reaches depth {depth} with a {prompt_len}-token prompt: use strategy='per-row' "
+                "(or a smaller max_new_tokens)"
+            )
 
     def _parent_columns(self, parent_ids: np.ndarray, depths: np.ndarray) -> np.ndarray:
         root = self.root_id
@@ -158,6 +170,7 @@ class TreeAttentionEngine:
         if dup:
             raise ValueError("node ids in the batch were already expanded in this run")
         pcols = self._parent_columns(parent_ids, depths)
+        self._check_window(self.P, int(depths.max()))
 
         if self.max_live_kv_tokens is not None and self.L + F > self.max_live_kv_tokens:
             if self.dead:
