@@ -756,18 +756,21 @@ impl Tree {
         let pmf: Vec<f64> = self.leaves.pmf.iter().map(|s| s.value()).collect();
         let length_entropy = entropy_of(&pmf);
         // E[N] and Var(N) by two passes over the length pmf: N takes at most T values, so this is exact to
-        // rounding and immune to the running-mean drift of the streamed moments.
+        // rounding and immune to the running-mean drift of the streamed moments. Lengths are taken relative
+        // to the shortest one, so a single length gives a variance of exactly 0.
         let mass: f64 = self.leaves.mass.value();
-        let mut mean_n = Neumaier::default();
-        for (n, p) in pmf.iter().enumerate() {
-            mean_n.add(n as f64 * p);
+        let shortest = pmf.iter().position(|&p| p > 0.0).unwrap_or(0);
+        let mut shift_mean = Neumaier::default();
+        for (n, p) in pmf.iter().enumerate().skip(shortest) {
+            shift_mean.add((n - shortest) as f64 * p);
         }
-        let mean_n = mean_n.value() / mass;
+        let shift_mean = shift_mean.value() / mass;
         let mut var_n = Neumaier::default();
-        for (n, p) in pmf.iter().enumerate() {
-            var_n.add(p * (n as f64 - mean_n).powi(2));
+        for (n, p) in pmf.iter().enumerate().skip(shortest) {
+            var_n.add(p * ((n - shortest) as f64 - shift_mean).powi(2));
         }
         let var_n = var_n.value().max(0.0) / mass;
+        let mean_n = shortest as f64 + shift_mean;
         let (var_r, cov) = (m.var_r(), m.cov());
         Ok(CanopyStats {
             ce_star: ce,

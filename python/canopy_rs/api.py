@@ -148,6 +148,7 @@ class _Run:
             model_calls=int(c.get("model_calls", 0)),
             rows_evaluated=int(c.get("rows_evaluated", 0)),
             tokens_forwarded=int(c.get("tokens_forwarded", 0)),
+            prompt_tokens=int(c.get("prompt_tokens", 0)),
             peak_live_kv_tokens=self.peak_kv,
             seconds=self.seconds,
         )

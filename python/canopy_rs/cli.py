@@ -920,7 +920,7 @@ def _exact_with_bracket(ctx: Ctx, backend: Any, pol: dict, batch_size: Optional[
         prog = BracketProgress(_quiet(ctx), "canopy", record=True)
         try:
             res = canopy_rs.bounded(backend, budget=10_000_000, **pol, order="best-first", support_cap=cap,
-                                    batch_size=batch_size or 16, progress=prog, progress_interval=0.0)
+                                    batch_size=batch_size or 32, progress=prog, progress_interval=0.0)
         except CanopyError as e:
             # A tie at the k-th logit can make a support wider than top-k: redo with the vocabulary-sized cap.
             if cap is None:

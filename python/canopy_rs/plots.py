@@ -88,13 +88,16 @@ def plot_length_distribution(result: Any, ax: Any = None, title: Optional[str] =
     tr[-1] = trunc
     ax.bar(n, eos, color=_BLUE, label="ends with EOS at token n")
     ax.bar(n, tr, bottom=eos, color=_GREY, hatch="//", edgecolor="white", label="truncated (no EOS by the cap)")
-    for x, y in zip(n, pmf):
+    for j, (x, y) in enumerate(zip(n, pmf)):
         if y > 0.005:
-            ax.annotate(f"{y:.3f}", (x, y), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+            label = f"{y:.3f}"
+            if j == len(n) - 1 and trunc > 0.005 and eos[-1] > 0.0005:
+                label += f"\n(truncated {trunc:.3f})"
+            ax.annotate(label, (x, y), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xlabel("length N (generated tokens, EOS included)")
     ax.set_ylabel("probability")
     ax.set_xticks(n)
-    ax.set_ylim(0, min(1.0, max(pmf.max(), 1e-9) * 1.18))
+    ax.set_ylim(0, min(1.05, max(pmf.max(), 1e-9) * 1.25))
     el = float(_result_get(result, "expected_length"))
     hn = float(_result_get(result, "length_entropy"))
     ax.set_title(title or f"Length distribution: E[N] = {_fmt(el)}, H(N) = {_fmt(hn)} nats, P(trunc) = {_fmt(trunc)}",
@@ -232,8 +235,12 @@ def plot_bracket_vs_budget(
     ax.set_ylabel("CE* (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=True, framealpha=0.9, loc="lower right")
-    ax.set_title(title or f"Bracket vs budget: width {_fmt(hi[-1] - lo[-1], 4)} at {xs[-1]:,.0f} {labels.get(x, x)}",
-                 fontsize=10)
+    unit = labels.get(x, x)
+    if hi[-1] - lo[-1] <= 1e-9 * max(1.0, abs(hi[-1])):
+        default = f"Bracket vs budget: closed (exact) after {xs[-1]:,.0f} {unit}"
+    else:
+        default = f"Bracket vs budget: width {_fmt(hi[-1] - lo[-1], 4)} after {xs[-1]:,.0f} {unit}"
+    ax.set_title(title or default, fontsize=10)
     return fig
 
 

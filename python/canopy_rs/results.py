@@ -41,6 +41,7 @@ class RunInfo:
     model_calls: int
     rows_evaluated: int
     tokens_forwarded: int
+    prompt_tokens: int
     peak_live_kv_tokens: int
     seconds: float
 
@@ -132,7 +133,9 @@ class CanopyResult:
 
     @property
     def tokens_per_expanded_node(self) -> float:
-        return self.info.tokens_forwarded / max(self.num_internal_nodes, 1)
+        """Model tokens per expanded node after the prompt's prefill (1.0 is the physical limit: one new
+        token per node on top of its parent's cached state)."""
+        return (self.info.tokens_forwarded - self.info.prompt_tokens) / max(self.num_internal_nodes - 1, 1)
 
     @property
     def length_driven(self) -> float:

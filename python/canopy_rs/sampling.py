@@ -200,9 +200,8 @@ def _prepare(model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_
         batch_size = _check_positive_int("batch_size", batch_size)
     policy = _make_policy(temperature, top_k, top_p)
     backend = as_backend(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+    # No EOS ids is allowed (a backend may say so): every rollout then runs to max_new_tokens.
     eos_ids = tuple(int(e) for e in backend.eos_token_ids)
-    if not eos_ids:
-        raise ValueError("eos_token_ids must name at least one EOS id")
     return backend, policy, max_new_tokens, batch_size, eos_ids
 
 

@@ -1,23 +1,38 @@
 """Estimators of canopy entropy from samples, their pooling across prompts, and the estimator study.
 
-Plain Monte Carlo (:func:`estimate` on :func:`canopy_rs.sample` rollouts), stochastic beam search
-(:func:`stochastic_beam_search`), the exact-head + sampled-tail hybrid (:func:`estimate_hybrid`), pooling
-(:func:`pool`), the paired bootstrap (:func:`paired_bootstrap`) and the study against exact truth
-(:func:`compare`). The model-driving functions import the Rust core lazily, so the pure-numpy parts work
-on their own.
+* :func:`estimate` - per-prompt Monte Carlo estimates from :func:`canopy_rs.sample` rollouts (step-entropy
+  / Rao-Blackwellised and surprisal / naive CE*_max, E[N], GenPPL, BF, rho(N, r_N), decomposition, ...);
+* :func:`pool` and :func:`paired_bootstrap` - the reference code's aggregation over prompts and its paired
+  base-vs-fine-tuned bootstrap;
+* :func:`stochastic_beam_search` - Gumbel-top-k sampling without replacement with importance weights;
+* :func:`estimate_hybrid` - exact best-first head plus sampled tail;
+* :func:`compare` - every estimator, repeated, against the exact value: bias, SD, RMSE, coverage, cost.
+
+The model-driving functions import the Rust core lazily, so the pure-numpy parts work on their own.
 """
 
+from .beam import BeamSearchEstimate, stochastic_beam_search
 from .bootstrap import DEFAULT_BOOTSTRAP_METRICS, BootstrapResult, paired_bootstrap
+from .hybrid import HybridEstimate, estimate_hybrid
 from .montecarlo import PromptEstimate, estimate, estimate_arrays
 from .pooling import PooledEstimate, pool
+from .study import BUILTIN_ESTIMATORS, StudyResult, compare, random_logits_fn
 
 __all__ = [
+    "BUILTIN_ESTIMATORS",
+    "BeamSearchEstimate",
     "BootstrapResult",
     "DEFAULT_BOOTSTRAP_METRICS",
+    "HybridEstimate",
     "PooledEstimate",
     "PromptEstimate",
+    "StudyResult",
+    "compare",
     "estimate",
     "estimate_arrays",
+    "estimate_hybrid",
     "paired_bootstrap",
     "pool",
+    "random_logits_fn",
+    "stochastic_beam_search",
 ]

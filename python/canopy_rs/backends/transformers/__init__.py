@@ -101,7 +101,7 @@ def tree_attention_self_check(
             )
             got.update({n: lg[i] for i, n in enumerate(batch)})
         # Release a branch so that the last expansion runs on a compacted cache.
-        eng.release(np.array([2, 4, 5], dtype=np.int64))
+        eng.release([2, 4, 5])
         lg = eng.expand(np.array([6]), np.array([3]), np.array([b]), np.array([3]))
         got[6] = lg[0]
         worst = 0.0
@@ -298,6 +298,9 @@ class TransformersModel:
         if B == 0:
             raise ValueError("empty batch")
         is_root = parents < 0
+        gen = tokens[~is_root]
+        if (gen < 0).any() or (gen >= self._logits_width).any():
+            raise ValueError(f"node tokens must be in [0, {self._logits_width})")
         with torch.inference_mode():
             if is_root.any():
                 if is_root.sum() > 1:
@@ -313,8 +316,6 @@ class TransformersModel:
                     logits[r] = root_logits[0].to(other.dtype)
                     logits[torch.as_tensor(rest).to(other.device)] = other
             else:
-                if (tokens < 0).any() or (tokens >= self._logits_width).any():
-                    raise ValueError("node tokens must be in [0, vocab_size)")
                 logits = self.engine.expand(ids, parents, tokens, depths)
             if self._vocab_size != logits.shape[-1]:
                 logits = logits[:, : self._vocab_size]
