@@ -43,7 +43,9 @@ def tiny_llama(vocab: int = 16):
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=1,
     )
-    model = LlamaForCausalLM(cfg).eval()
+    # float64: float32 logits change by ~1e-8 with the batch composition, which would blur the comparison of
+    # each bracket with the separately computed exact value.
+    model = LlamaForCausalLM(cfg).eval().double()
     # Sharpen the random model so its canopy is peaked like a trained one.
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)
@@ -98,10 +100,35 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
-    from canopy_rs.plots import plot_bracket_trace
+    plot(results, args.plot)
+    print(f"wrote {args.plot} (and .svg)")
 
-    plot_bracket_trace(results, args.plot)
-    print(f"wrote {args.plot}")
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from canopy_rs.plots import plot_bracket_vs_budget, save_figure
+
+    fig, axes = plt.subplots(2, len(results), figsize=(5.2 * len(results), 7.5), squeeze=False)
+    for col, (name, r) in enumerate(results.items()):
+        brackets = [{"num_expanded": e, "ce_star_lower": lo, "ce_star_upper": hi} for e, lo, hi in r["points"]]
+        plot_bracket_vs_budget(brackets, r["ce_star"], ax=axes[0, col], title=name)
+        frac = np.array([e for e, _, _ in r["points"]]) / r["full_nodes"]
+        width = np.array([(hi - lo) / r["ce_star"] for _, lo, hi in r["points"]])
+        ax = axes[1, col]
+        ax.step(frac, np.maximum(width, 1e-12), where="post", color="#1f77b4")
+        ax.axhline(0.01, color="#d62728", ls=":", lw=1, label="1% of CE*")
+        ax.axvline(0.10, color="grey", ls=":", lw=1, label="10% of the nodes")
+        ax.set_yscale("log")
+        ax.set_xlabel("nodes expanded / internal nodes of the full canopy")
+        ax.set_ylabel("bracket width / CE*")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, Path(path).with_suffix(""))
 
 
 if __name__ == "__main__":

@@ -200,6 +200,11 @@ def _prepare(model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_
         batch_size = _check_positive_int("batch_size", batch_size)
     policy = _make_policy(temperature, top_k, top_p)
     backend = as_backend(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+    if batch_size is None:
+        # exact()'s default: wide calls, but a V-wide float32 batch stays around 0.3 GB.
+        from canopy_rs.api import DEFAULT_BATCH_ELEMENTS
+
+        batch_size = int(min(4096, max(16, DEFAULT_BATCH_ELEMENTS // (4 * int(backend.vocab_size)))))
     # No EOS ids is allowed (a backend may say so): every rollout then runs to max_new_tokens.
     eos_ids = tuple(int(e) for e in backend.eos_token_ids)
     return backend, policy, max_new_tokens, batch_size, eos_ids
@@ -220,7 +225,7 @@ def _expand(backend, policy, node_ids, parent_ids, tokens, depths, prefix_fn, ba
     from canopy_rs.protocol import NodeBatch
 
     n = node_ids.shape[0]
-    step = n if batch_size is None else batch_size
+    step = max(1, n if batch_size is None else batch_size)
     parts = []
     for a in range(0, n, step):
         sl = slice(a, min(n, a + step))

@@ -110,12 +110,11 @@ def estimate_hybrid(
     )
     rng = _make_rng(seed)
     v = backend.vocab_size
-    rows_per_call = batch_size or int(min(4096, max(16, (1 << 26) // (4 * v))))
     t0 = time.perf_counter()
     tree = Tree(v, list(eos_ids), max_new_tokens, policy, order="best-first")
     backend.reset()
     while not tree.is_done and tree.num_expanded < budget_nodes:
-        ids, parents, tokens, depths = tree.next_batch(min(rows_per_call, budget_nodes - tree.num_expanded))
+        ids, parents, tokens, depths = tree.next_batch(min(batch_size, budget_nodes - tree.num_expanded))
         _ingest(tree, backend, policy, ids, parents, tokens, depths)
         released = tree.take_released()
         if len(released):

@@ -14,7 +14,8 @@ estimator's own size parameter with the exact E[N] (a harness convenience; the e
 * ``mc_rb_stratified`` / ``mc_surprisal_stratified``: ``sample(stratified=True)``, shared prefixes;
 * ``sbs`` / ``sbs_normalized`` / ``sbs_surprisal``: ``beam_size = round(budget / E[N])``;
 * ``hybrid`` / ``hybrid_multinomial``: a head of ``head_fraction * budget`` nodes and
-  ``round((1 - head_fraction) * budget / E[N])`` rollouts.
+  ``round((1 - head_fraction) * budget / E[N])`` rollouts. The default 0.2 measured as good as or better
+  than 0.05-0.7 on the bench canopies: stratified tails with shared prefixes already act as a head.
 
 Realised costs differ from the target (shared prefixes are forwarded once), so tables and plots use the
 *measured* mean cost, and :meth:`StudyResult.equal_cost_ratios` compares RMSEs at equal measured cost by
@@ -274,7 +275,7 @@ def compare(
     top_p: float = 1.0,
     batch_size: Optional[int] = None,
     confidence: float = 0.95,
-    head_fraction: float = 0.5,
+    head_fraction: float = 0.2,
     exact_result: Any = None,
     max_nodes: int = 10_000_000,
     progress: bool = False,
