@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 import canopy_rs
 from canopy_rs.estimators.study import compare, random_logits_fn
@@ -66,7 +63,7 @@ def transformers_case():
     cfg._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(cfg).eval()
     backend = TransformersModel(model, prompt=[1, 5, 9, 3, 7])
-    desc = f"tiny Llama (vocab 16, 2 layers, hidden 32; TransformersModel strategy={backend.strategy}), top-k 4, depth 8"
+    desc = f"tiny Llama via TransformersModel ({backend.strategy}): vocab 16, top-k 4, depth 8"
     return backend, dict(max_new_tokens=8, top_k=4), desc
 
 

@@ -121,6 +121,9 @@ def test_pooled_trajectory_is_rollout_weighted():
     assert p.trajectory_active.tolist() == [3, 2]
     # t=2: rates 1, 2, 0.5 over three rollouts; t=4: 2 and 0.5.
     assert p.trajectory_rate == pytest.approx([3.5 / 3, 1.25])
+    # The to_dict() form (what the CLI stores) pools the same way.
+    q = pool([ea.to_dict(), eb.to_dict()])
+    assert q.trajectory_rate == pytest.approx(p.trajectory_rate) and q.ce_star == pytest.approx(p.ce_star)
 
 
 def test_pool_validates():

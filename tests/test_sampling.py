@@ -160,6 +160,8 @@ def test_from_ragged_and_subset():
     assert r.truncated.tolist() == [False, True, False]
     assert r.step_entropy_sums == pytest.approx([1.7, 0.4, 0.7])
     assert r.surprisal_sums == pytest.approx([1.6, 0.8, 0.3])
+    d = r.to_dict()
+    assert d["tokens"][1] == [4, 4, 4, 4] and d["entropies"][2] == [0.7] and d["truncated"] == [False, True, False]
     s = r.subset([2, 0])
     assert s.lengths.tolist() == [1, 3] and s.tokens.shape == (2, 3)
     with pytest.raises(ValueError, match="after an EOS"):

@@ -15,8 +15,24 @@ from typing import Any
 from canopy_rs._core import CanopyError, Policy, TreeTooLargeError, __version__
 from canopy_rs.api import Budget, Interrupted, bounded, exact, make_policy
 from canopy_rs.backends import CallableModel, as_backend
+from canopy_rs.estimators import (
+    BeamSearchEstimate,
+    BootstrapResult,
+    HybridEstimate,
+    PooledEstimate,
+    PromptEstimate,
+    StudyResult,
+    compare,
+    estimate,
+    estimate_hybrid,
+    paired_bootstrap,
+    pool,
+    random_logits_fn,
+    stochastic_beam_search,
+)
 from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
 from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
+from canopy_rs.sampling import Rollouts, sample
 
 __all__ = [
     "__version__",
@@ -38,11 +54,30 @@ __all__ = [
     "CallableModel",
     "as_backend",
     "TransformersModel",
+    "KVBudgetExceededError",
+    "TreeAttentionUnsupported",
+    "sample",
+    "Rollouts",
+    "estimate",
+    "PromptEstimate",
+    "pool",
+    "PooledEstimate",
+    "paired_bootstrap",
+    "BootstrapResult",
+    "stochastic_beam_search",
+    "BeamSearchEstimate",
+    "estimate_hybrid",
+    "HybridEstimate",
+    "compare",
+    "StudyResult",
+    "random_logits_fn",
 ]
 
 # Names whose modules import torch or other heavy optional dependencies: loaded on first use.
 _LAZY = {
     "TransformersModel": "canopy_rs.backends.transformers",
+    "KVBudgetExceededError": "canopy_rs.backends.transformers",
+    "TreeAttentionUnsupported": "canopy_rs.backends.transformers",
 }
 
 

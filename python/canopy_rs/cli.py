@@ -236,6 +236,7 @@ class Ctx:
         self._tokenizer: Any = None
         self.model_seconds = 0.0
         self.spec = None
+        self.saved_model_info: Optional[dict[str, Any]] = None
         self.files: list[str] = []
 
     # --- status -----------------------------------------------------------------------------------
@@ -286,6 +287,8 @@ class Ctx:
         )
 
     def model_info(self) -> dict[str, Any]:
+        if self._model is None and self.saved_model_info is not None:
+            return dict(self.saved_model_info)  # every prompt was resumed: what the run that computed them saw
         spec = self.resolve_spec()
         info: dict[str, Any] = spec.to_dict()
         info.update(device=self.args.device, dtype=self.args.dtype, chat=self.args.chat, strategy=self.args.strategy)
@@ -364,6 +367,8 @@ class Ctx:
                 if rec is not None:
                     self.say(f"{tag}prompt {p['id']!r}: already done in {self.out.path} (skipped; --fresh recomputes)")
                     rec["resumed"] = True
+                    if self.saved_model_info is None and isinstance(rec.get("model"), dict):
+                        self.saved_model_info = rec["model"]
                     records.append(rec)
                     continue
             self.say(f"{tag}prompt {p['id']!r}: {_short(p['prompt'], 70)}")
@@ -377,6 +382,7 @@ class Ctx:
                 "eos_token_ids": [int(e) for e in backend.eos_token_ids],
                 **rec,
                 "seconds": time.perf_counter() - t,
+                "model": self.model_info(),
             }
             if self.out is not None:
                 self.out.save(key, rec, rollouts=tables.get("rollouts"), nodes=tables.get("nodes"))
@@ -1032,7 +1038,7 @@ def _engine_check(a: argparse.Namespace) -> dict[str, Any]:
 
     t = time.perf_counter()
     res = canopy_rs.exact(timed, vocab_size=a.vocab_size, eos_token_ids=[0], max_new_tokens=a.max_new_tokens,
-                          top_k=a.top_k, progress=not a.quiet)
+                          top_k=a.top_k, progress=not a.quiet and _tqdm_available())
     wall = time.perf_counter() - t
     engine_s = max(wall - model_s[0], 1e-9)
     n = res.num_internal_nodes

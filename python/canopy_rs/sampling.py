@@ -11,7 +11,6 @@ A rollout ends when it draws an EOS id (N counts the EOS) or reaches ``max_new_t
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -38,7 +37,7 @@ class Rollouts:
     eos: np.ndarray  # bool [M]: ended by drawing an EOS id
     max_new_tokens: int
     eos_token_ids: tuple[int, ...] = ()
-    start_depths: Optional[np.ndarray] = None  # int64 [M]; None means all zero
+    start_depths: Optional[np.ndarray] = None  # int64 [M]; None means all zero (set in __post_init__)
     seed: Any = None
     policy: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
@@ -63,9 +62,14 @@ class Rollouts:
         return self.num_rollouts
 
     @property
+    def _starts(self) -> np.ndarray:
+        assert self.start_depths is not None  # filled in by __post_init__
+        return self.start_depths
+
+    @property
     def steps(self) -> np.ndarray:
         """Tokens drawn by each rollout (``lengths - start_depths``)."""
-        return self.lengths - self.start_depths
+        return self.lengths - self._starts
 
     @property
     def mask(self) -> np.ndarray:
@@ -94,6 +98,25 @@ class Rollouts:
 
     def token_lists(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.steps)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly ragged lists (padding dropped) plus the flags, settings and cost."""
+        n = self.steps
+        return {
+            "tokens": self.token_lists(),
+            "lengths": self.lengths.tolist(),
+            "start_depths": self._starts.tolist(),
+            "entropies": [row[:k].tolist() for row, k in zip(self.entropies, n)],
+            "logq": [row[:k].tolist() for row, k in zip(self.logq, n)],
+            "eos": self.eos.tolist(),
+            "truncated": self.truncated.tolist(),
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_ids": list(self.eos_token_ids),
+            "stratified": self.stratified,
+            "seed": self.seed if isinstance(self.seed, (int, type(None))) else repr(self.seed),
+            "policy": dict(self.policy),
+            "cost": dict(self.cost),
+        }
 
     # --- construction from outside data (e.g. vLLM logprobs) ------------------------------------
     @classmethod
@@ -158,7 +181,7 @@ class Rollouts:
             self.eos[idx],
             self.max_new_tokens,
             self.eos_token_ids,
-            self.start_depths[idx],
+            self._starts[idx],
             self.seed,
             dict(self.policy),
             {},
@@ -399,11 +422,11 @@ def _run_rollouts(
         # Always draw, so the random stream does not depend on which rollouts are tracked.
         u = rng.random(act.size)
         tr = tracked[act]
-        if tr.any():
+        if strata is not None and tr.any():
             i = act[tr]
             u[tr] = np.clip((strata.u[i] - strata.node_lo[i]) / strata.node_w[i], 0.0, np.nextafter(1.0, 0.0))
         e, f_lo, f_p = _sample_csr(offsets, s_lp, rows, u)
-        if tr.any():
+        if strata is not None and tr.any():
             i = act[tr]
             strata.node_lo[i] += strata.node_w[i] * f_lo[tr]
             strata.node_w[i] *= f_p[tr]

@@ -87,7 +87,7 @@ class BeamSearchEstimate:
         return out
 
 
-def _ht(weights: np.ndarray, f: np.ndarray, q: np.ndarray, crit: float):
+def _ht(weights: np.ndarray, f: np.ndarray, q: np.ndarray):
     """Unbiased HT total, its SE, and the self-normalised version with a delta-method SE."""
     a = weights * f
     est = float(a.sum())
@@ -117,7 +117,6 @@ def stochastic_beam_search(
     CE*_max. Model and policy arguments are those of :func:`canopy_rs.exact`. Cost (``.cost``): the backend's
     counters plus ``nodes_expanded`` and ``seconds``; model calls grow with depth, rows with
     ``beam_size x depth``."""
-    from canopy_rs.protocol import NodeBatch  # noqa: F401  (core needed; fail early if missing)
     from canopy_rs.sampling import _check_positive_int, _counters, _expand, _make_rng, _prepare
 
     beam_size = _check_positive_int("beam_size", beam_size)
@@ -200,8 +199,8 @@ def stochastic_beam_search(
     else:
         q = -np.expm1(-np.exp(f_logpi - kappa))
     weights = np.exp(f_logpi) / q
-    est, se, norm, nse = _ht(weights, f_h, q, crit)
-    s_est, s_se, _, _ = _ht(weights, -f_logpi, q, crit)
+    est, se, norm, nse = _ht(weights, f_h, q)
+    s_est, s_se, _, _ = _ht(weights, -f_logpi, q)
     exact = math.isinf(kappa)
     cost = _counters(backend)
     cost["nodes_expanded"] = float(rows_expanded)

@@ -135,7 +135,7 @@ def estimate_hybrid(
     # Tree order (lexicographic prefixes) puts siblings in neighbouring strata.
     prefixes = tree.prefixes(f_ids)
     order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
-    f_ids, f_par, f_tok, f_dep, f_logr = (a[order] for a in (f_ids, f_par, f_tok, f_dep, f_logr))
+    f_ids, f_par, f_tok, f_dep, f_logr = f_ids[order], f_par[order], f_tok[order], f_dep[order], f_logr[order]
     prefixes = [prefixes[i] for i in order]
     w = np.exp(f_logr - f_logr.max())
     cdf = np.cumsum(w)

@@ -185,37 +185,43 @@ class PooledEstimate:
         }
 
 
+def _field(e: Any, name: str) -> Any:
+    return e.get(name) if isinstance(e, Mapping) else getattr(e, name, None)
+
+
 def _pooled_trajectory(estimates):
-    """Rollout-weighted running entropy rate: sum of per-rollout rates over all prompts / active count."""
-    with_traj = [e for e in estimates if getattr(e, "trajectory_positions", None) is not None]
+    """Rollout-weighted running entropy rate: sum of per-rollout rates over all prompts / active count.
+    Prompts without trajectory fields (e.g. hand-made mappings) are skipped."""
+    with_traj = [e for e in estimates if _field(e, "trajectory_rate_sum") is not None]
     if not with_traj:
         return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
-    longest = max(with_traj, key=lambda e: len(e.trajectory_positions))
-    pos = np.asarray(longest.trajectory_positions)
+    pos = np.zeros(0, dtype=np.int64)
+    for e in with_traj:
+        p = np.asarray(_field(e, "trajectory_positions"), dtype=np.int64)
+        if p.shape[0] > pos.shape[0]:
+            pos = p
     tot = np.zeros(pos.shape[0])
     act = np.zeros(pos.shape[0], dtype=np.int64)
     for e in with_traj:
-        p = np.asarray(e.trajectory_positions)
-        if p.shape[0] and not np.array_equal(p, pos[: p.shape[0]]):
+        p = np.asarray(_field(e, "trajectory_positions"), dtype=np.int64)
+        if not np.array_equal(p, pos[: p.shape[0]]):
             raise ValueError("prompts use different trajectory positions (bin_step); pool like with like")
         k = p.shape[0]
-        tot[:k] += np.asarray(e.trajectory_rate_sum)
-        act[:k] += np.asarray(e.trajectory_active)
+        tot[:k] += np.asarray(_field(e, "trajectory_rate_sum"), dtype=np.float64)
+        act[:k] += np.asarray(_field(e, "trajectory_active"), dtype=np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         rate = np.where(act > 0, tot / np.maximum(act, 1), np.nan)
     return pos, rate, act
 
 
 def pool(estimates: Sequence[Any]) -> PooledEstimate:
-    """Pool per-prompt :class:`PromptEstimate` objects (one per prompt) as the reference code does."""
+    """Pool per-prompt :class:`PromptEstimate` objects (one per prompt), or their ``to_dict()`` mappings, as
+    the reference code does."""
     cols = prompt_columns(estimates)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         vals = {k: float(v[0]) for k, v in pooled_columns(cols).items()}
-    if isinstance(estimates[0], Mapping):
-        pos, rate, act = np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
-    else:
-        pos, rate, act = _pooled_trajectory(estimates)
+    pos, rate, act = _pooled_trajectory(estimates)
     return PooledEstimate(
         num_prompts=len(estimates),
         trajectory_positions=pos,

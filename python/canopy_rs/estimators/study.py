@@ -92,7 +92,7 @@ def random_logits_fn(
         raise ValueError(f"eos_token_id must lie in [0, vocab_size), got {eos_token_id}")
     v = int(vocab_size)
     col_keys = _mix(np.arange(2 * v, dtype=np.uint64) + np.uint64(0x5EED))
-    root = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+    root = _mix(np.array(seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
 
     def logits_fn(prefixes: list[list[int]]) -> np.ndarray:
         b = len(prefixes)
@@ -169,7 +169,7 @@ class StudyResult:
         curve is a least-squares line in log-log space (Monte Carlo: slope near -1/2), so costs just outside
         its measured range are extrapolated along it."""
         x, y = self._curve(reference, cost_key)
-        out = []
+        out: list[dict[str, Any]] = []
         if x.shape[0] < 2:
             return out
         slope, icept = np.polyfit(np.log(x), np.log(y), 1)
@@ -312,7 +312,7 @@ def compare(
         else:
             raise ValueError(f"estimators entries must be names or (name, callable) pairs, got {e!r}")
 
-    kw = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+    kw: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     t0 = time.perf_counter()
     ex = exact_result if exact_result is not None else exact(model, max_nodes=max_nodes, **kw)
@@ -320,21 +320,22 @@ def compare(
     truth = float(ex.ce_star)
     e_n = float(ex.expected_length)
 
-    def run_family(fam: str, fn: Optional[Callable], budget: int, s: int):
+    def run_family(fam: str, fn: Optional[Callable], budget: int, s: int) -> tuple[Any, dict]:
         n_roll = max(2, int(round(budget / e_n)))
         if fam in ("mc", "mc_shared", "mc_stratified"):
-            r = sample(model, num_rollouts=n_roll, seed=s, share_prefixes=fam != "mc",
-                       stratified=fam == "mc_stratified", **kw)
-            return estimate(r, confidence=confidence), r.cost
+            ro = sample(model, num_rollouts=n_roll, seed=s, share_prefixes=fam != "mc",
+                        stratified=fam == "mc_stratified", **kw)
+            return estimate(ro, confidence=confidence), ro.cost
         if fam == "sbs":
-            r = stochastic_beam_search(model, beam_size=n_roll, seed=s, confidence=confidence, **kw)
-            return r, r.cost
+            sb = stochastic_beam_search(model, beam_size=n_roll, seed=s, confidence=confidence, **kw)
+            return sb, sb.cost
         if fam in ("hybrid", "hybrid_multinomial"):
             head = max(1, int(round(head_fraction * budget)))
             tail = max(2, int(round((1.0 - head_fraction) * budget / e_n)))
-            r = estimate_hybrid(model, budget_nodes=head, num_rollouts=tail, seed=s, confidence=confidence,
-                                frontier_sampling="stratified" if fam == "hybrid" else "multinomial", **kw)
-            return r, r.cost
+            hy = estimate_hybrid(model, budget_nodes=head, num_rollouts=tail, seed=s, confidence=confidence,
+                                 frontier_sampling="stratified" if fam == "hybrid" else "multinomial", **kw)
+            return hy, hy.cost
+        assert fn is not None, fam
         r = fn(model, budget=budget, seed=s, expected_length=e_n, **kw)
         return r, dict(getattr(r, "cost", {}) or {})
 
@@ -379,23 +380,23 @@ def compare(
     for name, _, _, _ in specs:
         for budget in budgets:
             rr = [r for r in runs if r["estimator"] == name and r["budget"] == budget]
-            v = np.array([r["value"] for r in rr])
-            se = np.array([r["se"] for r in rr])
-            lo = np.array([r["ci_low"] for r in rr])
-            hi = np.array([r["ci_high"] for r in rr])
-            err = v - truth
-            covered = (lo - tol <= truth) & (truth <= hi + tol)
+            vals = np.array([r["value"] for r in rr])
+            ses = np.array([r["se"] for r in rr])
+            los = np.array([r["ci_low"] for r in rr])
+            his = np.array([r["ci_high"] for r in rr])
+            err = vals - truth
+            covered = (los - tol <= truth) & (truth <= his + tol)
             rows.append({
                 "estimator": name,
                 "budget": budget,
                 "repeats": len(rr),
                 "exact": truth,
-                "mean": float(v.mean()),
+                "mean": float(vals.mean()),
                 "bias": float(err.mean()),
-                "sd": float(v.std(ddof=1)) if len(rr) > 1 else math.nan,
+                "sd": float(vals.std(ddof=1)) if len(rr) > 1 else math.nan,
                 "rmse": float(math.sqrt(np.mean(err * err))),
-                "mean_se": float(math.sqrt(np.nanmean(se * se))) if np.isfinite(se).any() else math.nan,
-                "coverage": float(covered.mean()),
+                "mean_se": float(math.sqrt(np.nanmean(ses * ses))) if np.isfinite(ses).any() else math.nan,
+                "coverage": float(np.mean(covered)),
                 "model_calls": float(np.mean([r["model_calls"] for r in rr])),
                 "tokens": float(np.mean([r["tokens"] for r in rr])),
                 "tokens_forwarded": float(np.mean([r["tokens_forwarded"] for r in rr])),
