@@ -12,22 +12,7 @@ from hypothesis import strategies as st
 import canopy_rs
 from reference import RandomModel, enumerate_canopy, iid_model, policy, population_values
 
-FIELDS = [
-    "ce_star",
-    "ce_star_leaves",
-    "total_mass",
-    "length_entropy",
-    "content_entropy",
-    "expected_length",
-    "entropy_rate",
-    "length_var",
-    "rate_var",
-    "length_rate_cov",
-    "length_rate_corr",
-    "gen_ppl",
-    "branching_factor",
-    "truncation_prob",
-]
+FIELDS = canopy_rs.CanopyResult.SCALAR_FIELDS
 
 
 def assert_matches_reference(res, ref, tol=1e-10):

@@ -34,22 +34,7 @@ from canopy_rs.protocol import NodeBatch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SCALAR_FIELDS = [
-    "ce_star",
-    "ce_star_leaves",
-    "total_mass",
-    "length_entropy",
-    "content_entropy",
-    "expected_length",
-    "entropy_rate",
-    "length_var",
-    "rate_var",
-    "length_rate_cov",
-    "length_rate_corr",
-    "gen_ppl",
-    "branching_factor",
-    "truncation_prob",
-]
+SCALAR_FIELDS = canopy_rs.CanopyResult.SCALAR_FIELDS
 INT_FIELDS = ["num_internal_nodes", "num_leaves", "max_support"]
 PROMPT = [1, 4, 2, 6]
 

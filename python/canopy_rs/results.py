@@ -77,6 +77,23 @@ class CanopyResult:
     nodes: Optional[dict[str, np.ndarray]] = field(default=None, repr=False, compare=False)
 
     is_exact = True
+    #: The scalar population values (the fields compared between engines, backends and references).
+    SCALAR_FIELDS = (
+        "ce_star",
+        "ce_star_leaves",
+        "total_mass",
+        "length_entropy",
+        "content_entropy",
+        "expected_length",
+        "entropy_rate",
+        "length_var",
+        "rate_var",
+        "length_rate_cov",
+        "length_rate_corr",
+        "gen_ppl",
+        "branching_factor",
+        "truncation_prob",
+    )
 
     @property
     def ce_star_lower(self) -> float:

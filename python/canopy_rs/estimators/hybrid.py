@@ -57,24 +57,6 @@ class HybridEstimate:
         return out
 
 
-def _ingest(tree, backend, policy, ids, parents, tokens, depths):
-    from canopy_rs.backends.callable import as_logits_array
-    from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
-
-    batch = NodeBatch(ids, parents, tokens, depths, lambda ids=ids: tree.prefixes(ids))
-    out = backend.expand(batch, policy)
-    if isinstance(out, NextTokenLogits):
-        tree.ingest_logits(as_logits_array(out.logits, len(ids), backend.vocab_size, source=type(backend).__name__))
-    elif isinstance(out, PolicySupport):
-        tree.ingest_support(
-            np.ascontiguousarray(out.offsets, dtype=np.int64),
-            np.ascontiguousarray(out.tokens, dtype=np.int64),
-            np.ascontiguousarray(out.logprobs, dtype=np.float64),
-        )
-    else:
-        raise TypeError(f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport")
-
-
 def estimate_hybrid(
     model,
     *,
@@ -96,7 +78,7 @@ def estimate_hybrid(
     ``num_rollouts`` rollouts started at frontier nodes drawn in proportion to pi. Model and policy arguments
     are those of :func:`canopy_rs.exact`. If the canopy has at most ``budget_nodes`` internal nodes the
     result is exact (``is_exact``, SE 0) and no rollout is run."""
-    from canopy_rs._core import Tree
+    from canopy_rs.api import DEFAULT_MAX_NODES, Budget, _Run
     from canopy_rs.sampling import (
         _check_positive_int, _counters, _make_rng, _prepare, _run_rollouts, _Strata, _stratified_uniforms,
     )
@@ -109,16 +91,17 @@ def estimate_hybrid(
         model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
     )
     rng = _make_rng(seed)
-    v = backend.vocab_size
     t0 = time.perf_counter()
-    tree = Tree(v, list(eos_ids), max_new_tokens, policy, order="best-first")
-    backend.reset()
-    while not tree.is_done and tree.num_expanded < budget_nodes:
-        ids, parents, tokens, depths = tree.next_batch(min(batch_size, budget_nodes - tree.num_expanded))
-        _ingest(tree, backend, policy, ids, parents, tokens, depths)
-        released = tree.take_released()
-        if len(released):
-            backend.release(released)
+    # The head: the same best-first expansion as canopy_rs.bounded. The backend is not reset afterwards, so
+    # the frontier's parents are still cached when the tail rollouts start from them.
+    head = _Run(
+        backend, vocab_size=None, eos_token_ids=None, max_new_tokens=max_new_tokens,
+        temperature=policy.temperature, top_k=policy.top_k, top_p=policy.top_p, batch_size=batch_size,
+        max_nodes=DEFAULT_MAX_NODES, order="best-first", record_nodes=False, support_cap=None,
+        progress=False, progress_interval=0.5,
+    )
+    head.expand(Budget(nodes=budget_nodes))
+    tree = head.tree
     b = tree.bounds()
     crit_n = _stats.critical_value(confidence)
     if tree.is_done:
