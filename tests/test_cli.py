@@ -91,7 +91,7 @@ def test_exact_matches_python_api(tiny: str, tmp_path: Path, capsys: pytest.Capt
                            "--nodes", "-q")
     assert rc == 0, err
     assert err == ""  # --quiet: nothing on stderr
-    assert "CE*_max" in stdout and "P(truncated)" in stdout
+    assert "CE*_max" in stdout and "P(no EOS by the cap)" in stdout
     res = json.loads((out / "result.json").read_text())
     rec = res["prompts"][0]
     hf, tok = load_model(tiny)
@@ -268,3 +268,13 @@ def test_demo_embedded_smollm2(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert ex["ce_star"] == pytest.approx(ex["ce_star_leaves"], abs=1e-6)
     assert math.isclose(ex["total_mass"], 1.0, abs_tol=1e-6)
     assert (out / "length.png").exists() and (out / "bracket.png").exists()
+
+
+def test_parquet_tables_when_pyarrow(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pa = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "sample", "--model", tiny, "--prompt", "a b", *POLICY, "--num-rollouts", "5",
+                      "--out", str(out), "--no-plots", "-q")
+    assert rc == 0, err
+    t = pa.read_table(out / "rollouts.parquet")
+    assert t.num_rows == 5 and "entropy_rate" in t.column_names

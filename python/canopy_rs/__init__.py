@@ -71,6 +71,7 @@ __all__ = [
     "compare",
     "StudyResult",
     "random_logits_fn",
+    "load_model",
 ]
 
 # Names whose modules import torch or other heavy optional dependencies: loaded on first use.
@@ -78,6 +79,7 @@ _LAZY = {
     "TransformersModel": "canopy_rs.backends.transformers",
     "KVBudgetExceededError": "canopy_rs.backends.transformers",
     "TreeAttentionUnsupported": "canopy_rs.backends.transformers",
+    "load_model": "canopy_rs.models",
 }
 
 

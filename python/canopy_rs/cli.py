@@ -72,7 +72,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gguf", metavar="FILE", help="a local gguf file (with --model: the file inside that directory)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="model dtype (auto: float32 on CPU, bfloat16 on a GPU that has it)")
+                   help="model dtype (auto: float32 on CPU, else the checkpoint's dtype)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts with the chat template (default: when the tokenizer has one)")
     g.add_argument("--strategy", choices=["auto", "tree", "per-row"], default="auto",
@@ -235,7 +235,7 @@ class Ctx:
         self._model: Any = None
         self._tokenizer: Any = None
         self.model_seconds = 0.0
-        self.spec = None
+        self.spec: Any = None
         self.saved_model_info: Optional[dict[str, Any]] = None
         self.files: list[str] = []
 
@@ -517,12 +517,14 @@ EXACT_ROWS = [
     ("rho(N, r_N)", "length_rate_corr"),
     ("Cov(N, r_N)", "length_rate_cov"),
     ("E[N]E[r_N] (length-driven)", "length_driven"),
-    ("P(truncated)", "truncation_prob"),
+    ("P(no EOS by the cap)", "truncation_prob"),
+    ("truncation rate P(N >= T_max)", "truncation_rate"),
     ("internal nodes / leaves", None),
 ]
 
 
-def _exact_table(ex: dict) -> str:
+def _exact_table(exact: dict) -> str:
+    ex = _with_derived({}, exact)[1] or exact
     rows = []
     for label, key in EXACT_ROWS:
         if key is not None:
@@ -652,7 +654,7 @@ def cmd_exact(ctx: Ctx) -> int:
     exacts = [r["exact"] for r in records]
     pooled = _pool_exact(exacts) if len(records) > 1 else None
     head = _header(ctx, records)
-    table = head + "\n\n" + (_exact_table(exacts[0]) if len(records) == 1 else _multi_exact_table(records, pooled))
+    table = head + "\n\n" + (_exact_table(exacts[0]) if len(records) == 1 else _multi_exact_table(records, pooled or {}))
 
     def plots() -> list[Path]:
         from canopy_rs import plots as pl
@@ -764,11 +766,29 @@ ESTIMATE_ROWS = [
     ("rho(N, r_N) Spearman", "length_rate_spearman", None, None),
     ("rho(N, r_N) Kendall tau-b", "length_rate_kendall", None, None),
     ("Cov(N, r_N)", "length_rate_cov", "length_rate_cov_se", "length_rate_cov"),
-    ("P(truncated)", "truncation_rate", "truncation_rate_se", "truncation_prob"),
+    ("P(no EOS by the cap)", "truncation_prob", "truncation_prob_se", "truncation_prob"),
+    ("truncation rate P(N >= T_max)", "truncation_rate", "truncation_rate_se", "truncation_rate"),
 ]
 
 
+def _with_derived(est: dict, ex: Optional[dict]) -> tuple[dict, Optional[dict]]:
+    """Fields the table compares that the records hold only implicitly: the exact P(N >= T_max) (the
+    reference code's truncation flag also counts an EOS exactly at the cap) and the SE of the sampled
+    no-EOS fraction."""
+    est = dict(est)
+    p, m = est.get("truncation_prob"), est.get("num_rollouts")
+    if p is not None and m:
+        est["truncation_prob_se"] = math.sqrt(max(float(p) * (1.0 - float(p)), 0.0) / float(m))
+    if ex is not None:
+        ex = dict(ex)
+        pmf = ex.get("length_pmf") or []
+        if len(pmf):
+            ex["truncation_rate"] = float(pmf[-1])
+    return est, ex
+
+
 def _estimate_table(est: dict, ex: Optional[dict] = None) -> str:
+    est, ex = _with_derived(est, ex)
     rows = []
     for label, k, se_k, ex_k in ESTIMATE_ROWS:
         v = est.get(k)
@@ -854,7 +874,7 @@ def cmd_compare(ctx: Ctx) -> int:
         raise CLIError(f"unknown estimator(s) {', '.join(bad)}; choose from {', '.join(BUILTIN_ESTIMATORS)}")
 
     def one(i: int, p: dict, backend: Any) -> tuple[dict, dict]:
-        study = compare(backend, estimators=a.estimators, budgets=a.budgets, repeats=a.repeats, seed=ctx._seed_for(i),
+        study = compare(backend, estimators=a.estimators, budgets=a.budgets, repeats=a.repeats, seed=a.seed + i,
                         batch_size=a.batch_size, progress=not _quiet(ctx), **ctx.policy())
         return {"seed": ctx._seed_for(i), "exact": study.exact if isinstance(study.exact, dict) else _exact_record(study.exact),
                 "study": study.to_dict(), "_study": study}, {}

