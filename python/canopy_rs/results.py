@@ -14,16 +14,17 @@ from typing import Any, Optional
 import numpy as np
 
 
-def _plain(v: Any) -> Any:
-    """JSON-friendly values: arrays to lists, numpy scalars to Python, NaN kept as float."""
+def to_plain(v: Any) -> Any:
+    """JSON-friendly values, recursively: arrays and tuples to lists, numpy scalars to Python; NaN stays a
+    float. Every result's ``to_dict`` goes through it."""
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: to_plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [to_plain(x) for x in v]
     return v
 
 
@@ -178,7 +179,7 @@ class CanopyResult:
         d.update(dataclasses.asdict(self.info))
         if include_nodes and self.nodes is not None:
             d["nodes"] = self.nodes
-        return _plain(d)
+        return to_plain(d)
 
 
 @dataclass(frozen=True)
@@ -223,4 +224,4 @@ class CanopyBounds:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "info"}
         d.update(is_exact=False, width=self.width)
         d.update(dataclasses.asdict(self.info))
-        return _plain(d)
+        return to_plain(d)

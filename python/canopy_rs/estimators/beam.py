@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.results import to_plain
+
 from . import _stats
 
 __all__ = ["BeamSearchEstimate", "stochastic_beam_search"]
@@ -76,15 +78,7 @@ class BeamSearchEstimate:
     cost: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in self.__dict__.items():
-            if isinstance(v, np.ndarray):
-                out[k] = v.tolist()
-            elif isinstance(v, tuple):
-                out[k] = [float(x) for x in v]
-            else:
-                out[k] = v
-        return out
+        return to_plain(dict(self.__dict__))
 
 
 def _ht(weights: np.ndarray, f: np.ndarray, q: np.ndarray):

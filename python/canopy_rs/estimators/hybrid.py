@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.results import to_plain
+
 from . import _stats
 
 __all__ = ["HybridEstimate", "estimate_hybrid"]
@@ -52,9 +54,7 @@ class HybridEstimate:
     cost: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["ce_star_ci"] = [float(x) for x in self.ce_star_ci]
-        return out
+        return to_plain(dict(self.__dict__))
 
 
 def estimate_hybrid(

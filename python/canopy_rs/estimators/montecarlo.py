@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from canopy_rs.results import to_plain
+
 from . import _stats
 
 __all__ = ["PromptEstimate", "estimate", "estimate_arrays"]
@@ -89,14 +91,7 @@ class PromptEstimate:
         return self.length_rate_pearson
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in asdict(self).items():
-            if isinstance(v, np.ndarray):
-                out[k] = v.tolist()
-            elif isinstance(v, tuple):
-                out[k] = [float(x) for x in v]
-            else:
-                out[k] = v
+        out: dict[str, Any] = to_plain(asdict(self))
         out["length_rate_corr"] = self.length_rate_pearson
         return out
 

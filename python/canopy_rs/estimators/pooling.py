@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.results import to_plain
+
 __all__ = ["PooledEstimate", "pool", "prompt_columns", "pooled_columns", "POOLED_METRICS"]
 
 _CLIP = 0.999999
@@ -164,10 +166,7 @@ class PooledEstimate:
     trajectory_active: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for k, v in self.__dict__.items():
-            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
-        return out
+        return to_plain(dict(self.__dict__))
 
     def to_pooled_metrics(self) -> dict[str, Any]:
         """The reference ``pooled_metrics.json`` "raw" section layout (semantic keys omitted)."""

@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from canopy_rs.results import to_plain
+
 __all__ = ["StudyResult", "compare", "random_logits_fn", "BUILTIN_ESTIMATORS"]
 
 # name -> (family, attribute prefix on the family's result)
@@ -156,7 +158,7 @@ class StudyResult:
     def to_json(self, path: Union[str, Path]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(self.to_dict()), indent=2, allow_nan=True))
+        path.write_text(json.dumps(to_plain(self.to_dict()), indent=2, allow_nan=True))
         return path
 
     def _curve(self, name: str, cost_key: str = "tokens"):
@@ -233,18 +235,6 @@ class StudyResult:
         fig.savefig(path)
         plt.close(fig)
         return path
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _seed_for(seed: int, family: int, budget: int, repeat: int) -> int:
