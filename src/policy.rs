@@ -20,6 +20,9 @@ use crate::stats::Neumaier;
 pub const TOP_P_SLACK: f64 = 1e-12;
 /// Above this k, top-k uses a selection on a copy of the row instead of the streaming insertion buffer.
 const STREAMING_TOP_K_MAX: usize = 64;
+/// Rows with vocab * k at most this use k branch-free max passes instead (tiny vocabularies, where the
+/// streaming buffer's insertions are frequent and unpredictable).
+const MAX_PASSES_WORK: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
@@ -115,6 +118,9 @@ pub fn apply_row<T: Logit>(
 /// when top-k keeps everything). One pass for small k: validation and the streaming top-k share the loop.
 fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scratch: &mut Scratch) -> Result<f64> {
     let k = policy.top_k.unwrap_or(usize::MAX).min(row.len());
+    if k < row.len() && row.len() * k <= MAX_PASSES_WORK {
+        return threshold_by_max_passes(row, k, row_index);
+    }
     let streaming = k < row.len() && k <= STREAMING_TOP_K_MAX;
     // `top[..len]` holds the k largest values seen so far (unordered) in a stack array; `floor` is their
     // minimum once k are held, at `floor_at`. Most elements are rejected by one comparison against it; an
@@ -150,19 +156,8 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
             }
         }
     }
-    if bad {
-        let message = if row.iter().any(|v| v.to_f64().is_nan()) {
-            "contains NaN; check the model's numerics (dtype overflow?) before computing entropies"
-        } else {
-            "contains +inf; logits must be finite or -inf (masked)"
-        };
-        return Err(CanopyError::InvalidLogits { row: row_index, message: message.into() });
-    }
-    if finite == 0 {
-        return Err(CanopyError::InvalidLogits {
-            row: row_index,
-            message: "is all -inf: no token has positive probability under the policy".into(),
-        });
+    if bad || finite == 0 {
+        return Err(invalid_row(row, row_index));
     }
     if k >= finite {
         return Ok(f64::MIN); // every finite logit is kept (-inf never is: -inf < f64::MIN)
@@ -176,6 +171,53 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
     all.extend(row.iter().map(|v| v.to_f64()));
     let (_, kth, _) = all.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     Ok(*kth)
+}
+
+/// The k-th largest logit (with multiplicity) by repeated max passes: each pass finds the largest value
+/// below the previous one and counts its copies, until k are covered. Branch-free inner loops.
+fn threshold_by_max_passes<T: Logit>(row: &[T], k: usize, row_index: usize) -> Result<f64> {
+    let mut finite = 0usize;
+    let mut bad = false;
+    for &v in row {
+        let x = v.to_f64();
+        bad |= !(x < f64::INFINITY);
+        finite += (x > f64::NEG_INFINITY) as usize;
+    }
+    if bad || finite == 0 {
+        return Err(invalid_row(row, row_index));
+    }
+    if k >= finite {
+        return Ok(f64::MIN);
+    }
+    let mut above = f64::INFINITY;
+    let mut covered = 0usize;
+    loop {
+        let mut m = f64::NEG_INFINITY;
+        for &v in row {
+            let x = v.to_f64();
+            let c = if x < above { x } else { f64::NEG_INFINITY };
+            m = if c > m { c } else { m };
+        }
+        for &v in row {
+            covered += (v.to_f64() == m) as usize;
+        }
+        if covered >= k {
+            return Ok(m);
+        }
+        above = m;
+    }
+}
+
+/// The error for a row that failed validation (NaN, +inf, or all -inf).
+fn invalid_row<T: Logit>(row: &[T], row_index: usize) -> CanopyError {
+    let message = if row.iter().any(|v| v.to_f64().is_nan()) {
+        "contains NaN; check the model's numerics (dtype overflow?) before computing entropies"
+    } else if row.iter().any(|v| v.to_f64() == f64::INFINITY) {
+        "contains +inf; logits must be finite or -inf (masked)"
+    } else {
+        "is all -inf: no token has positive probability under the policy"
+    };
+    CanopyError::InvalidLogits { row: row_index, message: message.into() }
 }
 
 /// Keeps the smallest prefix (by z descending, ties by token id) whose probability reaches p.
@@ -358,6 +400,30 @@ mod tests {
             let expect: Vec<u32> = (0..row.len() as u32).filter(|&i| row[i as usize] >= thr).collect();
             assert_eq!(a, expect, "k={k}");
             assert!(ha.is_finite());
+        }
+    }
+
+    #[test]
+    fn max_passes_and_streaming_agree_with_sorting() {
+        let mut state = 7u64;
+        for trial in 0..300 {
+            let v = 2 + trial % 40;
+            let row: Vec<f64> = (0..v)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 60) as f64) * 0.5 // 16 levels: many ties
+                })
+                .collect();
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            for k in 1..v {
+                let expect = sorted[k - 1];
+                assert_eq!(threshold_by_max_passes(&row, k, 0).unwrap(), expect, "passes v={v} k={k}");
+                let p = Policy::new(1.0, Some(k), 1.0).unwrap();
+                if v * k > MAX_PASSES_WORK {
+                    assert_eq!(select_threshold(&row, &p, 0, &mut Scratch::default()).unwrap(), expect);
+                }
+            }
         }
     }
 
