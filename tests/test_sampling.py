@@ -142,7 +142,7 @@ def test_bad_arguments_raise_value_errors():
     fn = _fn()
     with pytest.raises(ValueError, match="num_rollouts"):
         sample(fn, num_rollouts=0, seed=0, **KW)
-    with pytest.raises(ValueError, match="num_rollouts"):
+    with pytest.raises(TypeError, match="num_rollouts"):
         sample(fn, num_rollouts=2.5, seed=0, **KW)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sample(fn, num_rollouts=2, seed=0, vocab_size=5, eos_token_ids=[0], max_new_tokens=0)

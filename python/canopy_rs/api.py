@@ -72,12 +72,19 @@ def make_policy(temperature: float = 1.0, top_k: Optional[int] = None, top_p: fl
     return Policy(float(temperature), None if top_k is None else int(top_k), float(top_p))
 
 
-def _check_positive_int(name: str, v: Any) -> int:
+def check_positive_int(name: str, v: Any) -> int:
+    """The int arguments' check, shared by every entry point: TypeError for a non-int, ValueError below 1."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {v!r}")
     if v < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
     return int(v)
+
+
+def default_batch_size(vocab_size: int) -> int:
+    """Rows per model call when the caller does not say: wide calls, but a V-wide float32 batch stays
+    around 0.3 GB."""
+    return int(min(4096, max(16, DEFAULT_BATCH_ELEMENTS // (4 * int(vocab_size)))))
 
 
 class _Run:
@@ -103,14 +110,10 @@ class _Run:
     ) -> None:
         self.backend: Backend = as_backend(model, vocab_size, eos_token_ids)
         self.policy = make_policy(temperature, top_k, top_p)
-        self.max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
-        self.max_nodes = _check_positive_int("max_nodes", max_nodes)
+        self.max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        self.max_nodes = check_positive_int("max_nodes", max_nodes)
         v = self.backend.vocab_size
-        self.batch_size = (
-            _check_positive_int("batch_size", batch_size)
-            if batch_size is not None
-            else int(min(4096, max(16, DEFAULT_BATCH_ELEMENTS // (4 * v))))
-        )
+        self.batch_size = check_positive_int("batch_size", batch_size) if batch_size is not None else default_batch_size(v)
         self.order = order
         self.record_nodes = record_nodes
         self.tree = Tree(
@@ -363,7 +366,7 @@ def bounded(
     if isinstance(budget, bool):
         raise TypeError("budget must be an int (expanded nodes) or a canopy_rs.Budget")
     if isinstance(budget, (int, np.integer)):
-        budget = Budget(nodes=_check_positive_int("budget", budget))
+        budget = Budget(nodes=check_positive_int("budget", budget))
     elif not isinstance(budget, Budget):
         raise TypeError(f"budget must be an int (expanded nodes) or a canopy_rs.Budget, got {budget!r}")
     run = _Run(

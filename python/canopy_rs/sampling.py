@@ -17,6 +17,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.api import check_positive_int, default_batch_size, make_policy
+
 __all__ = ["Rollouts", "sample"]
 
 
@@ -194,19 +196,6 @@ class Rollouts:
 # ------------------------------------------------------------------------------------------------
 
 
-def _make_policy(temperature: float, top_k: Optional[int], top_p: float):
-    # exact()'s own validation, so the same arguments fail the same way everywhere.
-    from canopy_rs.api import make_policy
-
-    return make_policy(temperature, top_k, top_p)
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _make_rng(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
@@ -218,16 +207,13 @@ def _make_rng(seed) -> np.random.Generator:
 def _prepare(model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size):
     from canopy_rs.backends import as_backend
 
-    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+    max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
     if batch_size is not None:
-        batch_size = _check_positive_int("batch_size", batch_size)
-    policy = _make_policy(temperature, top_k, top_p)
+        batch_size = check_positive_int("batch_size", batch_size)
+    policy = make_policy(temperature, top_k, top_p)
     backend = as_backend(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
     if batch_size is None:
-        # exact()'s default: wide calls, but a V-wide float32 batch stays around 0.3 GB.
-        from canopy_rs.api import DEFAULT_BATCH_ELEMENTS
-
-        batch_size = int(min(4096, max(16, DEFAULT_BATCH_ELEMENTS // (4 * int(backend.vocab_size)))))
+        batch_size = default_batch_size(backend.vocab_size)
     # No EOS ids is allowed (a backend may say so): every rollout then runs to max_new_tokens.
     eos_ids = tuple(int(e) for e in backend.eos_token_ids)
     return backend, policy, max_new_tokens, batch_size, eos_ids
@@ -533,7 +519,7 @@ def sample(
     lower variance, and :func:`canopy_rs.estimate` then reports collapsed-strata (conservative) SEs.
     The returned cost (``Rollouts.cost``) holds the backend's counters (``model_calls``,
     ``rows_evaluated``, ...), ``nodes_expanded`` (distinct prefixes forwarded) and ``seconds``."""
-    num_rollouts = _check_positive_int("num_rollouts", num_rollouts)
+    num_rollouts = check_positive_int("num_rollouts", num_rollouts)
     backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
         model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
     )

@@ -111,9 +111,10 @@ def stochastic_beam_search(
     CE*_max. Model and policy arguments are those of :func:`canopy_rs.exact`. Cost (``.cost``): the backend's
     counters plus ``nodes_expanded`` and ``seconds``; model calls grow with depth, rows with
     ``beam_size x depth``."""
-    from canopy_rs.sampling import _check_positive_int, _counters, _expand, _make_rng, _prepare
+    from canopy_rs.api import check_positive_int
+    from canopy_rs.sampling import _counters, _expand, _make_rng, _prepare
 
-    beam_size = _check_positive_int("beam_size", beam_size)
+    beam_size = check_positive_int("beam_size", beam_size)
     crit = _stats.critical_value(confidence)
     backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
         model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size

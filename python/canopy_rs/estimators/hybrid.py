@@ -78,13 +78,11 @@ def estimate_hybrid(
     ``num_rollouts`` rollouts started at frontier nodes drawn in proportion to pi. Model and policy arguments
     are those of :func:`canopy_rs.exact`. If the canopy has at most ``budget_nodes`` internal nodes the
     result is exact (``is_exact``, SE 0) and no rollout is run."""
-    from canopy_rs.api import DEFAULT_MAX_NODES, Budget, _Run
-    from canopy_rs.sampling import (
-        _check_positive_int, _counters, _make_rng, _prepare, _run_rollouts, _Strata, _stratified_uniforms,
-    )
+    from canopy_rs.api import DEFAULT_MAX_NODES, Budget, _Run, check_positive_int
+    from canopy_rs.sampling import _counters, _make_rng, _prepare, _run_rollouts, _Strata, _stratified_uniforms
 
-    budget_nodes = _check_positive_int("budget_nodes", budget_nodes)
-    num_rollouts = _check_positive_int("num_rollouts", num_rollouts)
+    budget_nodes = check_positive_int("budget_nodes", budget_nodes)
+    num_rollouts = check_positive_int("num_rollouts", num_rollouts)
     if frontier_sampling not in ("stratified", "multinomial"):
         raise ValueError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
     backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(

@@ -276,16 +276,17 @@ def compare(
     returning an object with ``ce_star``, ``ce_star_se``, optionally ``ce_star_ci``, and a ``cost`` dict.
     Pass ``exact_result`` to reuse an exact run."""
     from canopy_rs.api import exact
-    from canopy_rs.sampling import _check_positive_int, sample
+    from canopy_rs.api import check_positive_int
+    from canopy_rs.sampling import sample
 
     from .beam import stochastic_beam_search
     from .hybrid import estimate_hybrid
     from .montecarlo import estimate
 
-    repeats = _check_positive_int("repeats", repeats)
+    repeats = check_positive_int("repeats", repeats)
     if len(budgets) == 0:
         raise ValueError("budgets must hold at least one budget")
-    budgets = [_check_positive_int("budgets", b) for b in budgets]
+    budgets = [check_positive_int("budgets", b) for b in budgets]
     if not 0.0 < head_fraction < 1.0:
         raise ValueError(f"head_fraction must be in (0, 1), got {head_fraction!r}")
     if len(estimators) == 0:
