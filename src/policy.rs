@@ -133,7 +133,7 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
     let mut bad = false;
     for &v in row {
         let x = v.to_f64();
-        // NaN and +inf are the only values for which this fails (-inf passes and is counted out below).
+        // count_finite's checks, fused into this pass so a wide row is read once.
         bad |= !(x < f64::INFINITY);
         finite += (x > f64::NEG_INFINITY) as usize;
         if streaming && x > floor {
@@ -176,16 +176,7 @@ fn select_threshold<T: Logit>(row: &[T], policy: &Policy, row_index: usize, scra
 /// The k-th largest logit (with multiplicity) by repeated max passes: each pass finds the largest value
 /// below the previous one and counts its copies, until k are covered. Branch-free inner loops.
 fn threshold_by_max_passes<T: Logit>(row: &[T], k: usize, row_index: usize) -> Result<f64> {
-    let mut finite = 0usize;
-    let mut bad = false;
-    for &v in row {
-        let x = v.to_f64();
-        bad |= !(x < f64::INFINITY);
-        finite += (x > f64::NEG_INFINITY) as usize;
-    }
-    if bad || finite == 0 {
-        return Err(invalid_row(row, row_index));
-    }
+    let finite = count_finite(row, row_index)?;
     if k >= finite {
         return Ok(f64::MIN);
     }
@@ -206,6 +197,22 @@ fn threshold_by_max_passes<T: Logit>(row: &[T], k: usize, row_index: usize) -> R
         }
         above = m;
     }
+}
+
+/// Validates a row (no NaN, no +inf, not all -inf) and counts its finite entries.
+fn count_finite<T: Logit>(row: &[T], row_index: usize) -> Result<usize> {
+    let mut finite = 0usize;
+    let mut bad = false;
+    for &v in row {
+        let x = v.to_f64();
+        // NaN and +inf are the only values for which this fails (-inf passes and is counted out).
+        bad |= !(x < f64::INFINITY);
+        finite += (x > f64::NEG_INFINITY) as usize;
+    }
+    if bad || finite == 0 {
+        return Err(invalid_row(row, row_index));
+    }
+    Ok(finite)
 }
 
 /// The error for a row that failed validation (NaN, +inf, or all -inf).
