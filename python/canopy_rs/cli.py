@@ -90,6 +90,13 @@ def _add_prompt_args(p: argparse.ArgumentParser, default_prompt: Optional[str] =
     g.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N prompts")
 
 
+def _add_run_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+    """What every model-running subcommand takes: the model, the prompts and the decoding policy."""
+    _add_model_args(p)
+    _add_prompt_args(p, DEMO_PROMPT)
+    _add_policy_args(p, max_new_tokens=max_new_tokens)
+
+
 def _add_policy_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                      top_k: Optional[int] = DEFAULT_TOP_K) -> None:
     g = p.add_argument_group("decoding policy (named as in transformers' generate)")
@@ -133,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exact", help="exact CE*_max and its companions",
                        description="Enumerate the whole canopy under the policy: exact CE*_max, E[N], H(N), "
                        "H(Y|N), entropy rate, GenPPL, branching factor, rho(N, r_N), truncation.")
-    _add_model_args(p)
-    _add_prompt_args(p, DEMO_PROMPT)
-    _add_policy_args(p)
+    _add_run_args(p)
     p.add_argument("--max-nodes", type=_positive_int, default=10_000_000, help="refuse trees larger than this")
     p.add_argument("--order", choices=["depth-first", "breadth-first", "best-first"], default="depth-first")
     p.add_argument("--nodes", action="store_true", help="also write the per-node table (nodes.csv)")
@@ -145,16 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bound", help="certified bracket on CE*_max within a budget",
                        description="Expand the canopy best-first until a budget is spent and report the "
                        "certified bracket [lower, upper] on CE*_max (the exact value if the tree fits).")
-    _add_model_args(p)
-    _add_prompt_args(p, DEMO_PROMPT)
-    _add_policy_args(p, max_new_tokens=8)
+    _add_run_args(p, max_new_tokens=8)
     g = p.add_argument_group("budget (at least one)")
     g.add_argument("--budget", type=_positive_int, metavar="NODES", help="expanded nodes (default: 1000)")
     g.add_argument("--budget-tokens", type=_positive_int, metavar="N", help="model tokens forwarded")
     g.add_argument("--budget-seconds", type=float, metavar="S", help="wall seconds")
     g.add_argument("--budget-memory", type=_positive_int, metavar="BYTES", help="engine + KV memory")
     p.add_argument("--support-cap", type=_positive_int,
-                   help="largest policy support the upper bound may assume (default: top-k if set; else vocab)")
+                   help="largest policy support the upper bound may assume (default: the vocabulary size, which "
+                   "needs no assumption; --support-cap K with top-k K is tighter but assumes no ties at the "
+                   "k-th logit in the unexpanded nodes; expanded nodes are checked)")
     p.add_argument("--order", choices=["best-first", "breadth-first", "depth-first"], default="best-first")
     p.add_argument("--max-nodes", type=_positive_int, default=10_000_000)
     _add_output_args(p, seed=False)
@@ -163,9 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="Monte Carlo rollouts and the paper's metrics",
                        description="Sample rollouts from the policy and report per-prompt estimates (CE* with "
                        "SE, GenPPL, branching factor, rho(N, r_N), truncation), pooled across prompts.")
-    _add_model_args(p)
-    _add_prompt_args(p, DEMO_PROMPT)
-    _add_policy_args(p)
+    _add_run_args(p)
     p.add_argument("--num-rollouts", type=_positive_int, default=DEFAULT_ROLLOUTS, help=f"(default: {DEFAULT_ROLLOUTS})")
     _add_output_args(p)
     p.set_defaults(func=cmd_sample)
@@ -173,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="estimators vs the exact value",
                        description="Run each estimator `repeats` times per budget and judge it against the "
                        "exact CE*_max: bias, SD, RMSE, coverage, cost; RMSE-vs-cost plot.")
-    _add_model_args(p)
-    _add_prompt_args(p, DEMO_PROMPT)
-    _add_policy_args(p)
+    _add_run_args(p)
     p.add_argument("--estimators", type=_str_list, default=["mc_rb", "mc_surprisal", "sbs", "hybrid"],
                    help="comma-separated (default: mc_rb,mc_surprisal,sbs,hybrid)")
     p.add_argument("--budgets", type=_int_list, default=[50, 100, 200],
@@ -188,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A chat prompt to the embedded SmolLM2-135M-Instruct: the exact canopy at "
                        "a small depth and top-k (best-first, recording the bracket as it closes), Monte Carlo "
                        "estimates beside it, a table and plots.")
-    _add_model_args(p)
-    _add_prompt_args(p, DEMO_PROMPT)
-    _add_policy_args(p)
+    _add_run_args(p)
     p.add_argument("--num-rollouts", type=_positive_int, default=DEFAULT_ROLLOUTS, help=f"(default: {DEFAULT_ROLLOUTS})")
     p.add_argument("--quick", action="store_true", help="a smaller setting (max-new-tokens 3, top-k 3, 50 rollouts)")
     _add_output_args(p, out_default="canopy_out")
@@ -689,7 +688,9 @@ def cmd_bound(ctx: Ctx) -> int:
         a.budget = 1000
     budget = canopy_rs.Budget(nodes=a.budget, tokens=a.budget_tokens, seconds=a.budget_seconds,
                               memory_bytes=a.budget_memory)
-    cap = a.support_cap or pol["top_k"]
+    # The library's default (the vocabulary size) keeps the bracket a proof; a smaller cap is an assumption
+    # about the unexpanded nodes (top-k ties can exceed k), so it is only used when asked for.
+    cap = a.support_cap
 
     def one(i: int, p: dict, backend: Any) -> tuple[dict, dict]:
         prog = BracketProgress(_quiet(ctx), "bracket", record=True)
