@@ -656,13 +656,11 @@ def cmd_exact(ctx: Ctx) -> int:
     table = head + "\n\n" + (_exact_table(exacts[0]) if len(records) == 1 else _multi_exact_table(records, pooled or {}))
 
     def plots() -> list[Path]:
-        from canopy_rs import plots as pl
 
         files: list[Path] = []
         for r in records[:MAX_PLOTTED_PROMPTS]:
             stem = _plot_stem(ctx, r, len(records))
-            files += pl.save_figure(pl.plot_length_distribution(r["exact"]), stem + "length")
-            files += pl.save_figure(pl.plot_entropy_by_depth(r["exact"]), stem + "entropy_by_depth")
+            files += _exact_plots(r["exact"], stem)
         return files
 
     return ctx.finish(records, ctx.result(records, {"exact": pooled} if pooled else None), table, plots)
@@ -677,6 +675,15 @@ def _plot_stem(ctx: Ctx, rec: dict, n: int) -> str:
 # ==================================================================================================
 # bound
 # ==================================================================================================
+
+
+def _exact_plots(exact: dict, stem: str) -> list[Path]:
+    """The figures of one prompt's exact canopy: its length distribution and per-depth entropy."""
+    from canopy_rs import plots as pl
+
+    return pl.save_figure(pl.plot_length_distribution(exact), stem + "length") + pl.save_figure(
+        pl.plot_entropy_by_depth(exact), stem + "entropy_by_depth"
+    )
 
 
 def cmd_bound(ctx: Ctx) -> int:
@@ -1014,8 +1021,7 @@ def cmd_demo(ctx: Ctx) -> int:
         files: list[Path] = []
         for r in records[:MAX_PLOTTED_PROMPTS]:
             stem = _plot_stem(ctx, r, len(records))
-            files += pl.save_figure(pl.plot_length_distribution(r["exact"]), stem + "length")
-            files += pl.save_figure(pl.plot_entropy_by_depth(r["exact"]), stem + "entropy_by_depth")
+            files += _exact_plots(r["exact"], stem)
             ro = r["rollouts"]
             files += pl.save_figure(pl.plot_length_rate(lengths=ro["lengths"], rates=ro["entropy_rates"],
                                                         exact=r["exact"]), stem + "length_rate")
