@@ -656,7 +656,6 @@ def cmd_exact(ctx: Ctx) -> int:
     table = head + "\n\n" + (_exact_table(exacts[0]) if len(records) == 1 else _multi_exact_table(records, pooled or {}))
 
     def plots() -> list[Path]:
-
         files: list[Path] = []
         for r in records[:MAX_PLOTTED_PROMPTS]:
             stem = _plot_stem(ctx, r, len(records))
