@@ -47,11 +47,6 @@ impl Policy {
         }
         Ok(Self { temperature, top_k, top_p })
     }
-
-    /// The largest support this policy can produce over `vocab_size` tokens, ignoring ties.
-    pub fn nominal_support(&self, vocab_size: usize) -> usize {
-        self.top_k.map_or(vocab_size, |k| k.min(vocab_size))
-    }
 }
 
 impl Default for Policy {

@@ -3,8 +3,7 @@
 //! read-only; outputs hand their Vec to numpy).
 
 use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
-use pyo3::create_exception;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::import_exception;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -12,15 +11,27 @@ use crate::error::CanopyError as CoreError;
 use crate::policy::Policy;
 use crate::tree::{normalise_support, policy_rows, Order, Tree, TreeConfig, NO_NODE};
 
-create_exception!(_core, CanopyError, PyValueError, "An input the canopy engine cannot use.");
-create_exception!(_core, TreeTooLargeError, CanopyError, "The canopy would exceed max_nodes.");
+// The exception classes live in Python (canopy_rs/errors.py, the one hierarchy); the core raises them.
+import_exception!(canopy_rs.errors, InvalidArgumentError);
+import_exception!(canopy_rs.errors, ArgumentTypeError);
+import_exception!(canopy_rs.errors, BackendOutputError);
+import_exception!(canopy_rs.errors, TreeTooLargeError);
+import_exception!(canopy_rs.errors, EngineStateError);
 
 fn to_py(e: CoreError) -> PyErr {
+    let msg = e.to_string();
     match e {
-        CoreError::TreeTooLarge { .. } => TreeTooLargeError::new_err(e.to_string()),
-        CoreError::Protocol(_) => PyRuntimeError::new_err(e.to_string()),
-        _ => CanopyError::new_err(e.to_string()),
+        CoreError::InvalidArgument { .. } => InvalidArgumentError::new_err(msg),
+        // Logits and supports reach the core from a backend's expand().
+        CoreError::InvalidLogits { .. } | CoreError::Shape { .. } => BackendOutputError::new_err(msg),
+        CoreError::TreeTooLarge { .. } => TreeTooLargeError::new_err(msg),
+        CoreError::Protocol(_) => EngineStateError::new_err(msg),
     }
+}
+
+/// A Python int for an unsigned core parameter: negative values get the core's own check (as 0).
+fn unsigned(v: i64) -> usize {
+    usize::try_from(v).unwrap_or(0)
 }
 
 #[pyclass(name = "Policy", module = "canopy_rs._core", frozen)]
@@ -33,14 +44,7 @@ impl PyPolicy {
     #[new]
     #[pyo3(signature = (temperature = 1.0, top_k = None, top_p = 1.0))]
     fn new(temperature: f64, top_k: Option<i64>, top_p: f64) -> PyResult<Self> {
-        let top_k = match top_k {
-            Some(k) if k < 1 => {
-                return Err(CanopyError::new_err(format!("top_k: must be >= 1, or None to disable top-k; got {k}")))
-            }
-            Some(k) => Some(k as usize),
-            None => None,
-        };
-        Ok(Self { inner: Policy::new(temperature, top_k, top_p).map_err(to_py)? })
+        Ok(Self { inner: Policy::new(temperature, top_k.map(unsigned), top_p).map_err(to_py)? })
     }
     #[getter]
     fn temperature(&self) -> f64 {
@@ -84,7 +88,7 @@ impl<'py> Logits<'py> {
         } else if let Ok(a) = obj.extract::<PyReadonlyArray2<f64>>() {
             Self::F64(a)
         } else {
-            return Err(PyTypeError::new_err(
+            return Err(ArgumentTypeError::new_err(
                 "logits: expected a 2-D numpy array of float32 or float64 with shape [rows, vocab_size]",
             ));
         };
@@ -93,7 +97,7 @@ impl<'py> Logits<'py> {
             Self::F64(a) => a.is_c_contiguous(),
         };
         if !contiguous {
-            return Err(CanopyError::new_err("logits: must be C-contiguous (use numpy.ascontiguousarray)"));
+            return Err(InvalidArgumentError::new_err("logits: must be C-contiguous (use numpy.ascontiguousarray)"));
         }
         Ok(arr)
     }
@@ -107,7 +111,7 @@ impl<'py> Logits<'py> {
 }
 
 fn slice1<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| CanopyError::new_err(format!("{name}: must be a contiguous 1-D array")))
+    a.as_slice().map_err(|_| InvalidArgumentError::new_err(format!("{name}: must be a contiguous 1-D array")))
 }
 
 type Csr = (Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>);
@@ -167,7 +171,7 @@ impl PyTree {
     #[allow(clippy::too_many_arguments)]
     fn new(
         vocab_size: i64,
-        eos_token_ids: Vec<i64>,
+        eos_token_ids: Vec<u32>,
         max_new_tokens: i64,
         policy: &Bound<'_, PyPolicy>,
         order: &str,
@@ -175,48 +179,22 @@ impl PyTree {
         record_nodes: bool,
         support_cap: Option<i64>,
     ) -> PyResult<Self> {
-        let positive = |name: &str, v: i64| -> PyResult<usize> {
-            if v < 1 {
-                Err(CanopyError::new_err(format!("{name}: must be >= 1, got {v}")))
-            } else {
-                Ok(v as usize)
-            }
-        };
-        let vocab_size = positive("vocab_size", vocab_size)?;
-        let mut eos = Vec::with_capacity(eos_token_ids.len());
-        for e in eos_token_ids {
-            if e < 0 || e as usize >= vocab_size {
-                return Err(CanopyError::new_err(format!(
-                    "eos_token_ids: EOS id {e} is outside the vocabulary [0, vocab_size={vocab_size})"
-                )));
-            }
-            eos.push(e as u32);
-        }
-        let max_new_tokens = positive("max_new_tokens", max_new_tokens)?;
-        if max_new_tokens > u32::MAX as usize / 2 {
-            return Err(CanopyError::new_err("max_new_tokens: too large"));
-        }
+        // Range checks are the core's (TreeConfig::validate); only the conversion to unsigned is here.
         let cfg = TreeConfig {
-            vocab_size,
-            eos_token_ids: eos,
-            max_new_tokens: max_new_tokens as u32,
+            vocab_size: unsigned(vocab_size),
+            eos_token_ids,
+            max_new_tokens: u32::try_from(unsigned(max_new_tokens)).unwrap_or(u32::MAX),
             policy: policy.get().inner,
             order: Order::parse(order).map_err(to_py)?,
-            max_nodes: positive("max_nodes", max_nodes)?,
+            max_nodes: unsigned(max_nodes),
             record_nodes,
-            support_cap: match support_cap {
-                Some(s) => positive("support_cap", s)?,
-                None => vocab_size,
-            },
+            support_cap: support_cap.map_or(unsigned(vocab_size), unsigned),
         };
         Ok(Self { inner: Tree::new(cfg).map_err(to_py)? })
     }
 
     fn next_batch<'py>(&mut self, py: Python<'py>, max_rows: i64) -> PyResult<Bound<'py, PyAny>> {
-        if max_rows < 1 {
-            return Err(CanopyError::new_err(format!("batch_size: must be >= 1, got {max_rows}")));
-        }
-        let b = self.inner.next_batch(max_rows as usize).map_err(to_py)?;
+        let b = self.inner.next_batch(unsigned(max_rows)).map_err(to_py)?;
         Ok((b.node_ids.into_pyarray(py), b.parent_ids.into_pyarray(py), b.tokens.into_pyarray(py), b.depths.into_pyarray(py))
             .into_pyobject(py)?
             .into_any())
@@ -224,15 +202,8 @@ impl PyTree {
 
     fn prefixes(&self, node_ids: PyReadonlyArray1<'_, i64>) -> PyResult<Vec<Vec<u32>>> {
         let ids = node_ids.as_array();
-        ids.iter()
-            .map(|&i| {
-                if i < 0 {
-                    Err(CanopyError::new_err(format!("node_ids: negative id {i}")))
-                } else {
-                    self.inner.prefix(i as usize).map_err(to_py)
-                }
-            })
-            .collect()
+        // A negative id maps past the arena, so the core reports it as an id that does not exist.
+        ids.iter().map(|&i| self.inner.prefix(usize::try_from(i).unwrap_or(usize::MAX)).map_err(to_py)).collect()
     }
 
     fn ingest_logits(&mut self, py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -385,8 +356,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
     }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("CanopyError", m.py().get_type::<CanopyError>())?;
-    m.add("TreeTooLargeError", m.py().get_type::<TreeTooLargeError>())?;
     m.add_class::<PyPolicy>()?;
     m.add_class::<PyTree>()?;
     m.add_function(wrap_pyfunction!(policy_support, m)?)?;

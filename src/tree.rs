@@ -83,8 +83,9 @@ impl TreeConfig {
                 ));
             }
         }
-        if self.max_new_tokens == 0 {
-            return Err(invalid("max_new_tokens", "must be >= 1"));
+        // Depths are u32 and the bounds add one to them.
+        if self.max_new_tokens == 0 || self.max_new_tokens > u32::MAX / 2 {
+            return Err(invalid("max_new_tokens", format!("must be in [1, 2^31 - 1], got {}", self.max_new_tokens)));
         }
         if self.max_nodes == 0 {
             return Err(invalid("max_nodes", "must be >= 1"));
@@ -449,10 +450,6 @@ impl Tree {
         let root = tree.push_node(NO_NODE, NO_NODE, 0, 0.0, 0.0, false);
         tree.frontier.push(root, 0.0);
         Ok(tree)
-    }
-
-    pub fn config(&self) -> &TreeConfig {
-        &self.cfg
     }
 
     fn push_node(&mut self, parent: u32, token: u32, depth: u32, log_reach: f64, path_entropy: f64, leaf: bool) -> u32 {

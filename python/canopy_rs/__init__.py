@@ -12,9 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from canopy_rs._core import CanopyError, Policy, TreeTooLargeError, __version__
-from canopy_rs.api import Budget, Interrupted, bounded, exact, make_policy
+from canopy_rs._core import Policy, __version__
+from canopy_rs.api import Budget, bounded, exact, make_policy
 from canopy_rs.backends import CallableModel, as_backend
+from canopy_rs.errors import (
+    ArgumentTypeError,
+    BackendOutputError,
+    CanopyError,
+    EngineStateError,
+    Interrupted,
+    InvalidArgumentError,
+    KVBudgetExceededError,
+    ModelNotFoundError,
+    TreeAttentionUnsupported,
+    TreeTooLargeError,
+)
 from canopy_rs.estimators import (
     BeamSearchEstimate,
     BootstrapResult,
@@ -45,7 +57,12 @@ __all__ = [
     "CanopyBounds",
     "RunInfo",
     "CanopyError",
+    "InvalidArgumentError",
+    "ArgumentTypeError",
+    "BackendOutputError",
     "TreeTooLargeError",
+    "EngineStateError",
+    "ModelNotFoundError",
     "Policy",
     "Backend",
     "NodeBatch",
@@ -77,8 +94,6 @@ __all__ = [
 # Names whose modules import torch or other heavy optional dependencies: loaded on first use.
 _LAZY = {
     "TransformersModel": "canopy_rs.backends.transformers",
-    "KVBudgetExceededError": "canopy_rs.backends.transformers",
-    "TreeAttentionUnsupported": "canopy_rs.backends.transformers",
     "load_model": "canopy_rs.models",
 }
 

@@ -1,7 +1,8 @@
 """Type stubs for the compiled Rust core ``canopy_rs._core``.
 
 Everything heavy (the decoding policy on logits rows, the canopy arena and frontier, f64 aggregation) runs in
-Rust with the GIL released. Python owns the model and drives the loop.
+Rust with the GIL released. Python owns the model and drives the loop. Errors are raised as the classes of
+``canopy_rs.errors``.
 """
 
 from typing import Any, Optional, Sequence, final
@@ -12,8 +13,6 @@ from typing_extensions import Self
 
 __all__ = [
     "__version__",
-    "CanopyError",
-    "TreeTooLargeError",
     "Policy",
     "Tree",
     "policy_support",
@@ -21,12 +20,6 @@ __all__ = [
 ]
 
 __version__: str
-
-class CanopyError(ValueError):
-    """Base class of the core's errors that are about the input."""
-
-class TreeTooLargeError(CanopyError):
-    """The canopy would exceed ``max_nodes``."""
 
 @final
 class Policy:

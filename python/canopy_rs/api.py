@@ -17,6 +17,7 @@ import numpy as np
 from canopy_rs._core import Policy, Tree
 from canopy_rs.backends import as_backend
 from canopy_rs.backends.callable import as_logits_array
+from canopy_rs.errors import ArgumentTypeError, Interrupted, InvalidArgumentError
 from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
 from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
 
@@ -30,17 +31,6 @@ DEFAULT_BATCH_ELEMENTS = 1 << 26
 BEST_FIRST_SHARE = 4
 # Approximate arena bytes per stored node (parent, token, depth, log pi, path entropy, h, flags).
 ARENA_BYTES_PER_NODE = 48
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`exact`: ``.bounds`` holds the certified bracket reached so far."""
-
-    def __init__(self, bounds: CanopyBounds) -> None:
-        super().__init__(
-            f"interrupted after {bounds.num_expanded} expanded nodes: "
-            f"CE* in [{bounds.ce_star_lower:.6g}, {bounds.ce_star_upper:.6g}] (see .bounds)"
-        )
-        self.bounds = bounds
 
 
 @dataclass(frozen=True)
@@ -57,27 +47,27 @@ class Budget:
         for name in ("nodes", "tokens", "seconds", "memory_bytes"):
             v = getattr(self, name)
             if v is not None and not (v > 0):
-                raise ValueError(f"budget {name} must be > 0, got {v}")
+                raise InvalidArgumentError(f"budget {name} must be > 0, got {v}")
         if all(getattr(self, n) is None for n in ("nodes", "tokens", "seconds", "memory_bytes")):
-            raise ValueError("budget: set at least one of nodes, tokens, seconds, memory_bytes")
+            raise InvalidArgumentError("budget: set at least one of nodes, tokens, seconds, memory_bytes")
 
 
 def make_policy(temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0) -> Policy:
     """The decoding policy, with the argument checks shared by every entry point."""
     if isinstance(top_k, bool) or (top_k is not None and not isinstance(top_k, (int, np.integer))):
-        raise TypeError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        raise ArgumentTypeError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     for name, v in (("temperature", temperature), ("top_p", top_p)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise TypeError(f"{name} must be a number, got {v!r}")
+            raise ArgumentTypeError(f"{name} must be a number, got {v!r}")
     return Policy(float(temperature), None if top_k is None else int(top_k), float(top_p))
 
 
 def check_positive_int(name: str, v: Any) -> int:
     """The int arguments' check, shared by every entry point: TypeError for a non-int, ValueError below 1."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {v!r}")
+        raise ArgumentTypeError(f"{name} must be an int, got {v!r}")
     if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
+        raise InvalidArgumentError(f"{name} must be >= 1, got {v}")
     return int(v)
 
 
@@ -228,7 +218,7 @@ class _Run:
                         np.ascontiguousarray(out.logprobs, dtype=np.float64),
                     )
                 else:
-                    raise TypeError(
+                    raise ArgumentTypeError(
                         f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport, "
                         f"got {type(out).__name__}"
                     )
@@ -364,11 +354,11 @@ def bounded(
     Ctrl-C returns the bracket reached so far (``stopped_by="interrupt"``) instead of raising.
     """
     if isinstance(budget, bool):
-        raise TypeError("budget must be an int (expanded nodes) or a canopy_rs.Budget")
+        raise ArgumentTypeError("budget must be an int (expanded nodes) or a canopy_rs.Budget")
     if isinstance(budget, (int, np.integer)):
         budget = Budget(nodes=check_positive_int("budget", budget))
     elif not isinstance(budget, Budget):
-        raise TypeError(f"budget must be an int (expanded nodes) or a canopy_rs.Budget, got {budget!r}")
+        raise ArgumentTypeError(f"budget must be an int (expanded nodes) or a canopy_rs.Budget, got {budget!r}")
     run = _Run(
         model,
         vocab_size=vocab_size,

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
+
 __all__ = [
     "jsonable",
     "dumps",
@@ -119,20 +121,20 @@ def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
         try:
             obj = json.loads(ln)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{i + 1}: not valid JSON ({e.msg}); use one JSON object per line") from None
+            raise InvalidArgumentError(f"{p}:{i + 1}: not valid JSON ({e.msg}); use one JSON object per line") from None
         if isinstance(obj, str):
             out.append({"id": str(i), "prompt": obj})
             continue
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{p}:{i + 1}: expected a JSON object or string, got {type(obj).__name__}")
+            raise InvalidArgumentError(f"{p}:{i + 1}: expected a JSON object or string, got {type(obj).__name__}")
         for k in _PROMPT_KEYS:
             if isinstance(obj.get(k), str):
                 out.append({"id": str(obj.get("id", obj.get("prompt_id", i))), "prompt": obj[k]})
                 break
         else:
-            raise ValueError(f"{p}:{i + 1}: no prompt field (one of {', '.join(_PROMPT_KEYS)})")
+            raise InvalidArgumentError(f"{p}:{i + 1}: no prompt field (one of {', '.join(_PROMPT_KEYS)})")
     if not out:
-        raise ValueError(f"{p}: no prompts")
+        raise InvalidArgumentError(f"{p}: no prompts")
     return out
 
 

@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+from canopy_rs.errors import InvalidArgumentError, ModelNotFoundError
+
+
 __all__ = [
     "EMBEDDED_GGUF",
     "EMBEDDED_PACKAGE",
@@ -44,10 +47,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 gguf, embedded)"
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The requested model (or the embedded default model) is not on this machine."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ def _torch_dtype(dtype: Optional[str], device: str) -> Any:
     if not isinstance(dtype, str):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     return getattr(torch, dtype)
 
 

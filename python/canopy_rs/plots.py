@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
+
 __all__ = [
     "plot_length_distribution",
     "plot_entropy_by_depth",
@@ -160,7 +162,7 @@ def plot_length_rate(
         r = np.asarray(rollouts.entropy_rates, dtype=float)
     else:
         if lengths is None or rates is None:
-            raise ValueError("pass rollouts, or both lengths and rates")
+            raise InvalidArgumentError("pass rollouts, or both lengths and rates")
         n = np.asarray(lengths, dtype=float)
         r = np.asarray(rates, dtype=float)
     if len(n):
@@ -214,7 +216,7 @@ def plot_bracket_vs_budget(
     fig, ax = _new_axes(ax)
     xs, lo, hi = _bracket_arrays(brackets, x)
     if len(xs) == 0:
-        raise ValueError("no brackets to plot")
+        raise InvalidArgumentError("no brackets to plot")
     ax.fill_between(xs, lo, hi, step="post", color=_BLUE, alpha=0.25, label="certified bracket")
     ax.step(xs, lo, where="post", color=_BLUE, lw=1.5, label="lower bound")
     ax.step(xs, hi, where="post", color=_BLUE, lw=1.0, ls="--", label="upper bound")

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from canopy_rs.api import check_positive_int, default_batch_size, make_policy
+from canopy_rs.errors import InvalidArgumentError
 
 __all__ = ["Rollouts", "sample"]
 
@@ -53,7 +54,7 @@ class Rollouts:
         for name in ("tokens", "entropies", "logq"):
             arr = getattr(self, name)
             if arr.ndim != 2 or arr.shape[0] != m:
-                raise ValueError(f"{name} must have shape [num_rollouts, L], got {arr.shape}")
+                raise InvalidArgumentError(f"{name} must have shape [num_rollouts, L], got {arr.shape}")
 
     # --- sizes and per-rollout sums -------------------------------------------------------------
     @property
@@ -135,12 +136,12 @@ class Rollouts:
         then NaN. A rollout must end at its first EOS or have exactly ``max_new_tokens`` tokens."""
         eos_ids = tuple(int(e) for e in eos_token_ids)
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         m = len(tokens)
         if m < 1:
-            raise ValueError("tokens must hold at least one rollout")
+            raise InvalidArgumentError("tokens must hold at least one rollout")
         if len(entropies) != m or (logq is not None and len(logq) != m):
-            raise ValueError("tokens, entropies and logq must have one entry per rollout")
+            raise InvalidArgumentError("tokens, entropies and logq must have one entry per rollout")
         lengths = np.array([len(t) for t in tokens], dtype=np.int64)
         width = int(lengths.max())
         tok = np.full((m, width), -1, dtype=np.int64)
@@ -152,14 +153,14 @@ class Rollouts:
             n = int(lengths[i])
             t = np.asarray(tokens[i], dtype=np.int64)
             if n < 1 or n > max_new_tokens:
-                raise ValueError(f"rollout {i} has {n} tokens; need 1..max_new_tokens={max_new_tokens}")
+                raise InvalidArgumentError(f"rollout {i} has {n} tokens; need 1..max_new_tokens={max_new_tokens}")
             if len(entropies[i]) != n or (logq is not None and len(logq[i]) != n):
-                raise ValueError(f"rollout {i}: entropies/logq length differs from its token count {n}")
+                raise InvalidArgumentError(f"rollout {i}: entropies/logq length differs from its token count {n}")
             hits = np.isin(t, eos_set)
             if hits[:-1].any():
-                raise ValueError(f"rollout {i} continues after an EOS id")
+                raise InvalidArgumentError(f"rollout {i} continues after an EOS id")
             if not hits[-1] and n != max_new_tokens:
-                raise ValueError(f"rollout {i} ends without EOS before max_new_tokens")
+                raise InvalidArgumentError(f"rollout {i} ends without EOS before max_new_tokens")
             eos[i] = bool(hits[-1])
             tok[i, :n] = t
             ent[i, :n] = np.asarray(entropies[i], dtype=np.float64)
@@ -171,7 +172,7 @@ class Rollouts:
         """Rollouts ``index`` (a slice, an index array or a bool mask), trimmed to their longest row.
         Not defined for a stratified sample (part of the strata is not a sample of the policy)."""
         if self.stratified:
-            raise ValueError("subset() of stratified rollouts is not a sample of the policy")
+            raise InvalidArgumentError("subset() of stratified rollouts is not a sample of the policy")
         idx = np.arange(self.num_rollouts)[index]
         steps = self.steps[idx]
         width = int(steps.max()) if steps.size else 0
@@ -200,7 +201,7 @@ def _make_rng(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     if seed is not None and not isinstance(seed, (int, np.integer, np.random.SeedSequence)):
-        raise ValueError(f"seed must be an int, a numpy SeedSequence or None, got {seed!r}")
+        raise InvalidArgumentError(f"seed must be an int, a numpy SeedSequence or None, got {seed!r}")
     return np.random.Generator(np.random.PCG64(seed))
 
 
@@ -362,7 +363,7 @@ def _run_rollouts(
     eos_arr = np.asarray(sorted(set(int(e) for e in eos_ids)), dtype=np.int64)
     start_depths = np.asarray(start_depths, dtype=np.int64)
     if np.any(start_depths >= max_new_tokens):
-        raise ValueError("start nodes must be internal (depth < max_new_tokens)")
+        raise InvalidArgumentError("start nodes must be internal (depth < max_new_tokens)")
     used = np.unique(assignment)
     s_ids = np.asarray(start_ids, dtype=np.int64)[used]
     # Row of each rollout in the current support batch.

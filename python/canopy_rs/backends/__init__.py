@@ -13,6 +13,7 @@ import numpy as np
 
 from canopy_rs._core import Policy, normalize_support, policy_support
 from canopy_rs.backends.callable import CallableModel, as_logits_array
+from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError
 from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
 
 __all__ = ["CallableModel", "as_backend", "expand_support", "TransformersModel"]
@@ -23,11 +24,11 @@ def as_backend(model: Any, vocab_size: int | None = None, eos_token_ids: int | S
     ``eos_token_ids``, if given, must agree with them); plain callables are wrapped in :class:`CallableModel`."""
     if isinstance(model, Backend):
         if vocab_size is not None and int(vocab_size) != model.vocab_size:
-            raise ValueError(f"vocab_size={vocab_size} disagrees with the backend's vocab_size={model.vocab_size}")
+            raise InvalidArgumentError(f"vocab_size={vocab_size} disagrees with the backend's vocab_size={model.vocab_size}")
         if eos_token_ids is not None:
             ids = [eos_token_ids] if isinstance(eos_token_ids, (int, np.integer)) else list(eos_token_ids)
             if sorted(set(int(e) for e in ids)) != sorted(set(model.eos_token_ids)):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"eos_token_ids={ids} disagrees with the backend's {list(model.eos_token_ids)}; "
                     "set EOS ids on the backend (e.g. TransformersModel(..., eos_token_ids=...))"
                 )
@@ -47,9 +48,9 @@ def expand_support(
     if isinstance(out, PolicySupport):
         offsets, tokens, logprobs = _support_arrays(out)
         if len(offsets) != len(batch) + 1:
-            raise ValueError(f"{type(backend).__name__} returned {len(offsets) - 1} support rows for {len(batch)} nodes")
+            raise InvalidArgumentError(f"{type(backend).__name__} returned {len(offsets) - 1} support rows for {len(batch)} nodes")
         return normalize_support(offsets, tokens, logprobs, backend.vocab_size)
-    raise TypeError(f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport, got {type(out).__name__}")
+    raise ArgumentTypeError(f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport, got {type(out).__name__}")
 
 
 def _support_arrays(out: PolicySupport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

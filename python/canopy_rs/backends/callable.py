@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from canopy_rs._core import Policy
+from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError
 from canopy_rs.protocol import NextTokenLogits, NodeBatch
 
 LogitsFn = Callable[[list[list[int]]], Any]
@@ -24,9 +25,9 @@ def as_logits_array(out: Any, rows: int, vocab_size: int, source: str = "logits_
     if arr.dtype == np.float16:
         arr = arr.astype(np.float32)
     if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{source} must return float32 or float64 logits, got dtype {arr.dtype}")
+        raise ArgumentTypeError(f"{source} must return float32 or float64 logits, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape != (rows, vocab_size):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{source} returned logits of shape {arr.shape}; expected (len(prefixes), vocab_size) = ({rows}, {vocab_size})"
         )
     return np.ascontiguousarray(arr)
@@ -39,7 +40,7 @@ class CallableModel:
 
     def __init__(self, logits_fn: LogitsFn, vocab_size: int, eos_token_ids: int | Sequence[int]) -> None:
         if not callable(logits_fn):
-            raise TypeError(f"model must be a callable logits_fn or a canopy_rs Backend, got {type(logits_fn).__name__}")
+            raise ArgumentTypeError(f"model must be a callable logits_fn or a canopy_rs Backend, got {type(logits_fn).__name__}")
         self.logits_fn = logits_fn
         self._vocab_size = _check_vocab(vocab_size)
         self._eos = _check_eos(eos_token_ids, self._vocab_size)
@@ -75,23 +76,23 @@ class CallableModel:
 
 def _check_vocab(vocab_size: Any) -> int:
     if vocab_size is None:
-        raise TypeError("vocab_size is required when the model is a plain logits_fn callable")
+        raise ArgumentTypeError("vocab_size is required when the model is a plain logits_fn callable")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        raise InvalidArgumentError(f"vocab_size must be a positive int, got {vocab_size!r}")
     return int(vocab_size)
 
 
 def _check_eos(eos_token_ids: Any, vocab_size: int) -> tuple[int, ...]:
     if eos_token_ids is None:
-        raise TypeError("eos_token_ids is required when the model is a plain logits_fn callable (an int or a list)")
+        raise ArgumentTypeError("eos_token_ids is required when the model is a plain logits_fn callable (an int or a list)")
     ids = [eos_token_ids] if isinstance(eos_token_ids, (int, np.integer)) else list(eos_token_ids)
     if not ids:
-        raise ValueError("eos_token_ids must name at least one EOS id")
+        raise InvalidArgumentError("eos_token_ids must name at least one EOS id")
     out = []
     for e in ids:
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)):
-            raise TypeError(f"eos_token_ids must hold ints, got {e!r}")
+            raise ArgumentTypeError(f"eos_token_ids must hold ints, got {e!r}")
         if not 0 <= e < vocab_size:
-            raise ValueError(f"eos_token_ids: EOS id {e} is outside the vocabulary [0, vocab_size={vocab_size})")
+            raise InvalidArgumentError(f"eos_token_ids: EOS id {e} is outside the vocabulary [0, vocab_size={vocab_size})")
         out.append(int(e))
     return tuple(dict.fromkeys(out))

@@ -12,6 +12,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
+
 __all__ = [
     "rankdata",
     "pearson",
@@ -161,7 +163,7 @@ def student_t_ppf(q: float, dof: float) -> float:
     """Quantile of Student's t for q in (0.5, 1) (bisection on the exact tail; ~1e-12 accurate). Written out
     so that intervals do not depend on whether scipy is installed."""
     if not 0.5 < q < 1.0:
-        raise ValueError(f"q must be in (0.5, 1), got {q}")
+        raise InvalidArgumentError(f"q must be in (0.5, 1), got {q}")
     tail = 1.0 - q
     lo, hi = 0.0, 1.0
     while _student_t_sf(hi, dof) > tail:
@@ -181,7 +183,7 @@ def critical_value(confidence: float, dof: float | None = None) -> float:
     """Two-sided critical value: Student t with ``dof`` degrees of freedom (better small-sample coverage
     for a mean with an estimated SE), or the normal quantile when ``dof`` is None."""
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence!r}")
     q = 0.5 + confidence / 2.0
     if dof is not None and math.isfinite(dof) and dof >= 1:
         return student_t_ppf(q, float(dof))

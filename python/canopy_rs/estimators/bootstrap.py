@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
+
 from .pooling import POOLED_METRICS, pooled_columns, prompt_columns
 
 __all__ = ["BootstrapResult", "paired_bootstrap", "DEFAULT_BOOTSTRAP_METRICS", "POSITIVE_METRICS"]
@@ -94,18 +96,18 @@ def paired_bootstrap(
     """Paired bootstrap over prompts. ``base[p]`` and ``finetuned[p]`` are the per-prompt estimates
     (:class:`PromptEstimate`) of the same prompt p. ``seed`` seeds ``numpy.random.default_rng``."""
     if len(base) != len(finetuned):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"base and finetuned must hold the same prompts: got {len(base)} and {len(finetuned)}"
         )
     if len(base) == 0:
-        raise ValueError("base and finetuned must hold at least one prompt")
+        raise InvalidArgumentError("base and finetuned must hold at least one prompt")
     if isinstance(num_replicates, bool) or not isinstance(num_replicates, (int, np.integer)) or num_replicates < 2:
-        raise ValueError(f"num_replicates must be an integer >= 2, got {num_replicates!r}")
+        raise InvalidArgumentError(f"num_replicates must be an integer >= 2, got {num_replicates!r}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence!r}")
     unknown = [m for m in metrics if m not in POOLED_METRICS]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {list(POOLED_METRICS)}")
+        raise InvalidArgumentError(f"unknown metrics {unknown}; choose from {list(POOLED_METRICS)}")
 
     cols_b = prompt_columns(base)
     cols_f = prompt_columns(finetuned)

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
 from . import _stats
@@ -84,7 +85,7 @@ def estimate_hybrid(
     budget_nodes = check_positive_int("budget_nodes", budget_nodes)
     num_rollouts = check_positive_int("num_rollouts", num_rollouts)
     if frontier_sampling not in ("stratified", "multinomial"):
-        raise ValueError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
+        raise InvalidArgumentError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
     backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
         model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
     )

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
 from . import _stats
@@ -121,15 +122,15 @@ def estimate_arrays(
     ent = np.asarray(entropies, dtype=np.float64)
     m = int(lengths.shape[0])
     if m < 1:
-        raise ValueError("need at least one rollout")
+        raise InvalidArgumentError("need at least one rollout")
     if ent.ndim != 2 or ent.shape[0] != m:
-        raise ValueError(f"entropies must have shape [M, L] with M={m}, got {ent.shape}")
+        raise InvalidArgumentError(f"entropies must have shape [M, L] with M={m}, got {ent.shape}")
     if np.any(lengths < 1) or np.any(lengths > max_new_tokens):
-        raise ValueError("lengths must lie in 1..max_new_tokens")
+        raise InvalidArgumentError("lengths must lie in 1..max_new_tokens")
     if np.any(lengths > ent.shape[1]):
-        raise ValueError("entropies has fewer columns than the longest rollout")
+        raise InvalidArgumentError("entropies has fewer columns than the longest rollout")
     if bin_step < 1:
-        raise ValueError(f"bin_step must be >= 1, got {bin_step}")
+        raise InvalidArgumentError(f"bin_step must be >= 1, got {bin_step}")
     if stratified:
         crit_dof = _stats.critical_value(confidence, max(1, m // 2))
 
@@ -248,7 +249,7 @@ def estimate(rollouts, *, confidence: float = 0.95, bin_step: int = 5) -> Prompt
     ``confidence`` sets the interval level; ``bin_step`` the spacing of the running entropy-rate positions.
     """
     if np.any(rollouts.start_depths != 0):
-        raise ValueError("estimate() needs rollouts started at the root (start_depths == 0)")
+        raise InvalidArgumentError("estimate() needs rollouts started at the root (start_depths == 0)")
     return estimate_arrays(
         rollouts.lengths,
         rollouts.entropies,

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
 __all__ = ["PooledEstimate", "pool", "prompt_columns", "pooled_columns", "POOLED_METRICS"]
@@ -62,7 +63,7 @@ POOLED_METRICS = (
 def prompt_columns(estimates: Sequence[Any]) -> dict[str, np.ndarray]:
     """Per-prompt arrays [P] from PromptEstimate objects (or mappings with the same keys)."""
     if len(estimates) == 0:
-        raise ValueError("estimates must hold at least one prompt")
+        raise InvalidArgumentError("estimates must hold at least one prompt")
     cols = {}
     for key, attr in _COLUMNS.items():
         vals = []
@@ -204,7 +205,7 @@ def _pooled_trajectory(estimates):
     for e in with_traj:
         p = np.asarray(_field(e, "trajectory_positions"), dtype=np.int64)
         if not np.array_equal(p, pos[: p.shape[0]]):
-            raise ValueError("prompts use different trajectory positions (bin_step); pool like with like")
+            raise InvalidArgumentError("prompts use different trajectory positions (bin_step); pool like with like")
         k = p.shape[0]
         tot[:k] += np.asarray(_field(e, "trajectory_rate_sum"), dtype=np.float64)
         act[:k] += np.asarray(_field(e, "trajectory_active"), dtype=np.int64)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from canopy_rs.backends.torch_policy import policy_support_torch
+from canopy_rs.errors import TreeAttentionUnsupported
 from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
 
 from ._common import (
@@ -57,10 +58,6 @@ __all__ = [
 
 STRATEGIES = ("auto", "tree", "per-row")
 _STRATEGY_ALIASES = {"per_row": "per-row", "rows": "per-row", "tree-attention": "tree", "tree_attention": "tree"}
-
-
-class TreeAttentionUnsupported(ValueError):
-    """``strategy="tree"`` was requested for a model that tree attention cannot run exactly."""
 
 
 def _self_check_tolerance(dtype: torch.dtype) -> float:

@@ -9,8 +9,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-import transformers
 from transformers import cache_utils
+
+from canopy_rs.errors import KVBudgetExceededError
 
 __all__ = [
     "ModelRunner",
@@ -26,10 +27,6 @@ __all__ = [
     "can_concat_cache",
     "new_cache",
 ]
-
-
-class KVBudgetExceededError(MemoryError):
-    """The live KV cache would exceed the backend's ``max_live_kv_tokens`` budget."""
 
 
 class ModelRunner:
@@ -349,7 +346,3 @@ def concat_caches(caches: list, rows: list[int]) -> Any:
         layers.append(out)
     new.layers = layers
     return new
-
-
-def transformers_version() -> str:
-    return str(transformers.__version__)
