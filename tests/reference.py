@@ -49,6 +49,7 @@ class Leaf:
     length: int
     path_entropy: float
     eos: bool
+    tokens: tuple[int, ...] = ()
 
 
 def enumerate_canopy(
@@ -73,7 +74,7 @@ def enumerate_canopy(
         for tok, lp in q.items():
             child = prefix + [tok]
             if tok in eos or len(child) == max_new_tokens:
-                leaves.append(Leaf(log_reach + lp, len(child), path_h + h, tok in eos))
+                leaves.append(Leaf(log_reach + lp, len(child), path_h + h, tok in eos, tuple(child)))
             else:
                 stack.append((child, log_reach + lp, path_h + h))
     return leaves, math.fsum(chain), internal

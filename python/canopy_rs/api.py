@@ -276,6 +276,7 @@ def exact(
     max_nodes: int = DEFAULT_MAX_NODES,
     order: str = "depth-first",
     return_nodes: bool = False,
+    return_leaves: bool = False,
     progress: Union[bool, Callable[[CanopyBounds], None]] = False,
     progress_interval: float = 0.5,
 ) -> CanopyResult:
@@ -291,7 +292,10 @@ def exact(
     ``max_nodes`` bounds the tree (nodes, leaves included): past it a :class:`canopy_rs.TreeTooLargeError` is
     raised before memory runs out. ``order`` changes only how much model state is alive at once.
     ``return_nodes=True`` adds per-node arrays (``parent, token, depth, log_reach, entropy, is_leaf``) as
-    ``result.nodes``. ``progress=True`` shows a tqdm bar; a callable receives a :class:`CanopyBounds` snapshot
+    ``result.nodes``. ``return_leaves=True`` adds the per-leaf columns ``leaf_tokens``, ``leaf_probs``,
+    ``leaf_lengths``, ``leaf_rates`` (leaves in lexicographic token order; for :func:`canopy_rs.embed` and
+    :func:`canopy_rs.exact_semantics`) and the pi-weighted ``length_rate_spearman`` and
+    ``length_rate_kendall`` of (N, r_N) (None without leaves). ``progress=True`` shows a tqdm bar; a callable receives a :class:`CanopyBounds` snapshot
     every ``progress_interval`` seconds. Ctrl-C raises :class:`Interrupted` carrying the bracket reached.
     """
     run = _Run(
@@ -305,7 +309,7 @@ def exact(
         batch_size=batch_size,
         max_nodes=max_nodes,
         order=order,
-        record_nodes=return_nodes,
+        record_nodes=return_nodes or return_leaves,
         support_cap=None,
         progress=progress,
         progress_interval=progress_interval,
@@ -314,7 +318,8 @@ def exact(
         run.expand()
     except KeyboardInterrupt:
         raise Interrupted(run.bounds("interrupt")) from None
-    return run.result()
+    res = run.result()
+    return res.with_leaves(keep_nodes=return_nodes) if return_leaves else res
 
 
 def bounded(

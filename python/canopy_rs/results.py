@@ -76,6 +76,14 @@ class CanopyResult:
     max_support: int
     info: RunInfo
     nodes: Optional[dict[str, np.ndarray]] = field(default=None, repr=False, compare=False)
+    # Per-leaf columns (``exact(..., return_leaves=True)``), leaves in lexicographic token order; None
+    # otherwise. The rank correlations need them: None means "not computed", NaN means "undefined".
+    leaf_tokens: Optional[list[list[int]]] = field(default=None, repr=False, compare=False)
+    leaf_probs: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    leaf_lengths: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    leaf_rates: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    length_rate_spearman: Optional[float] = None
+    length_rate_kendall: Optional[float] = None
 
     is_exact = True
     #: The scalar population values (the fields compared between engines, backends and references).
@@ -156,6 +164,31 @@ class CanopyResult:
         return (self.info.tokens_forwarded - self.info.prompt_tokens) / max(self.num_internal_nodes - 1, 1)
 
     @property
+    def length_rate_pearson(self) -> float:
+        """rho(N, r_N) (``length_rate_corr``), under the name the sampled estimates use."""
+        return self.length_rate_corr
+
+    def with_leaves(self, keep_nodes: bool = True) -> "CanopyResult":
+        """This result with the per-leaf columns and the pi-weighted Spearman and Kendall tau-b of
+        (N, r_N), derived from the recorded node arrays (``exact(..., return_nodes=True)``)."""
+        if self.nodes is None:
+            raise ValueError("with_leaves() needs the node arrays: run exact(..., return_nodes=True)")
+        from canopy_rs.estimators import _stats
+
+        tokens, probs, lengths, rates = leaf_arrays(self.nodes)
+        n = lengths.astype(np.float64)
+        return dataclasses.replace(
+            self,
+            nodes=self.nodes if keep_nodes else None,
+            leaf_tokens=tokens,
+            leaf_probs=probs,
+            leaf_lengths=lengths,
+            leaf_rates=rates,
+            length_rate_spearman=_stats.weighted_spearman(n, rates, probs),
+            length_rate_kendall=_stats.weighted_kendall_tau_b(n, rates, probs),
+        )
+
+    @property
     def length_driven(self) -> float:
         """E[N] E[r_N], the length-driven term of CE* = E[N] E[r_N] + Cov(N, r_N)."""
         return self.expected_length * self.entropy_rate
@@ -167,8 +200,9 @@ class CanopyResult:
         p[-1] -= self.truncation_prob
         return np.clip(p, 0.0, None)
 
-    def to_dict(self, include_nodes: bool = False) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("info", "nodes")}
+    def to_dict(self, include_nodes: bool = False, include_leaves: bool = False) -> dict[str, Any]:
+        skip = {"info", "nodes"} | (set() if include_leaves else set(_LEAF_FIELDS))
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d.update(
             is_exact=True,
             ce_star_lower=self.ce_star,
@@ -180,6 +214,45 @@ class CanopyResult:
         if include_nodes and self.nodes is not None:
             d["nodes"] = self.nodes
         return to_plain(d)
+
+
+_LEAF_FIELDS = ("leaf_tokens", "leaf_probs", "leaf_lengths", "leaf_rates")
+
+
+def leaf_arrays(nodes: dict[str, np.ndarray]) -> tuple[list[list[int]], np.ndarray, np.ndarray, np.ndarray]:
+    """``(tokens, probs, lengths, rates)`` of every leaf in the engine's node arrays, leaves in lexicographic
+    order of their token sequences (independent of expansion order and batching). A leaf's rate is its path
+    entropy (the h of its ancestors, summed root first as the engine does) over its length."""
+    parent = np.asarray(nodes["parent"], dtype=np.int64)
+    depth = np.asarray(nodes["depth"], dtype=np.int64)
+    token = np.asarray(nodes["token"], dtype=np.int64)
+    entropy = np.asarray(nodes["entropy"], dtype=np.float64)
+    is_leaf = np.asarray(nodes["is_leaf"], dtype=bool)
+    leaves = np.flatnonzero(is_leaf)
+    if leaves.size == 0:
+        raise ValueError("the node arrays hold no leaves: they must come from a complete exact() run")
+    path = np.zeros(parent.shape[0])
+    by_depth = np.argsort(depth, kind="stable")
+    bounds = np.searchsorted(depth[by_depth], np.arange(int(depth.max()) + 2))
+    for d in range(1, int(depth.max()) + 1):
+        ids = by_depth[bounds[d] : bounds[d + 1]]
+        path[ids] = path[parent[ids]] + entropy[parent[ids]]
+    lengths = depth[leaves]
+    width = int(lengths.max())
+    # Tokens right-aligned by walking up; then shifted so each row starts at column 0 (-1 pads the tail).
+    mat = np.full((leaves.size, width), -1, dtype=np.int64)
+    cur = leaves.copy()
+    for k in range(width):
+        live = depth[cur] > 0
+        col = np.where(live, lengths - 1 - k, 0)
+        rows = np.flatnonzero(live)
+        mat[rows, col[rows]] = token[cur[rows]]
+        cur = np.where(live, parent[cur], cur)
+    order = np.lexsort(mat.T[::-1])
+    mat, leaves, lengths = mat[order], leaves[order], lengths[order]
+    tokens = [row[:n].tolist() for row, n in zip(mat, lengths)]
+    probs = np.exp(np.asarray(nodes["log_reach"], dtype=np.float64)[leaves])
+    return tokens, probs, lengths, path[leaves] / np.maximum(lengths, 1)
 
 
 @dataclass(frozen=True)

@@ -226,3 +226,137 @@ def collapsed_strata_var(y: np.ndarray) -> float:
         g = y[n - 3 :]
         tot += 1.5 * float(((g - g.mean()) ** 2).sum())
     return tot / (n * n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Probability-weighted (population) correlations over the leaves of an exact canopy (semantics spec 3).
+# With equal weights 1/n each equals its sample counterpart above on the same points.
+# ------------------------------------------------------------------------------------------------
+
+# A weighted variance this small relative to the squared mean is rounding noise of a constant.
+_VAR_ZERO = 1e-24
+# Population values (e.g. a leaf's rate, a sum of step entropies in path order) that are equal in exact
+# arithmetic can differ in the last bits; the weighted rank correlations count values this close as ties.
+TIE_RTOL = 1e-12
+
+
+def snap_ties(v: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
+    """``v`` with runs of sorted values whose consecutive gaps are <= rtol * max|v| set to the run's first
+    value, so rounding noise does not break ties."""
+    v = np.asarray(v, dtype=np.float64)
+    if v.size < 2:
+        return v.copy()
+    order = np.argsort(v, kind="stable")
+    sv = v[order]
+    tol = rtol * float(np.max(np.abs(sv)))
+    starts = np.concatenate([[True], np.diff(sv) > tol])
+    out = np.empty_like(v)
+    out[order] = sv[np.flatnonzero(starts)][np.cumsum(starts) - 1]
+    return out
+
+
+def _unit_weights(w: np.ndarray, n: int) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+    tot = float(w.sum())
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0.0) and tot > 0.0):
+        raise ValueError("weights must be finite, >= 0 and not all zero")
+    return w / tot
+
+
+def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """Pearson correlation under the distribution w (normalised); NaN when a variable is constant."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    w = _unit_weights(w, x.shape[0])
+    if x.shape[0] < 2:
+        return math.nan
+    dx = x - float(w @ x)
+    dy = y - float(w @ y)
+    vx, vy = float(w @ (dx * dx)), float(w @ (dy * dy))
+    mx, my = float(w @ x), float(w @ y)
+    if vx <= _VAR_ZERO * max(1.0, mx * mx) or vy <= _VAR_ZERO * max(1.0, my * my):
+        return math.nan
+    return max(-1.0, min(1.0, float(w @ (dx * dy)) / math.sqrt(vx * vy)))
+
+
+def _mid_cdf(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """F(x_i) = P(X < x_i) + P(X = x_i) / 2 under w: the population mid-rank."""
+    values, inv = np.unique(x, return_inverse=True)
+    mass = np.bincount(inv, weights=w, minlength=values.shape[0])
+    below = np.cumsum(mass) - mass
+    return (below + mass / 2.0)[inv]
+
+
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """Spearman under w: the weighted Pearson correlation of the mid-rank CDF transforms F_x(x), F_y(y).
+    Values within :data:`TIE_RTOL` are ties (:func:`snap_ties`)."""
+    x = snap_ties(x)
+    y = snap_ties(y)
+    w = _unit_weights(w, x.shape[0])
+    if x.shape[0] < 2:
+        return math.nan
+    return weighted_pearson(_mid_cdf(x, w), _mid_cdf(y, w), w)
+
+
+def _tie_mass(keys: np.ndarray, w: np.ndarray) -> tuple[float, int]:
+    """P(two independent draws share the key) = sum over key groups of (group weight)^2, and the number of
+    groups with positive weight."""
+    _, inv = np.unique(keys, return_inverse=True, axis=0 if keys.ndim > 1 else None)
+    g = np.bincount(inv.ravel(), weights=w)
+    return float(g @ g), int(np.count_nonzero(g > 0))
+
+
+def weighted_kendall_tau_b(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """Kendall tau-b under w: (P(concordant) - P(discordant)) for two independent draws, divided by
+    sqrt((1 - P(x tie)) (1 - P(y tie))). NaN when either variable is constant. Values within
+    :data:`TIE_RTOL` are ties (:func:`snap_ties`).
+
+    O(n log^2 n): the points are sorted by (x, y); the signed weight of later-vs-earlier pairs in y is summed
+    by a bottom-up merge (each level pairs blocks of size s; every pair i < j is split at exactly one level),
+    and the pairs tied in x, which that sum counts as concordant or tied, are subtracted in closed form."""
+    x = snap_ties(x)
+    y = snap_ties(y)
+    n = x.shape[0]
+    w = _unit_weights(w, n)
+    if n < 2:
+        return math.nan
+    (tx, gx), (ty, gy) = _tie_mass(x, w), _tie_mass(y, w)
+    if gx < 2 or gy < 2:
+        return math.nan
+    denom = (1.0 - tx) * (1.0 - ty)
+    order = np.lexsort((y, x))
+    ry = np.unique(y, return_inverse=True)[1].ravel()[order].astype(np.int64)
+    ws = w[order]
+    pos = np.arange(n, dtype=np.int64)
+    n_ranks = int(ry.max()) + 1
+    # t = sum_{i<j} w_i w_j sign(y_j - y_i) over the (x, y)-sorted sequence.
+    t = 0.0
+    arr = pos  # arrangement: positions sorted by y within blocks of the current size (stable)
+    s = 1
+    while s < n:
+        pair = arr // (2 * s)
+        right = (arr // s) % 2 == 1
+        key = pair * n_ranks + ry[arr]
+        perm = np.argsort(key, kind="stable")
+        arr, key, right = arr[perm], key[perm], right[perm]
+        left_w = np.where(right, 0.0, ws[arr])
+        cum = np.cumsum(left_w)
+        # Left weight in the same pair with y < y_j (exclusive at the start of j's (pair, y) group) and
+        # with y <= y_j (inclusive at the group's end); the pair's own left total by pair boundaries.
+        g_lo = np.searchsorted(key, key, side="left")
+        g_hi = np.searchsorted(key, key, side="right")
+        p_lo = np.searchsorted(key, (key // n_ranks) * n_ranks, side="left")
+        p_hi = np.searchsorted(key, (key // n_ranks + 1) * n_ranks, side="left")
+        before = np.where(p_lo > 0, cum[p_lo - 1], 0.0)
+        less = np.where(g_lo > 0, cum[g_lo - 1], 0.0) - before
+        leq = cum[g_hi - 1] - before
+        total = cum[p_hi - 1] - before
+        rw = np.where(right, ws[arr], 0.0)
+        t += float(rw @ (less - (total - leq)))
+        s *= 2
+    # Pairs i < j tied in x were counted with sign(y_j - y_i) = +1 unless also tied in y: remove them.
+    tied_x = tx - _tie_mass(np.stack([x, y], axis=1), w)[0]  # ordered pairs tied in x, not in y
+    s_total = 2.0 * t - tied_x
+    return max(-1.0, min(1.0, s_total / math.sqrt(denom)))
