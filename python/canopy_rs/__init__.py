@@ -6,6 +6,9 @@ Quick use::
     import canopy_rs
     res = canopy_rs.exact(logits_fn, vocab_size=V, eos_token_ids=[0], max_new_tokens=6, top_k=4)
     res.ce_star, res.expected_length, res.length_rate_corr
+
+Semantic diversity (sampled and exact): :func:`embed`, :func:`semantic_diversity`, :func:`vendi_score`,
+:func:`exact_semantics`, ``estimate(rollouts, embeddings=E)`` (module :mod:`canopy_rs.semantic`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ from canopy_rs.estimators import (
 from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
 from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
 from canopy_rs.sampling import Rollouts, sample
+from canopy_rs.semantic import (
+    ExactSemantics,
+    embed,
+    exact_semantics,
+    rollout_diversity,
+    rollout_texts,
+    semantic_diversity,
+    vendi_score,
+)
 
 __all__ = [
     "__version__",
@@ -89,6 +101,13 @@ __all__ = [
     "StudyResult",
     "random_logits_fn",
     "load_model",
+    "embed",
+    "rollout_texts",
+    "semantic_diversity",
+    "vendi_score",
+    "rollout_diversity",
+    "exact_semantics",
+    "ExactSemantics",
 ]
 
 # Names whose modules import torch or other heavy optional dependencies: loaded on first use.

@@ -12,7 +12,7 @@ The model-driving functions import the Rust core lazily, so the pure-numpy parts
 """
 
 from .beam import BeamSearchEstimate, stochastic_beam_search
-from .bootstrap import DEFAULT_BOOTSTRAP_METRICS, BootstrapResult, paired_bootstrap
+from .bootstrap import DEFAULT_BOOTSTRAP_METRICS, SEMANTIC_BOOTSTRAP_METRICS, BootstrapResult, paired_bootstrap
 from .hybrid import HybridEstimate, estimate_hybrid
 from .montecarlo import PromptEstimate, estimate, estimate_arrays
 from .pooling import PooledEstimate, pool
@@ -26,6 +26,7 @@ __all__ = [
     "HybridEstimate",
     "PooledEstimate",
     "PromptEstimate",
+    "SEMANTIC_BOOTSTRAP_METRICS",
     "StudyResult",
     "compare",
     "estimate",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -20,7 +20,13 @@ from canopy_rs.errors import InvalidArgumentError
 
 from .pooling import POOLED_METRICS, pooled_columns, prompt_columns
 
-__all__ = ["BootstrapResult", "paired_bootstrap", "DEFAULT_BOOTSTRAP_METRICS", "POSITIVE_METRICS"]
+__all__ = [
+    "BootstrapResult",
+    "paired_bootstrap",
+    "DEFAULT_BOOTSTRAP_METRICS",
+    "SEMANTIC_BOOTSTRAP_METRICS",
+    "POSITIVE_METRICS",
+]
 
 # The reference configuration's metrics (ce_star_max, gen_ppl, branching_factor, entropy_rate_vs_length.*).
 DEFAULT_BOOTSTRAP_METRICS = (
@@ -32,7 +38,21 @@ DEFAULT_BOOTSTRAP_METRICS = (
     "length_rate_kendall",
     "length_rate_cov",
 )
-POSITIVE_METRICS = frozenset({"ce_star", "ce_star_surprisal", "gen_ppl", "branching_factor", "expected_length"})
+# Added to the defaults when the prompts carry embeddings (semantics spec 4): D, VS, corr(N, d), corr(r, d).
+SEMANTIC_BOOTSTRAP_METRICS = (
+    "semantic_diversity",
+    "vendi_score",
+    "length_diversity_pearson",
+    "length_diversity_spearman",
+    "length_diversity_kendall",
+    "rate_diversity_pearson",
+    "rate_diversity_spearman",
+    "rate_diversity_kendall",
+)
+POSITIVE_METRICS = frozenset(
+    {"ce_star", "ce_star_surprisal", "gen_ppl", "branching_factor", "expected_length", "semantic_diversity",
+     "vendi_score"}
+)
 
 
 def _summary(point: float, reps: np.ndarray, confidence: float) -> dict[str, float]:
@@ -91,10 +111,12 @@ def paired_bootstrap(
     num_replicates: int = 2000,
     seed: Any = 42,
     confidence: float = 0.95,
-    metrics: Sequence[str] = DEFAULT_BOOTSTRAP_METRICS,
+    metrics: Optional[Sequence[str]] = None,
 ) -> BootstrapResult:
     """Paired bootstrap over prompts. ``base[p]`` and ``finetuned[p]`` are the per-prompt estimates
-    (:class:`PromptEstimate`) of the same prompt p. ``seed`` seeds ``numpy.random.default_rng``."""
+    (:class:`PromptEstimate`) of the same prompt p. ``seed`` seeds ``numpy.random.default_rng``.
+    ``metrics`` (names of :func:`pool`'s metrics); None: the reference set (``DEFAULT_BOOTSTRAP_METRICS``)
+    plus ``SEMANTIC_BOOTSTRAP_METRICS`` when the estimates carry semantic diversity (embeddings)."""
     if len(base) != len(finetuned):
         raise InvalidArgumentError(
             f"base and finetuned must hold the same prompts: got {len(base)} and {len(finetuned)}"
@@ -105,12 +127,14 @@ def paired_bootstrap(
         raise InvalidArgumentError(f"num_replicates must be an integer >= 2, got {num_replicates!r}")
     if not 0.0 < confidence < 1.0:
         raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence!r}")
+    cols_b = prompt_columns(base)
+    cols_f = prompt_columns(finetuned)
+    if metrics is None:
+        semantic = any(np.isfinite(c["semantic_diversity"]).any() for c in (cols_b, cols_f))
+        metrics = DEFAULT_BOOTSTRAP_METRICS + (SEMANTIC_BOOTSTRAP_METRICS if semantic else ())
     unknown = [m for m in metrics if m not in POOLED_METRICS]
     if unknown:
         raise InvalidArgumentError(f"unknown metrics {unknown}; choose from {list(POOLED_METRICS)}")
-
-    cols_b = prompt_columns(base)
-    cols_f = prompt_columns(finetuned)
     p = len(base)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, p, size=(int(num_replicates), p))

@@ -13,7 +13,7 @@ are the reference code's estimators; their intervals are delta-method / Fisher-z
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -85,6 +85,29 @@ class PromptEstimate:
     trajectory_active: np.ndarray
     trajectory_rate_sum: np.ndarray  # sum over active rollouts (pooling is rollout-weighted)
     cost: dict = field(default_factory=dict)
+    # Semantic diversity (estimate(..., embeddings=E); NaN without embeddings): D, Vendi, corr(N, d),
+    # corr(r_N, d), D inside the short / medium / long length buckets (canopy_rs.semantic).
+    semantic_diversity: float = math.nan
+    vendi_score: float = math.nan
+    vendi_entropy: float = math.nan
+    length_diversity_pearson: float = math.nan
+    length_diversity_spearman: float = math.nan
+    length_diversity_kendall: float = math.nan
+    rate_diversity_pearson: float = math.nan
+    rate_diversity_spearman: float = math.nan
+    rate_diversity_kendall: float = math.nan
+    bucket_diversity_short: float = math.nan
+    bucket_diversity_medium: float = math.nan
+    bucket_diversity_long: float = math.nan
+
+    @property
+    def bucket_diversity(self) -> dict[str, float]:
+        """D inside the length buckets: {"short", "medium", "long"}."""
+        return {
+            "short": self.bucket_diversity_short,
+            "medium": self.bucket_diversity_medium,
+            "long": self.bucket_diversity_long,
+        }
 
     @property
     def length_rate_corr(self) -> float:
@@ -243,14 +266,17 @@ def estimate_arrays(
     )
 
 
-def estimate(rollouts, *, confidence: float = 0.95, bin_step: int = 5) -> PromptEstimate:
+def estimate(rollouts, *, embeddings=None, confidence: float = 0.95, bin_step: int = 5) -> PromptEstimate:
     """Per-prompt estimates from root rollouts (:func:`canopy_rs.sample` or :meth:`Rollouts.from_ragged`).
 
-    ``confidence`` sets the interval level; ``bin_step`` the spacing of the running entropy-rate positions.
+    ``embeddings`` [M, d] (one row per rollout, e.g. :func:`canopy_rs.embed` of
+    :func:`canopy_rs.rollout_texts`) adds the semantic fields (semantic_diversity, vendi_score,
+    length_diversity_*, rate_diversity_*, bucket_diversity); without it they are NaN. ``confidence`` sets
+    the interval level; ``bin_step`` the spacing of the running entropy-rate positions.
     """
     if np.any(rollouts.start_depths != 0):
         raise InvalidArgumentError("estimate() needs rollouts started at the root (start_depths == 0)")
-    return estimate_arrays(
+    est = estimate_arrays(
         rollouts.lengths,
         rollouts.entropies,
         rollouts.logq,
@@ -261,3 +287,8 @@ def estimate(rollouts, *, confidence: float = 0.95, bin_step: int = 5) -> Prompt
         cost=rollouts.cost,
         stratified=bool(getattr(rollouts, "stratified", False)),
     )
+    if embeddings is None:
+        return est
+    from canopy_rs.semantic import prompt_semantics
+
+    return replace(est, **prompt_semantics(embeddings, rollouts.lengths, rollouts.entropy_rates))

@@ -7,7 +7,9 @@
 * non-finite entries and zero weights are dropped; with no weight left, the plain nanmean is used;
 * decomposition from the pooled values: E[N] = CE / log GenPPL, E[r] = log BF, Cov = CE - E[N] E[r]
   (a residual: mean within-prompt population covariance plus between-prompt covariance of the means);
-* running entropy rate: rollout-weighted over all prompts.
+* running entropy rate: rollout-weighted over all prompts;
+* semantic diversity D and the bucketed D_b: nanmean; Vendi: exp(mean H_V); corr(N, d) and corr(r_N, d):
+  like rho(N, r_N).
 
 :func:`pool_exact` pools exact per-prompt values (population values: every prompt weighs the same) by the
 same rules. :func:`pooled_columns` works on an index matrix ``[B, P]`` so the bootstrap evaluates all replicates at once.
@@ -24,7 +26,15 @@ import numpy as np
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
-__all__ = ["PooledEstimate", "pool", "pool_exact", "prompt_columns", "pooled_columns", "POOLED_METRICS"]
+__all__ = [
+    "PooledEstimate",
+    "pool",
+    "pool_exact",
+    "prompt_columns",
+    "pooled_columns",
+    "POOLED_METRICS",
+    "SEMANTIC_METRICS",
+]
 
 _CLIP = 0.999999
 
@@ -41,6 +51,33 @@ _COLUMNS = {
     "length_rate_cov": "length_rate_cov",
     "num_rollouts": "num_rollouts",
 }
+# Semantic columns (canopy_rs.semantic): NaN for prompts estimated without embeddings.
+_SEMANTIC_COLUMNS = (
+    "semantic_diversity",
+    "vendi_entropy",
+    "length_diversity_pearson",
+    "length_diversity_spearman",
+    "length_diversity_kendall",
+    "rate_diversity_pearson",
+    "rate_diversity_spearman",
+    "rate_diversity_kendall",
+    "bucket_diversity_short",
+    "bucket_diversity_medium",
+    "bucket_diversity_long",
+)
+SEMANTIC_METRICS = (
+    "semantic_diversity",
+    "vendi_score",
+    "length_diversity_pearson",
+    "length_diversity_spearman",
+    "length_diversity_kendall",
+    "rate_diversity_pearson",
+    "rate_diversity_spearman",
+    "rate_diversity_kendall",
+    "bucket_diversity_short",
+    "bucket_diversity_medium",
+    "bucket_diversity_long",
+)
 
 POOLED_METRICS = (
     "ce_star",
@@ -58,7 +95,7 @@ POOLED_METRICS = (
     "length_rate_cov_residual",
     "length_driven_share",
     "cov_share",
-)
+) + SEMANTIC_METRICS
 
 
 def prompt_columns(estimates: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -71,6 +108,12 @@ def prompt_columns(estimates: Sequence[Any]) -> dict[str, np.ndarray]:
         for e in estimates:
             v = e[attr] if isinstance(e, Mapping) else getattr(e, attr)
             vals.append(float(v))
+        cols[key] = np.asarray(vals, dtype=np.float64)
+    for key in _SEMANTIC_COLUMNS:
+        vals = []
+        for e in estimates:
+            v = e.get(key) if isinstance(e, Mapping) else getattr(e, key, None)
+            vals.append(np.nan if v is None else float(v))
         cols[key] = np.asarray(vals, dtype=np.float64)
     return cols
 
@@ -122,7 +165,7 @@ def pooled_columns(cols: Mapping[str, np.ndarray], idx: Optional[np.ndarray] = N
         ld_share = length_driven / ce
         cov_share = cov_res / ce
     fisher_w = np.maximum(n - 3.0, 0.0)
-    return {
+    out = {
         "ce_star": ce,
         "ce_star_surprisal": ces,
         "expected_length": length,
@@ -139,6 +182,18 @@ def pooled_columns(cols: Mapping[str, np.ndarray], idx: Optional[np.ndarray] = N
         "length_driven_share": ld_share,
         "cov_share": cov_share,
     }
+    # Semantic metrics (semantics spec 4): D and D_b nanmean, VS = exp(mean H_V), corr(N, d) and
+    # corr(r, d) like rho(N, r_N).
+    out["semantic_diversity"] = _nanmean(_take(cols["semantic_diversity"], idx))
+    with np.errstate(over="ignore", invalid="ignore"):
+        out["vendi_score"] = np.exp(_nanmean(_take(cols["vendi_entropy"], idx)))
+    for prefix in ("length_diversity", "rate_diversity"):
+        for kind in ("pearson", "spearman"):
+            out[f"{prefix}_{kind}"] = _weighted(_take(cols[f"{prefix}_{kind}"], idx), fisher_w, _fisher, np.tanh)
+        out[f"{prefix}_kendall"] = _weighted(_take(cols[f"{prefix}_kendall"], idx), n * (n - 1.0) / 2.0)
+    for b in ("short", "medium", "long"):
+        out[f"bucket_diversity_{b}"] = _nanmean(_take(cols[f"bucket_diversity_{b}"], idx))
+    return out
 
 
 @dataclass(frozen=True)
@@ -163,6 +218,17 @@ class PooledEstimate:
     length_rate_cov_residual: float
     length_driven_share: float
     cov_share: float
+    semantic_diversity: float
+    vendi_score: float
+    length_diversity_pearson: float
+    length_diversity_spearman: float
+    length_diversity_kendall: float
+    rate_diversity_pearson: float
+    rate_diversity_spearman: float
+    rate_diversity_kendall: float
+    bucket_diversity_short: float
+    bucket_diversity_medium: float
+    bucket_diversity_long: float
     trajectory_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     trajectory_rate: np.ndarray = field(default_factory=lambda: np.zeros(0))
     trajectory_active: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -170,8 +236,17 @@ class PooledEstimate:
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dict(self.__dict__))
 
+    @property
+    def bucket_diversity(self) -> dict[str, float]:
+        """Pooled D inside the length buckets: {"short", "medium", "long"}."""
+        return {
+            "short": self.bucket_diversity_short,
+            "medium": self.bucket_diversity_medium,
+            "long": self.bucket_diversity_long,
+        }
+
     def to_pooled_metrics(self) -> dict[str, Any]:
-        """The reference ``pooled_metrics.json`` "raw" section layout (semantic keys omitted)."""
+        """The reference ``pooled_metrics.json`` "raw" section layout."""
         return {
             "gen_ppl": self.gen_ppl,
             "ce_star_max": self.ce_star,
@@ -183,6 +258,14 @@ class PooledEstimate:
                 "covariance": self.length_rate_cov,
             },
             "truncation_rate": self.truncation_rate,
+            "semantic_diversity_vs_length": {
+                "pearson": self.length_diversity_pearson,
+                "spearman": self.length_diversity_spearman,
+                "kendall": self.length_diversity_kendall,
+            },
+            "semantic_diversity": self.semantic_diversity,
+            "semantic_diversity_bucketed_mean": self.bucket_diversity,
+            "vendi_score": self.vendi_score,
         }
 
 
