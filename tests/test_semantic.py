@@ -484,7 +484,7 @@ def test_exact_semantics_rejects_bad_input():
         canopy_rs.exact_semantics(plain, e)
     with pytest.raises(ValueError, match="weights must be finite"):
         canopy_rs.semantic_diversity(e, -np.ones(res.num_leaves))
-    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\) \(one per point\)"):
         canopy_rs.vendi_score(np.eye(3), [1.0, 1.0])
     with pytest.raises(ValueError, match="lengths must have shape"):
         bucket_diversity(np.eye(3), [1, 2])

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from canopy_rs.errors import InvalidArgumentError
+
 
 def to_plain(v: Any) -> Any:
     """JSON-friendly values, recursively: arrays and tuples to lists, numpy scalars to Python; NaN stays a
@@ -172,7 +174,7 @@ class CanopyResult:
         """This result with the per-leaf columns and the pi-weighted Spearman and Kendall tau-b of
         (N, r_N), derived from the recorded node arrays (``exact(..., return_nodes=True)``)."""
         if self.nodes is None:
-            raise ValueError("with_leaves() needs the node arrays: run exact(..., return_nodes=True)")
+            raise InvalidArgumentError("with_leaves() needs the node arrays: run exact(..., return_nodes=True)")
         from canopy_rs.estimators import _stats
 
         tokens, probs, lengths, rates = leaf_arrays(self.nodes)
@@ -230,7 +232,7 @@ def leaf_arrays(nodes: dict[str, np.ndarray]) -> tuple[list[list[int]], np.ndarr
     is_leaf = np.asarray(nodes["is_leaf"], dtype=bool)
     leaves = np.flatnonzero(is_leaf)
     if leaves.size == 0:
-        raise ValueError("the node arrays hold no leaves: they must come from a complete exact() run")
+        raise InvalidArgumentError("the node arrays hold no leaves: they must come from a complete exact() run")
     path = np.zeros(parent.shape[0])
     by_depth = np.argsort(depth, kind="stable")
     bounds = np.searchsorted(depth[by_depth], np.arange(int(depth.max()) + 2))

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from canopy_rs.api import check_positive_int
+from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, ModelNotFoundError
 from canopy_rs.estimators import _stats
 from canopy_rs.results import to_plain
 
@@ -70,7 +71,7 @@ def rollout_texts(tokens: Any, tokenizer: Any, *, eos_token_ids: Optional[Sequen
         lists = tokens.token_lists()
     elif hasattr(tokens, "leaf_tokens"):  # CanopyResult
         if tokens.leaf_tokens is None:
-            raise ValueError("tokens: this CanopyResult has no leaves; run exact(..., return_leaves=True)")
+            raise InvalidArgumentError("tokens: this CanopyResult has no leaves; run exact(..., return_leaves=True)")
         eos = tokens.info.eos_token_ids
         lists = tokens.leaf_tokens
     else:
@@ -81,7 +82,7 @@ def rollout_texts(tokens: Any, tokenizer: Any, *, eos_token_ids: Optional[Sequen
         return list(tokenizer.batch_decode(cleaned, skip_special_tokens=True))
     if hasattr(tokenizer, "decode"):
         return [tokenizer.decode(row, skip_special_tokens=True) for row in cleaned]
-    raise TypeError(f"tokenizer must have batch_decode or decode (a transformers tokenizer), got {tokenizer!r}")
+    raise ArgumentTypeError(f"tokenizer must have batch_decode or decode (a transformers tokenizer), got {tokenizer!r}")
 
 
 def default_encoder_path() -> str:
@@ -113,10 +114,10 @@ def _resolve_encoder(encoder: Any, device: Optional[str]) -> Any:
     if isinstance(encoder, (str, os.PathLike)):
         path = os.fspath(encoder)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"encoder: {path!r} is not a folder (a sentence-transformers model folder)")
+            raise ModelNotFoundError(f"encoder: {path!r} is not a folder (a sentence-transformers model folder)")
         return _load_sentence_transformer(os.path.abspath(path), device)
     if not callable(getattr(encoder, "encode", None)):
-        raise TypeError(
+        raise ArgumentTypeError(
             "encoder must be None (the default MiniLM), a sentence-transformers model folder, or an object with "
             f".encode(list[str]) -> array [n, d]; got {type(encoder).__name__}"
         )
@@ -147,14 +148,14 @@ def embed(
     EOS) is legal and gets the encoder's own embedding of ``""`` (for MiniLM, that of the bare [CLS] [SEP]
     input). The output is checked: one row per text, finite, non-zero norm."""
     if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, not one string")
+        raise ArgumentTypeError("texts must be a list of strings, not one string")
     texts = list(texts)
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise TypeError(f"texts must be strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}")
+        raise ArgumentTypeError(f"texts must be strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}")
     batch_size = check_positive_int("batch_size", batch_size)
     if not texts:
-        raise ValueError("texts must hold at least one text")
+        raise InvalidArgumentError("texts must hold at least one text")
     unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
     unique_list = [str(t) for t in unique]
     show = len(unique_list) > PROGRESS_MIN_TEXTS if progress is None else bool(progress)
@@ -186,7 +187,7 @@ def _encode_batches(enc: Any, texts: list[str], batch_size: int, show: bool) -> 
                 part = part.detach().float().cpu().numpy()
             part = np.asarray(part)
             if part.ndim != 2 or part.shape[0] != len(chunk):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"encoder.encode returned shape {part.shape} for {len(chunk)} texts; need [n_texts, dim]"
                 )
             parts.append(part)
@@ -203,12 +204,12 @@ def _check_encoder_output(out: Any, n: int) -> np.ndarray:
         out = out.detach().float().cpu().numpy()
     e = np.asarray(out, dtype=np.float64)
     if e.ndim != 2 or e.shape[0] != n or e.shape[1] < 1:
-        raise ValueError(f"encoder returned shape {e.shape} for {n} texts; need [n_texts, dim]")
+        raise InvalidArgumentError(f"encoder returned shape {e.shape} for {n} texts; need [n_texts, dim]")
     if not np.all(np.isfinite(e)):
-        raise ValueError("encoder returned non-finite embeddings")
+        raise InvalidArgumentError("encoder returned non-finite embeddings")
     norms = np.linalg.norm(e, axis=1)
     if np.any(norms <= 0.0):
-        raise ValueError(f"encoder returned a zero embedding (row {int(np.argmin(norms))}); cosines are undefined")
+        raise InvalidArgumentError(f"encoder returned a zero embedding (row {int(np.argmin(norms))}); cosines are undefined")
     return (e / norms[:, None]).astype(np.float32)
 
 
@@ -221,25 +222,16 @@ def _unit_rows(E: Any, name: str = "E", n: Optional[int] = None) -> np.ndarray:
     """float64 copy of the embedding matrix with unit rows; errors name the parameter."""
     e = np.asarray(E, dtype=np.float64)
     if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] < 1:
-        raise ValueError(f"{name} must be a 2-D array [num_texts, dim] with at least one row, got shape {e.shape}")
+        raise InvalidArgumentError(f"{name} must be a 2-D array [num_texts, dim] with at least one row, got shape {e.shape}")
     if n is not None and e.shape[0] != n:
-        raise ValueError(f"{name} has {e.shape[0]} rows; need one per rollout/leaf ({n})")
+        raise InvalidArgumentError(f"{name} has {e.shape[0]} rows; need one per rollout/leaf ({n})")
     if not np.all(np.isfinite(e)):
         bad = int(np.flatnonzero(~np.all(np.isfinite(e), axis=1))[0])
-        raise ValueError(f"{name} has non-finite values (row {bad})")
+        raise InvalidArgumentError(f"{name} has non-finite values (row {bad})")
     norms = np.linalg.norm(e, axis=1)
     if np.any(norms <= 0.0):
-        raise ValueError(f"{name} has a zero row (row {int(np.argmin(norms))}); cosines are undefined")
+        raise InvalidArgumentError(f"{name} has a zero row (row {int(np.argmin(norms))}); cosines are undefined")
     return e / norms[:, None]
-
-
-def _weights(weights: Any, n: int) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},) (one per row of E), got {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0.0) or not w.sum() > 0.0:
-        raise ValueError("weights must be finite, >= 0 and not all zero")
-    return w / w.sum()
 
 
 def semantic_diversity(E: Any, weights: Any = None) -> float:
@@ -255,7 +247,7 @@ def semantic_diversity(E: Any, weights: Any = None) -> float:
         # sum over i != j of <e_i, e_j> = ||sum e||^2 - sum ||e_i||^2 (= M with unit rows).
         off = float(s @ s) - float(np.einsum("ij,ij->", e, e))
         return 1.0 - off / (m * (m - 1))
-    mean = _weights(weights, m) @ e
+    mean = _stats.unit_weights(weights, m) @ e
     return 1.0 - float(mean @ mean)
 
 
@@ -270,7 +262,7 @@ def rollout_diversity(E: Any, weights: Any = None) -> np.ndarray:
             return np.full(m, math.nan)
         s = e.sum(axis=0)
         return 1.0 - (e @ s - np.einsum("ij,ij->i", e, e)) / (m - 1)
-    return 1.0 - e @ (_weights(weights, m) @ e)
+    return 1.0 - e @ (_stats.unit_weights(weights, m) @ e)
 
 
 def vendi_entropy(E: Any, weights: Any = None) -> float:
@@ -279,7 +271,7 @@ def vendi_entropy(E: Any, weights: Any = None) -> float:
     the n x n and d x d forms is diagonalised (they share their non-zero eigenvalues)."""
     e = _unit_rows(E)
     n, d = e.shape
-    w = np.full(n, 1.0 / n) if weights is None else _weights(weights, n)
+    w = np.full(n, 1.0 / n) if weights is None else _stats.unit_weights(weights, n)
     a = e * np.sqrt(w)[:, None]
     k = a @ a.T if n <= d else a.T @ a
     lam = np.clip(np.linalg.eigvalsh(k), 0.0, None)
@@ -301,7 +293,7 @@ def bucket_diversity(E: Any, lengths: Any) -> dict[str, float]:
     m = e.shape[0]
     n = np.asarray(lengths)
     if n.shape != (m,):
-        raise ValueError(f"lengths must have shape ({m},) (one per row of E), got {n.shape}")
+        raise InvalidArgumentError(f"lengths must have shape ({m},) (one per row of E), got {n.shape}")
     rank = np.empty(m, dtype=np.int64)
     rank[np.argsort(n, kind="stable")] = np.arange(m)
     bucket = rank * 3 // m
@@ -373,10 +365,10 @@ def exact_semantics(res: Any, E: Any) -> ExactSemantics:
     (``canopy_rs.exact(..., return_leaves=True)``) with ``E`` [num_leaves, d] the embeddings of its leaves in
     ``res.leaf_tokens`` order (e.g. ``embed(rollout_texts(res, tokenizer))``)."""
     if getattr(res, "leaf_probs", None) is None:
-        raise ValueError("res has no leaves: compute it with canopy_rs.exact(..., return_leaves=True)")
+        raise InvalidArgumentError("res has no leaves: compute it with canopy_rs.exact(..., return_leaves=True)")
     w = np.asarray(res.leaf_probs, dtype=np.float64)
     e = _unit_rows(E, "E", w.shape[0])
-    w = _weights(w, w.shape[0])
+    w = _stats.unit_weights(w, w.shape[0])
     n = np.asarray(res.leaf_lengths, dtype=np.float64)
     r = np.asarray(res.leaf_rates, dtype=np.float64)
     d = rollout_diversity(e, w)

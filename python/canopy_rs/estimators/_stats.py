@@ -255,13 +255,14 @@ def snap_ties(v: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
     return out
 
 
-def _unit_weights(w: np.ndarray, n: int) -> np.ndarray:
+def unit_weights(w: np.ndarray, n: int) -> np.ndarray:
+    """``w`` normalised to sum 1, after checking it holds n finite, non-negative, not all zero values."""
     w = np.asarray(w, dtype=np.float64)
     if w.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+        raise InvalidArgumentError(f"weights must have shape ({n},) (one per point), got {w.shape}")
     tot = float(w.sum())
     if not (np.all(np.isfinite(w)) and np.all(w >= 0.0) and tot > 0.0):
-        raise ValueError("weights must be finite, >= 0 and not all zero")
+        raise InvalidArgumentError("weights must be finite, >= 0 and not all zero")
     return w / tot
 
 
@@ -269,7 +270,7 @@ def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     """Pearson correlation under the distribution w (normalised); NaN when a variable is constant."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    w = _unit_weights(w, x.shape[0])
+    w = unit_weights(w, x.shape[0])
     if x.shape[0] < 2:
         return math.nan
     dx = x - float(w @ x)
@@ -294,7 +295,7 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     Values within :data:`TIE_RTOL` are ties (:func:`snap_ties`)."""
     x = snap_ties(x)
     y = snap_ties(y)
-    w = _unit_weights(w, x.shape[0])
+    w = unit_weights(w, x.shape[0])
     if x.shape[0] < 2:
         return math.nan
     return weighted_pearson(_mid_cdf(x, w), _mid_cdf(y, w), w)
@@ -319,7 +320,7 @@ def weighted_kendall_tau_b(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float
     x = snap_ties(x)
     y = snap_ties(y)
     n = x.shape[0]
-    w = _unit_weights(w, n)
+    w = unit_weights(w, n)
     if n < 2:
         return math.nan
     (tx, gx), (ty, gy) = _tie_mass(x, w), _tie_mass(y, w)
