@@ -130,11 +130,11 @@ def naive_result(family, policy_name, dtype=torch.float64):
     return _NAIVE[key]
 
 
-STRATS = [("tree", "eager"), ("tree", "sdpa"), ("per-row", "eager"), ("per-row", "sdpa")]
+STRATS = [("cascade", "eager"), ("cascade", "sdpa"), ("tree", "eager"), ("tree", "sdpa"), ("per-row", "eager"), ("per-row", "sdpa")]
 
 
 @pytest.mark.parametrize("policy_name", list(POLICIES))
-@pytest.mark.parametrize("strategy,attn", STRATS, ids=["tree-eager", "tree-sdpa", "rows-eager", "rows-sdpa"])
+@pytest.mark.parametrize("strategy,attn", STRATS, ids=["cascade-eager", "cascade-sdpa", "tree-eager", "tree-sdpa", "rows-eager", "rows-sdpa"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_exact_matches_naive_recompute(family, strategy, attn, policy_name):
     ref = naive_result(family, policy_name)
@@ -155,7 +155,7 @@ def test_exact_matches_naive_recompute(family, strategy, attn, policy_name):
     assert c["support_entries"] >= n
 
 
-@pytest.mark.parametrize("strategy", ["tree", "per-row"])
+@pytest.mark.parametrize("strategy", ["cascade", "tree", "per-row"])
 def test_exact_float32_model(strategy):
     """The float32 path (what real runs use): equal to the float32 naive recompute up to rounding."""
     ref = naive_result("llama", "k4-p0.7", torch.float32)
@@ -322,19 +322,19 @@ def test_tree_attention_compaction_uses_layer_keys_values():
 # Unsupported models: the documented fallback or error
 
 
-def test_sliding_window_falls_back_to_per_row():
+def test_sliding_window_smaller_than_the_prompt():
+    """Window 3 < prompt 4: dense tree attention refuses; cascade (auto) and per-row are exact."""
     m = _build("qwen2", "sdpa", use_sliding_window=True, sliding_window=3, max_window_layers=0).double()
     with pytest.raises(TreeAttentionUnsupported, match="fills the sliding window"):
         TransformersModel(m, None, prompt=PROMPT, strategy="tree")
-    with pytest.warns(RuntimeWarning, match="sliding-window"):
-        be = TransformersModel(m, None, prompt=PROMPT)
-    assert be.strategy == "per-row" and "sliding" in be.strategy_reason
-    # The window (3) is smaller than prompt + depth: per-row caches honour it exactly.
     pol = dict(temperature=1.0, top_k=3, top_p=0.9, max_new_tokens=4)
     ref = canopy_rs.exact(naive_logits_fn(m, PROMPT), vocab_size=12, eos_token_ids=[0, 7], **pol)
-    res = canopy_rs.exact(be, batch_size=4, **pol)
-    assert_results_equal(res, ref)
-    assert be.counters()["tokens_per_expanded_node"] == pytest.approx(1.0)
+    auto = TransformersModel(m, None, prompt=PROMPT)
+    assert auto.strategy == "cascade"
+    for be in (auto, TransformersModel(m, None, prompt=PROMPT, strategy="per-row")):
+        res = canopy_rs.exact(be, batch_size=4, **pol)
+        assert_results_equal(res, ref)
+        assert be.counters()["tokens_per_expanded_node"] == pytest.approx(1.0)
 
 
 def test_sliding_window_tree_within_the_window():
@@ -352,7 +352,8 @@ def test_sliding_window_tree_within_the_window():
 
 
 def test_gemma3_mixed_sliding_and_full_layers():
-    """Gemma-3 style: alternating sliding-window (8) and full layers. Per-row past the window, tree within."""
+    """Gemma-3 style: alternating sliding-window (8) and full layers. Cascade (auto) and per-row past the
+    window, dense tree within."""
     if not hasattr(transformers, "Gemma3TextConfig"):
         pytest.skip("transformers without Gemma 3")
     torch.manual_seed(3)
@@ -365,11 +366,12 @@ def test_gemma3_mixed_sliding_and_full_layers():
     m = transformers.Gemma3ForCausalLM(cfg).eval().double()
     naive = naive_logits_fn(m, PROMPT)
     pol = dict(temperature=1.0, top_k=2, top_p=1.0, max_new_tokens=7)  # prompt 4 + depth 6 > window 8
-    with pytest.warns(RuntimeWarning, match="sliding-window"):
-        be = TransformersModel(m, None, prompt=PROMPT)
-    assert be.strategy == "per-row"
+    be = TransformersModel(m, None, prompt=PROMPT)
+    assert be.strategy == "cascade"
     ref = canopy_rs.exact(naive, vocab_size=16, eos_token_ids=[3, 5], **pol)
     assert_results_equal(canopy_rs.exact(be, batch_size=8, **pol), ref)
+    rows = TransformersModel(m, None, prompt=PROMPT, strategy="per-row")
+    assert_results_equal(canopy_rs.exact(rows, batch_size=8, **pol), ref)
     pol["max_new_tokens"] = 5  # 4 + 4 <= 8
     ref = canopy_rs.exact(naive, vocab_size=16, eos_token_ids=[3, 5], **pol)
     tree = TransformersModel(m, None, prompt=PROMPT, strategy="tree")
@@ -386,8 +388,9 @@ def test_hybrid_linear_attention_model_uses_per_row():
         num_key_value_heads=2, layer_types=["conv", "full_attention"], eos_token_id=[3, 5], max_position_embeddings=64,
     )
     m = transformers.Lfm2ForCausalLM(cfg).eval().double()
-    with pytest.raises(TreeAttentionUnsupported, match="linear-attention"):
-        TransformersModel(m, None, prompt=PROMPT, strategy="tree")
+    for strategy in ("cascade", "tree"):
+        with pytest.raises(TreeAttentionUnsupported, match="linear-attention"):
+            TransformersModel(m, None, prompt=PROMPT, strategy=strategy)
     with pytest.warns(RuntimeWarning, match="linear-attention"):
         be = TransformersModel(m, None, prompt=PROMPT)
     assert be.strategy == "per-row"
@@ -432,9 +435,8 @@ def test_failed_self_check_falls_back(monkeypatch):
     monkeypatch.setattr(ta.TreeAttentionEngine, "expand", no_mask_expand)
     with pytest.raises(TreeAttentionUnsupported, match="self-check"):
         TransformersModel(m, None, prompt=PROMPT, strategy="tree")
-    with pytest.warns(RuntimeWarning, match="self-check"):
-        be = TransformersModel(m, None, prompt=PROMPT)
-    assert be.strategy == "per-row"
+    # auto takes cascade, which does not use the 4D mask at all.
+    assert TransformersModel(m, None, prompt=PROMPT).strategy == "cascade"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -443,7 +445,7 @@ def test_failed_self_check_falls_back(monkeypatch):
 
 def test_memory_budget():
     m = model_for("llama", "sdpa")
-    for strategy in ("tree", "per-row"):
+    for strategy in ("cascade", "tree", "per-row"):
         be = TransformersModel(m, None, prompt=PROMPT, strategy=strategy, max_live_kv_tokens=12)
         with pytest.raises(KVBudgetExceededError, match="max_live_kv_tokens"):
             canopy_rs.exact(be, batch_size=16, max_new_tokens=4, top_k=3, order="breadth-first")

@@ -39,12 +39,16 @@ from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
 from ._common import (
     KVBudgetExceededError,
     ModelRunner,
+    kv_layers_support,
+    new_cache,
     render_prompt,
     resolve_eos_token_ids,
     resolve_vocab_size,
     sliding_window_reason,
     tree_attention_support,
 )
+from ._engine import KVEngine
+from .cascade import CascadeEngine
 from .per_row import PerRowEngine
 from .tree_attention import TreeAttentionEngine
 
@@ -56,7 +60,7 @@ __all__ = [
     "STRATEGIES",
 ]
 
-STRATEGIES = ("auto", "tree", "per-row")
+STRATEGIES = ("auto", "cascade", "tree", "per-row")
 _STRATEGY_ALIASES = {"per_row": "per-row", "rows": "per-row", "tree-attention": "tree", "tree_attention": "tree"}
 
 
@@ -65,6 +69,84 @@ def _self_check_tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.inference_mode()
+def engine_self_check(
+    engine: KVEngine,
+    runner: ModelRunner,
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt_ids: Sequence[int],
+    vocab_size: int,
+    n_prompt: int = 4,
+) -> tuple[bool, str]:
+    """Expand a tiny three-level tree (sibling branches, a released branch, a compaction or slot reuse) with
+    ``engine`` and compare every node's logits with a full no-cache forward of its sequence. Returns
+    ``(ok, detail)``. For the cascade engine it also checks that every layer's attention went through the
+    registered function (a model whose attention bypasses transformers' registry fails here)."""
+    if n_prompt < 1:
+        return False, "the prompt window is too small"
+    prompt = [int(t) for t in prompt_ids[:n_prompt]]
+    V = int(vocab_size)
+    a, b, c = prompt[0] % V, (prompt[0] + 1) % V, (prompt[0] + 2) % V
+    nodes = {1: (0, a, [a]), 2: (0, b, [b]), 3: (1, c, [a, c]), 4: (2, a, [b, a]), 5: (1, b, [a, b]), 6: (3, b, [a, c, b])}
+    calls0 = (runner.tokens_forwarded, runner.model_calls)
+    forwards = 0
+    calls = 0
+    try:
+        got = {0: engine.prefill(0, prompt)[0]}
+        for batch in ([1, 2], [3, 4, 5]):
+            lg = engine.expand(
+                np.array(batch, dtype=np.int64),
+                np.array([nodes[n][0] for n in batch], dtype=np.int64),
+                np.array([nodes[n][1] for n in batch], dtype=np.int64),
+                np.array([len(nodes[n][2]) for n in batch], dtype=np.int64),
+            )
+            forwards += 1
+            calls += _attention_calls(engine)
+            got.update({n: lg[i] for i, n in enumerate(batch)})
+        # Release a branch so that the last expansion runs on a compacted cache / reused slots.
+        engine.release([2, 4, 5])
+        lg = engine.expand(np.array([6]), np.array([3]), np.array([b]), np.array([3]))
+        forwards += 1
+        calls += _attention_calls(engine)
+        got[6] = lg[0]
+        worst = 0.0
+        for n, logits in got.items():
+            seq = prompt + (nodes[n][2] if n else [])
+            ref = runner.full_logits(seq, device).float()
+            diff = (logits.float() - ref).abs().max().item()
+            scale = max(1.0, ref.abs().max().item())
+            worst = max(worst, diff / scale)
+    except Exception as exc:  # the model rejected the mask / position ids / cache layout / attention function
+        return False, f"{engine.name} forward failed ({type(exc).__name__}: {exc})"
+    finally:
+        runner.tokens_forwarded, runner.model_calls = calls0
+        engine.reset()
+    if isinstance(engine, CascadeEngine):
+        layers = _num_kv_layers(runner.model)
+        if calls != forwards * layers:
+            return False, (
+                f"only {calls} of {forwards * layers} attention calls went through transformers' AttentionInterface: "
+                "this model's attention does not dispatch through the registry"
+            )
+    tol = _self_check_tolerance(dtype)
+    if not worst <= tol:
+        return False, (
+            f"{engine.name} logits differ from full recomputation by {worst:.3g} (relative; tolerance {tol:g}): "
+            + ("this model does not honour a custom 4D mask / position_ids" if engine.name == "tree" else
+               "this model's attention does not dispatch through transformers' AttentionInterface as expected")
+        )
+    return True, f"max relative logit difference {worst:.2g}"
+
+
+def _attention_calls(engine: KVEngine) -> int:
+    step = getattr(engine, "last_step", None)
+    return int(step.calls) if step is not None else 0
+
+
+def _num_kv_layers(model: Any) -> int:
+    return len(new_cache(model).layers)
+
+
 def tree_attention_self_check(
     runner: ModelRunner,
     device: torch.device,
@@ -74,51 +156,14 @@ def tree_attention_self_check(
     vocab_size: int,
     sliding_window: Optional[int] = None,
 ) -> tuple[bool, str]:
-    """Expand a tiny three-level tree (sibling branches, a released branch, a compaction) with tree attention
-    and compare every node's logits with a full no-cache forward of its sequence. Returns ``(ok, detail)``."""
+    """:func:`engine_self_check` for the dense-mask tree engine (kept within a sliding window)."""
     n_prompt = 4 if sliding_window is None else min(4, sliding_window - 3)
     if n_prompt < 1:
         return False, f"the sliding window ({sliding_window}) is too small for tree attention"
-    prompt = [int(t) for t in prompt_ids[:n_prompt]]
-    V = int(vocab_size)
-    a, b, c = prompt[0] % V, (prompt[0] + 1) % V, (prompt[0] + 2) % V
     eng = TreeAttentionEngine(
         runner, device, dtype, mask_kind, compact_min=1, compact_fraction=0.0, sliding_window=sliding_window
     )
-    nodes = {1: (0, a, [a]), 2: (0, b, [b]), 3: (1, c, [a, c]), 4: (2, a, [b, a]), 5: (1, b, [a, b]), 6: (3, b, [a, c, b])}
-    calls0 = (runner.tokens_forwarded, runner.model_calls)
-    try:
-        got = {0: eng.prefill(0, prompt)[0]}
-        for batch in ([1, 2], [3, 4, 5]):
-            lg = eng.expand(
-                np.array(batch, dtype=np.int64),
-                np.array([nodes[n][0] for n in batch], dtype=np.int64),
-                np.array([nodes[n][1] for n in batch], dtype=np.int64),
-                np.array([len(nodes[n][2]) for n in batch], dtype=np.int64),
-            )
-            got.update({n: lg[i] for i, n in enumerate(batch)})
-        # Release a branch so that the last expansion runs on a compacted cache.
-        eng.release([2, 4, 5])
-        lg = eng.expand(np.array([6]), np.array([3]), np.array([b]), np.array([3]))
-        got[6] = lg[0]
-        worst = 0.0
-        for n, logits in got.items():
-            seq = prompt + (nodes[n][2] if n else [])
-            ref = runner.full_logits(seq, device).float()
-            diff = (logits.float() - ref).abs().max().item()
-            scale = max(1.0, ref.abs().max().item())
-            worst = max(worst, diff / scale)
-    except Exception as exc:  # the model rejected the mask / position ids / cache layout
-        return False, f"tree attention forward failed ({type(exc).__name__}: {exc})"
-    finally:
-        runner.tokens_forwarded, runner.model_calls = calls0
-    tol = _self_check_tolerance(dtype)
-    if not worst <= tol:
-        return False, (
-            f"tree-attention logits differ from full recomputation by {worst:.3g} (relative; tolerance {tol:g}): "
-            "this model does not honour a custom 4D mask / position_ids"
-        )
-    return True, f"max relative logit difference {worst:.2g}"
+    return engine_self_check(eng, runner, device, dtype, prompt_ids, vocab_size, n_prompt)
 
 
 class TransformersModel:
@@ -208,15 +253,21 @@ class TransformersModel:
         impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
         return "bool" if impl == "sdpa" else "float"
 
-    def _choose_strategy(self, strategy: str, self_check: bool) -> tuple[str, str]:
-        self.sliding_window: Optional[int] = None
-        if strategy == "per-row":
-            return "per-row", "requested"
+    def _cascade_reason(self, self_check: bool) -> Optional[str]:
+        """Why cascade tree attention cannot run on this model (``None``: it can)."""
+        reason, _ = kv_layers_support(self.model)
+        if reason is None and self_check:
+            eng = CascadeEngine(self.runner, self.device, initial_capacity=4)
+            ok, detail = engine_self_check(eng, self.runner, self.device, self.dtype, self.prompt_ids, self._logits_width)
+            if not ok:
+                reason = f"startup self-check failed: {detail}"
+        return reason
+
+    def _tree_reason(self, strategy: str, self_check: bool) -> Optional[str]:
+        """Why dense-mask tree attention cannot run (``None``: it can; sets ``sliding_window``)."""
         reason, window = tree_attention_support(self.model)
         if reason is None and window is not None:
-            if strategy == "auto":
-                reason = sliding_window_reason(window)
-            elif self.prompt_len >= window:
+            if self.prompt_len >= window:
                 reason = f"the prompt ({self.prompt_len} tokens) fills the sliding window ({window})"
             else:
                 self.sliding_window = window
@@ -227,18 +278,55 @@ class TransformersModel:
             )
             if not ok:
                 reason = f"startup self-check failed: {detail}"
-        if reason is None:
-            return "tree", "requested" if strategy == "tree" else "auto: tree attention supported"
-        if strategy == "tree":
-            raise TreeAttentionUnsupported(f"tree attention is not available for this model: {reason}")
+        if reason is None and window is not None and strategy == "auto":
+            reason = sliding_window_reason(window)
+        return reason
+
+    def _choose_strategy(self, strategy: str, self_check: bool) -> tuple[str, str]:
+        """Cost order (per expanded node, P prompt tokens, depth d, L live tree columns): cascade reads
+        P + d keys and copies nothing; dense tree attention reads P + L (L grows with the canopy); per-row
+        copies and reads P + d per row and holds rows x (P + d) KV. So ``auto`` takes the first that runs:
+        cascade, tree, per-row."""
+        self.sliding_window: Optional[int] = None
+        if strategy == "per-row":
+            return "per-row", "requested"
+        rejected = []
+        if strategy in ("auto", "cascade"):
+            reason = self._cascade_reason(self_check)
+            if reason is None:
+                return "cascade", (
+                    "requested" if strategy == "cascade" else
+                    "auto: cascade tree attention runs on this model (cost per node O(prompt + depth), live KV = "
+                    "prompt + live nodes: cheapest of the three)"
+                )
+            if strategy == "cascade":
+                raise TreeAttentionUnsupported(f"cascade tree attention is not available for this model: {reason}")
+            rejected.append(f"cascade: {reason}")
+        if strategy in ("auto", "tree"):
+            reason = self._tree_reason(strategy, self_check)
+            if reason is None:
+                if strategy == "tree":
+                    return "tree", "requested"
+                warnings.warn(
+                    f"canopy_rs.TransformersModel: using dense-mask tree attention instead of cascade: {rejected[0]}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return "tree", f"auto: {rejected[0]}"
+            if strategy == "tree":
+                raise TreeAttentionUnsupported(f"tree attention is not available for this model: {reason}")
+            rejected.append(f"tree: {reason}")
+        why = "; ".join(rejected)
         warnings.warn(
-            f"canopy_rs.TransformersModel: using per-row caches instead of tree attention: {reason}",
+            f"canopy_rs.TransformersModel: using per-row caches instead of tree attention: {why}",
             RuntimeWarning,
             stacklevel=3,
         )
-        return "per-row", reason
+        return "per-row", f"auto: {why}"
 
-    def _make_engine(self, strategy: str) -> Any:
+    def _make_engine(self, strategy: str) -> KVEngine:
+        if strategy == "cascade":
+            return CascadeEngine(self.runner, self.device, max_live_kv_tokens=self.max_live_kv_tokens)
         if strategy == "tree":
             return TreeAttentionEngine(
                 self.runner,
@@ -350,24 +438,9 @@ class TransformersModel:
         }
 
     def kv_bytes(self) -> int:
-        """Bytes held by the live KV caches (dead columns/rows until compaction included)."""
-        caches = []
-        if isinstance(self.engine, TreeAttentionEngine):
-            if self.engine.cache is not None:
-                caches.append(self.engine.cache)
-        else:
-            caches.extend(ch.cache for ch in self.engine.chunks.values())
-        total = 0
-        for cache in caches:
-            for layer in cache.layers:
-                for v in vars(layer).values():
-                    if isinstance(v, torch.Tensor) and v.ndim >= 1:
-                        total += v.numel() * v.element_size()
-                    elif isinstance(v, dict):
-                        total += sum(
-                            t.numel() * t.element_size() for t in v.values() if isinstance(t, torch.Tensor)
-                        )
-        return int(total)
+        """Bytes held by the live KV storage (allocated arena / dead columns and rows until reuse or
+        compaction included)."""
+        return self.engine.kv_bytes()
 
     def __repr__(self) -> str:
         return (

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from ._common import (
-    KVBudgetExceededError,
     ModelRunner,
     can_concat_cache,
     concat_caches,
     new_cache,
     select_cache_rows,
 )
+from ._engine import KVEngine, tensor_bytes
 
 __all__ = ["PerRowEngine"]
 
@@ -46,8 +46,9 @@ class _Chunk:
         return int(len(self.node_ids))
 
 
-class PerRowEngine:
+class PerRowEngine(KVEngine):
     name = "per-row"
+    budget_fix = "use order='depth-first', a smaller batch_size, strategy='cascade', or raise max_live_kv_tokens"
 
     def __init__(
         self,
@@ -58,27 +59,16 @@ class PerRowEngine:
         compact_fraction: float = 0.5,
         compact_min_rows: int = 8,
     ):
-        self.runner = runner
-        self.device = device
-        self.max_live_kv_tokens = max_live_kv_tokens
+        super().__init__(runner, device, max_live_kv_tokens=max_live_kv_tokens)
         self.compact_fraction = float(compact_fraction)
         self.compact_min_rows = int(compact_min_rows)
-        self.peak_live_kv_tokens = 0
-        self.compactions = 0
         self._clear()
 
     def _clear(self) -> None:
         self.chunks: dict[int, _Chunk] = {}
         self.loc: dict[int, tuple[int, int]] = {}
         self.next_chunk = 0
-        self.P = 0
-        self.root_id: Optional[int] = None
         self._live_tokens = 0
-
-    def reset(self) -> None:
-        self._clear()
-        self.peak_live_kv_tokens = 0
-        self.compactions = 0
 
     @property
     def live_kv_tokens(self) -> int:
@@ -89,6 +79,12 @@ class PerRowEngine:
     def live_nodes(self) -> int:
         return len(self.loc)
 
+    def kv_bytes(self) -> int:
+        return sum(tensor_bytes(ch.cache) for ch in self.chunks.values())
+
+    def kv_tokens_per_row(self, prompt_len: int, depth: int) -> int:
+        return prompt_len + depth
+
     def _add_chunk(self, cache: Any, depth: int, node_ids: np.ndarray) -> None:
         cid = self.next_chunk
         self.next_chunk += 1
@@ -98,17 +94,11 @@ class PerRowEngine:
         for r, nid in enumerate(node_ids.tolist()):
             self.loc[nid] = (cid, r)
         self._live_tokens += n * chunk.row_tokens
-        self.peak_live_kv_tokens = max(self.peak_live_kv_tokens, self._live_tokens)
+        self._note_peak()
 
     # ------------------------------------------------------------------------------------------------
     def prefill(self, root_id: int, prompt_ids: Sequence[int]) -> torch.Tensor:
-        self._clear()
-        if self.max_live_kv_tokens is not None and len(prompt_ids) > self.max_live_kv_tokens:
-            raise KVBudgetExceededError(
-                f"the prompt ({len(prompt_ids)} tokens) alone exceeds max_live_kv_tokens={self.max_live_kv_tokens}"
-            )
-        self.P = len(prompt_ids)
-        self.root_id = int(root_id)
+        self._start(root_id, prompt_ids)
         cache = new_cache(self.runner.model)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         logits = self.runner(ids, cache, last_only=True)[:, -1, :]
@@ -120,11 +110,7 @@ class PerRowEngine:
     ) -> torch.Tensor:
         """Nodes grouped by depth, one forward per group (and per source chunk when the cache layout cannot
         be concatenated); returns logits ``[F, V]`` in input order."""
-        if not self.chunks:
-            raise RuntimeError("expand() before the root (the prompt) was expanded")
-        F = int(len(node_ids))
-        if F == 0:
-            raise ValueError("empty batch")
+        F = self._check_batch(node_ids, bool(self.chunks))
         if len(set(node_ids.tolist()) & self.loc.keys()):
             raise ValueError("node ids in the batch were already expanded in this run")
         locs = []
@@ -168,12 +154,7 @@ class PerRowEngine:
     ) -> torch.Tensor:
         B = len(g)
         row_tokens = self.P + depth
-        if self.max_live_kv_tokens is not None and self._live_tokens + B * row_tokens > self.max_live_kv_tokens:
-            raise KVBudgetExceededError(
-                f"per-row caches need {self._live_tokens + B * row_tokens} live KV tokens "
-                f"({len(self.loc)} live rows, batch {B} x {row_tokens} tokens) > max_live_kv_tokens="
-                f"{self.max_live_kv_tokens}; use order='depth-first', a smaller batch_size, or tree attention"
-            )
+        self._check_budget(self._live_tokens + B * row_tokens, f"{len(self.loc)} live rows, batch {B} x {row_tokens} tokens")
         # Gather the parents' rows, chunk by chunk (in order of first appearance), then concatenate.
         order: list[np.ndarray] = []
         parts = []

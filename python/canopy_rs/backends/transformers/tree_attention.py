@@ -28,13 +28,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ._common import KVBudgetExceededError, ModelRunner, new_tree_cache
+from ._common import ModelRunner, new_tree_cache
+from ._engine import KVEngine, tensor_bytes
 
 __all__ = ["TreeAttentionEngine"]
 
 
-class TreeAttentionEngine:
+class TreeAttentionEngine(KVEngine):
+    """The dense-mask reference for :class:`~.cascade.CascadeEngine` (and the path for attention that
+    bypasses transformers' registry)."""
+
     name = "tree"
+    budget_fix = "use order='depth-first', a smaller batch_size, strategy='cascade', or raise max_live_kv_tokens"
 
     def __init__(
         self,
@@ -51,17 +56,13 @@ class TreeAttentionEngine:
     ):
         if mask_kind not in ("float", "bool"):
             raise ValueError(f"mask_kind must be 'float' or 'bool', got {mask_kind!r}")
-        self.runner = runner
-        self.device = device
+        super().__init__(runner, device, max_live_kv_tokens=max_live_kv_tokens)
         self.dtype = dtype
         self.mask_kind = mask_kind
-        self.max_live_kv_tokens = max_live_kv_tokens
         self.compact_fraction = float(compact_fraction)
         self.compact_min = int(compact_min)
         self.W = int(block)
         self.sliding_window = sliding_window
-        self.peak_live_kv_tokens = 0
-        self.compactions = 0
         self._clear()
 
     # ------------------------------------------------------------------------------------------------
@@ -79,11 +80,6 @@ class TreeAttentionEngine:
         self.col_depth = np.zeros(0, dtype=np.int64)
         self.anc = torch.zeros((0, self.W), dtype=torch.int64, device=self.device)
         self.block_parent = torch.zeros(0, dtype=torch.int64, device=self.device)
-
-    def reset(self) -> None:
-        self._clear()
-        self.peak_live_kv_tokens = 0
-        self.compactions = 0
 
     @property
     def live_kv_tokens(self) -> int:
@@ -111,23 +107,21 @@ class TreeAttentionEngine:
         )
         self.cap = cap
 
-    def _note_peak(self) -> None:
-        self.peak_live_kv_tokens = max(self.peak_live_kv_tokens, self.L)
+    def kv_bytes(self) -> int:
+        return tensor_bytes(self.cache) if self.cache is not None else 0
+
+    def kv_tokens_per_row(self, prompt_len: int, depth: int) -> int:
+        return 1
 
     # ------------------------------------------------------------------------------------------------
     def prefill(self, root_id: int, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Forward the prompt into a fresh cache; returns the root's next-token logits ``[1, V]``."""
-        self._clear()
-        if self.max_live_kv_tokens is not None and len(prompt_ids) > self.max_live_kv_tokens:
-            raise KVBudgetExceededError(
-                f"the prompt ({len(prompt_ids)} tokens) alone exceeds max_live_kv_tokens={self.max_live_kv_tokens}"
-            )
+        self._start(root_id, prompt_ids)
         self._check_window(len(prompt_ids), 0)
         self.cache = new_tree_cache(self.runner.model)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         logits = self.runner(ids, self.cache, last_only=True)[:, -1, :]
-        self.root_id = int(root_id)
-        self.P = self.L = len(prompt_ids)
+        self.L = self.P
         self._grow(self.P + 256)
         self._note_peak()
         return logits
@@ -161,11 +155,7 @@ class TreeAttentionEngine:
         self, node_ids: np.ndarray, parent_ids: np.ndarray, tokens: np.ndarray, depths: np.ndarray
     ) -> torch.Tensor:
         """One forward for all nodes (none is the root); returns their logits ``[F, V]`` in input order."""
-        if self.cache is None:
-            raise RuntimeError("expand() before the root (the prompt) was expanded")
-        F = int(len(node_ids))
-        if F == 0:
-            raise ValueError("empty batch")
+        F = self._check_batch(node_ids, self.cache is not None)
         dup = len(set(node_ids.tolist()) & self.node_col.keys())
         if dup:
             raise ValueError("node ids in the batch were already expanded in this run")
@@ -175,12 +165,7 @@ class TreeAttentionEngine:
         if self.max_live_kv_tokens is not None and self.L + F > self.max_live_kv_tokens:
             if self.dead:
                 self.compact()
-            if self.L + F > self.max_live_kv_tokens:
-                raise KVBudgetExceededError(
-                    f"tree attention needs {self.L + F} live KV tokens (prompt {self.P}, live nodes "
-                    f"{self.L - self.P - self.dead}, batch {F}) > max_live_kv_tokens={self.max_live_kv_tokens}; "
-                    "use order='depth-first', a smaller batch_size, or raise the budget"
-                )
+            self._check_budget(self.L + F, f"prompt {self.P}, live node columns {self.L - self.P - self.dead}, batch {F}")
 
         L, P, W, dev = self.L, self.P, self.W, self.device
         self._grow(L + F)
