@@ -233,7 +233,8 @@ def test_wrong_shape_and_dtype():
         canopy_rs.exact(lambda p: np.zeros((len(p), 5)), **GOOD)
     with pytest.raises(ValueError, match="shape"):
         canopy_rs.exact(lambda p: np.zeros(4), **GOOD)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    # A wrong dtype from the model is a malformed output, like a wrong shape (one error type for both).
+    with pytest.raises(canopy_rs.BackendOutputError, match="float32 or float64"):
         canopy_rs.exact(lambda p: np.zeros((len(p), 4), dtype=np.int64), **GOOD)
     with pytest.raises(TypeError, match="float32 or float64"):
         canopy_rs._core.policy_support(np.zeros((2, 3), dtype=np.int32), canopy_rs.Policy())

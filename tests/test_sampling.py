@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 import canopy_rs
-from canopy_rs.sampling import Rollouts, _sample_csr, sample
+from canopy_rs._driver import sample_csr
+from canopy_rs.sampling import Rollouts, sample
 from estimator_helpers import CheckingBackend, leaf_table, peaked_model
 from canopy_rs.estimators.study import random_logits_fn
 
@@ -131,7 +132,7 @@ def test_sample_csr_is_exact_inverse_cdf():
     lp = np.log(np.array([0.5, 0.3, 0.2, 1.0, 1e-300, 1.0 - 1e-300]))
     rows = np.array([0, 0, 0, 0, 1, 2, 2])
     u = np.array([0.0, 0.49, 0.5, 0.99, 0.7, 0.0, 0.5])
-    e, lo, p = _sample_csr(offsets, lp, rows, u)
+    e, lo, p = sample_csr(offsets, lp, rows, u)
     # Per-row cumulative sums keep a 1e-300 entry resolvable: it owns [0, 1e-300) of its row.
     assert e.tolist() == [0, 0, 1, 2, 3, 4, 5]
     assert p[:4] == pytest.approx([0.5, 0.5, 0.3, 0.2])

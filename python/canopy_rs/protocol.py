@@ -30,11 +30,12 @@ Rules a backend can rely on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
 from canopy_rs._core import Policy
+from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = [
     "Backend",
@@ -43,6 +44,8 @@ __all__ = [
     "PolicySupport",
     "Policy",
     "BackendOutput",
+    "check_vocab_size",
+    "check_eos_token_ids",
 ]
 
 
@@ -109,3 +112,32 @@ class Backend(Protocol):
         """Cost counters since the last ``reset()``: at least ``model_calls`` and ``rows_evaluated``;
         model backends add ``tokens_forwarded``, ``peak_live_kv_tokens``."""
         ...
+
+
+def check_vocab_size(vocab_size: Any, source: str = "vocab_size") -> int:
+    """A backend's ``vocab_size``: a positive int."""
+    if vocab_size is None:
+        raise ArgumentTypeError(f"{source} is required (the number of logits per row)")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise InvalidArgumentError(f"{source} must be a positive int, got {vocab_size!r}")
+    return int(vocab_size)
+
+
+def check_eos_token_ids(eos_token_ids: Any, vocab_size: int, source: str = "eos_token_ids") -> tuple[int, ...]:
+    """A backend's ``eos_token_ids`` as a tuple of distinct ints: at least one, each in ``[0, vocab_size)``.
+    An int is one id."""
+    if eos_token_ids is None:
+        raise ArgumentTypeError(f"{source} is required (an int or a list of ints)")
+    ids = [eos_token_ids] if isinstance(eos_token_ids, (int, np.integer)) else list(eos_token_ids)
+    if not ids:
+        raise InvalidArgumentError(
+            f"{source} must name at least one EOS id (a leaf ends in an EOS id or at max_new_tokens)"
+        )
+    out = []
+    for e in ids:
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)):
+            raise ArgumentTypeError(f"{source} must hold ints, got {e!r}")
+        if not 0 <= e < vocab_size:
+            raise InvalidArgumentError(f"{source}: EOS id {e} is outside the vocabulary [0, vocab_size={vocab_size})")
+        out.append(int(e))
+    return tuple(dict.fromkeys(out))

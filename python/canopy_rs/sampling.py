@@ -1,10 +1,11 @@
-"""Monte Carlo rollouts from the decoding policy, driven over the backend protocol.
+"""Monte Carlo rollouts from the decoding policy: the :class:`Rollouts` record and :func:`sample`.
 
-The sampler expands the start node(s) once, then in lockstep: samples one token per active rollout from its
-node's policy support, creates child nodes, expands all unfinished children in one batch (split into chunks
-of ``batch_size`` rows) and releases the previous step's nodes. Rollouts at the same node that draw the same
-token share the child node (``share_prefixes``), so shared prefixes - the prompt always, early tokens often -
-are forwarded once. Sharing never changes which tokens are drawn, only the cost.
+The rollout loop is the shared driver's (:func:`canopy_rs._driver.run_rollouts`): it expands the root once,
+then in lockstep samples one token per active rollout from its node's policy support, creates child nodes,
+expands all unfinished children in one batch (split into chunks of ``batch_size`` rows) and releases the
+previous step's nodes. Rollouts at the same node that draw the same token share the child node
+(``share_prefixes``), so shared prefixes - the prompt always, early tokens often - are forwarded once.
+Sharing never changes which tokens are drawn, only the cost.
 
 A rollout ends when it draws an EOS id (N counts the EOS) or reaches ``max_new_tokens``.
 """
@@ -17,7 +18,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs.api import check_positive_int, default_batch_size, make_policy
+from canopy_rs._driver import (
+    ProgressBar,
+    Strata,
+    check_positive_int,
+    cost,
+    make_rng,
+    run_rollouts,
+    setup,
+    stratified_uniforms,
+)
 from canopy_rs.errors import InvalidArgumentError
 
 __all__ = ["Rollouts", "sample"]
@@ -192,308 +202,6 @@ class Rollouts:
         )
 
 
-# ------------------------------------------------------------------------------------------------
-# Argument handling shared with the other drivers (hybrid, beam)
-# ------------------------------------------------------------------------------------------------
-
-
-def _make_rng(seed) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is not None and not isinstance(seed, (int, np.integer, np.random.SeedSequence)):
-        raise InvalidArgumentError(f"seed must be an int, a numpy SeedSequence or None, got {seed!r}")
-    return np.random.Generator(np.random.PCG64(seed))
-
-
-def _prepare(model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size):
-    from canopy_rs.backends import as_backend
-
-    max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
-    if batch_size is not None:
-        batch_size = check_positive_int("batch_size", batch_size)
-    policy = make_policy(temperature, top_k, top_p)
-    backend = as_backend(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
-    if batch_size is None:
-        batch_size = default_batch_size(backend.vocab_size)
-    # No EOS ids is allowed (a backend may say so): every rollout then runs to max_new_tokens.
-    eos_ids = tuple(int(e) for e in backend.eos_token_ids)
-    return backend, policy, max_new_tokens, batch_size, eos_ids
-
-
-def _policy_dict(temperature, top_k, top_p) -> dict:
-    return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p)}
-
-
-# ------------------------------------------------------------------------------------------------
-# The engine
-# ------------------------------------------------------------------------------------------------
-
-
-def _expand(backend, policy, node_ids, parent_ids, tokens, depths, prefix_fn, batch_size):
-    """Expand nodes in chunks of ``batch_size`` rows; returns one concatenated CSR support."""
-    from canopy_rs.backends import expand_support
-    from canopy_rs.protocol import NodeBatch
-
-    n = node_ids.shape[0]
-    step = max(1, n if batch_size is None else batch_size)
-    parts = []
-    for a in range(0, n, step):
-        sl = slice(a, min(n, a + step))
-        batch = NodeBatch(
-            node_ids=node_ids[sl],
-            parent_ids=parent_ids[sl],
-            tokens=tokens[sl],
-            depths=depths[sl],
-            _prefixes=(lambda sl=sl: prefix_fn(sl)),
-        )
-        parts.append(expand_support(backend, batch, policy))
-    if len(parts) == 1:
-        off, tok, lp, ent = parts[0]
-        return (np.asarray(off, dtype=np.int64), np.asarray(tok, dtype=np.int64),
-                np.asarray(lp, dtype=np.float64), np.asarray(ent, dtype=np.float64))
-    offs, toks, lps, ents, base = [np.zeros(1, dtype=np.int64)], [], [], [], 0
-    for off, tok, lp, ent in parts:
-        offs.append(np.asarray(off[1:], dtype=np.int64) + base)
-        base += int(off[-1])
-        toks.append(tok)
-        lps.append(lp)
-        ents.append(ent)
-    return (np.concatenate(offs), np.concatenate(toks).astype(np.int64),
-            np.concatenate(lps).astype(np.float64), np.concatenate(ents).astype(np.float64))
-
-
-def _sample_csr(offsets: np.ndarray, logprobs: np.ndarray, rows: np.ndarray, u: np.ndarray):
-    """Inverse-CDF draw of one entry per (row, uniform) pair.
-
-    Returns ``(entry, frac_lo, frac_p)``: the global entry index, and the chosen entry's sub-interval of
-    [0, 1) (cumulative probability before it, and its probability) for stratified tracking. Cumulative sums
-    are taken per row on a padded block (not one global cumsum) so that tiny probabilities late in a row are
-    not lost to cancellation against the running total of earlier rows."""
-    counts = np.diff(offsets)
-    n = rows.shape[0]
-    out = np.empty(n, dtype=np.int64)
-    frac_lo = np.empty(n)
-    frac_p = np.empty(n)
-    if n == 0:
-        return out, frac_lo, frac_p
-    kmax = int(counts[rows].max())
-    chunk = max(1, (1 << 22) // max(kmax, 1))
-    j = np.arange(kmax)
-    for a in range(0, n, chunk):
-        r = rows[a : a + chunk]
-        lo = offsets[r]
-        k = counts[r]
-        valid = j[None, :] < k[:, None]
-        p = np.where(valid, np.exp(logprobs[np.where(valid, lo[:, None] + j[None, :], 0)]), 0.0)
-        cum = np.cumsum(p, axis=1)
-        tot = cum[:, -1]
-        t = u[a : a + chunk] * tot
-        pos = np.minimum((cum <= t[:, None]).sum(axis=1), k - 1)
-        ar = np.arange(r.shape[0])
-        out[a : a + chunk] = lo + pos
-        frac_p[a : a + chunk] = p[ar, pos] / tot
-        frac_lo[a : a + chunk] = (cum[ar, pos] - p[ar, pos]) / tot
-    return out, frac_lo, frac_p
-
-
-@dataclass
-class _RunResult:
-    tokens: np.ndarray
-    entropies: np.ndarray
-    logq: np.ndarray
-    steps: np.ndarray
-    eos: np.ndarray
-    rows_expanded: int
-
-
-@dataclass
-class _Strata:
-    """Stratified descent: rollout i walks the leaf CDF (children in support order) with the fixed point
-    ``u[i]`` of its stratum ``[lo[i], hi[i])`` while its node's interval ``[node_lo, node_lo + node_w)``
-    straddles a stratum boundary. Once the interval lies inside the stratum, the position of u within it is
-    exactly uniform and independent of the path, so fresh uniforms take over (no precision is lost to
-    rescaling over long rollouts)."""
-
-    u: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    node_lo: np.ndarray
-    node_w: np.ndarray
-
-    def tracked(self, i=slice(None)) -> np.ndarray:
-        lo, w = self.node_lo[i], self.node_w[i]
-        inside = (lo >= self.lo[i]) & (lo + w <= self.hi[i])
-        # Below ~1e-12 the rescaled position has too few bits left; such paths (u within 1e-12 of a
-        # stratum boundary) are practically never reached.
-        return ~inside & (w > 1e-12)
-
-
-def _stratified_uniforms(n: int, rng: np.random.Generator) -> np.ndarray:
-    """One uniform in each of the n equal strata of [0, 1)."""
-    return (np.arange(n) + rng.random(n)) / n
-
-
-def _run_rollouts(
-    backend,
-    policy,
-    *,
-    start_ids: np.ndarray,
-    start_parent_ids: np.ndarray,
-    start_tokens: np.ndarray,
-    start_depths: np.ndarray,
-    start_prefixes: Sequence[Sequence[int]],
-    assignment: np.ndarray,
-    id_base: int,
-    rng: np.random.Generator,
-    max_new_tokens: int,
-    eos_ids: Sequence[int],
-    batch_size: Optional[int],
-    share_prefixes: bool = True,
-    release_after_start: Optional[np.ndarray] = None,
-    strata: Optional[_Strata] = None,
-    progress=None,
-) -> _RunResult:
-    """Run ``len(assignment)`` rollouts; rollout ``i`` starts at (unexpanded) start node ``assignment[i]``.
-
-    Start nodes are expanded first (each once, with their given ids); new nodes get ids ``id_base, ...``.
-    ``release_after_start``: ids (e.g. the start nodes' parents) to release once the starts are expanded.
-    ``strata``: stratified descent (see :class:`_Strata`); None draws every token independently."""
-    m = int(assignment.shape[0])
-    vocab = int(backend.vocab_size)
-    eos_arr = np.asarray(sorted(set(int(e) for e in eos_ids)), dtype=np.int64)
-    start_depths = np.asarray(start_depths, dtype=np.int64)
-    if np.any(start_depths >= max_new_tokens):
-        raise InvalidArgumentError("start nodes must be internal (depth < max_new_tokens)")
-    used = np.unique(assignment)
-    s_ids = np.asarray(start_ids, dtype=np.int64)[used]
-    # Row of each rollout in the current support batch.
-    cur_row = np.searchsorted(used, assignment).astype(np.int64)
-    depth = start_depths[assignment].copy()
-
-    def start_prefix_fn(sl):
-        return [list(start_prefixes[i]) for i in used[sl]]
-
-    support = _expand(
-        backend, policy, s_ids,
-        np.asarray(start_parent_ids, dtype=np.int64)[used],
-        np.asarray(start_tokens, dtype=np.int64)[used],
-        start_depths[used], start_prefix_fn, batch_size,
-    )
-    rows_expanded = int(s_ids.shape[0])
-    if release_after_start is not None and len(release_after_start):
-        backend.release(np.asarray(release_after_start, dtype=np.int64))
-    prev_ids = s_ids
-
-    cap = 16
-    tok_buf = np.full((m, cap), -1, dtype=np.int64)
-    ent_buf = np.zeros((m, cap), dtype=np.float64)
-    lq_buf = np.zeros((m, cap), dtype=np.float64)
-    steps = np.zeros(m, dtype=np.int64)
-    eos = np.zeros(m, dtype=bool)
-    active = np.ones(m, dtype=bool)
-    tracked = strata.tracked() if strata is not None else np.zeros(m, dtype=bool)
-    next_id = int(id_base)
-    s = 0
-    while True:
-        act = np.flatnonzero(active)
-        if act.size == 0:
-            break
-        if s >= cap:  # grow the padded buffers geometrically
-            new_cap = cap * 2
-            tok_buf = np.concatenate([tok_buf, np.full((m, new_cap - cap), -1, dtype=np.int64)], axis=1)
-            ent_buf = np.concatenate([ent_buf, np.zeros((m, new_cap - cap))], axis=1)
-            lq_buf = np.concatenate([lq_buf, np.zeros((m, new_cap - cap))], axis=1)
-            cap = new_cap
-        offsets, s_tok, s_lp, s_ent = support
-        rows = cur_row[act]
-        # Always draw, so the random stream does not depend on which rollouts are tracked.
-        u = rng.random(act.size)
-        tr = tracked[act]
-        if strata is not None and tr.any():
-            i = act[tr]
-            u[tr] = np.clip((strata.u[i] - strata.node_lo[i]) / strata.node_w[i], 0.0, np.nextafter(1.0, 0.0))
-        e, f_lo, f_p = _sample_csr(offsets, s_lp, rows, u)
-        if strata is not None and tr.any():
-            i = act[tr]
-            strata.node_lo[i] += strata.node_w[i] * f_lo[tr]
-            strata.node_w[i] *= f_p[tr]
-            tracked[i] = strata.tracked(i)
-        tok = s_tok[e]
-        tok_buf[act, s] = tok
-        ent_buf[act, s] = s_ent[rows]
-        lq_buf[act, s] = s_lp[e]
-        steps[act] += 1
-        depth[act] += 1
-        hit = np.isin(tok, eos_arr)
-        eos[act[hit]] = True
-        done = hit | (depth[act] >= max_new_tokens)
-        active[act[done]] = False
-        cont = act[~done]
-        if progress is not None:
-            progress(int(act.size))
-        if cont.size == 0:
-            break
-        # Children: one node per distinct (current row, token) when sharing, else one per rollout.
-        if share_prefixes:
-            key = cur_row[cont] * vocab + tok_buf[cont, s]
-            _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-            rep = cont[first]
-        else:
-            rep = cont
-            inv = np.arange(cont.size)
-        n_new = rep.size
-        new_ids = np.arange(next_id, next_id + n_new, dtype=np.int64)
-        next_id += n_new
-        # Parent of a new node = the node its representative rollout currently sits on.
-        parent_ids = prev_ids[cur_row[rep]]
-        s_now = s
-
-        def prefix_fn(sl, rep=rep, s_now=s_now):
-            return [list(start_prefixes[assignment[i]]) + tok_buf[i, : s_now + 1].tolist() for i in rep[sl]]
-
-        support = _expand(
-            backend, policy, new_ids, parent_ids, tok_buf[rep, s].copy(), depth[rep].copy(),
-            prefix_fn, batch_size,
-        )
-        rows_expanded += n_new
-        cur_row[cont] = inv
-        backend.release(prev_ids)
-        prev_ids = new_ids
-        s += 1
-    backend.release(prev_ids)
-    width = int(steps.max()) if m else 0
-    return _RunResult(tok_buf[:, :width].copy(), ent_buf[:, :width].copy(), lq_buf[:, :width].copy(),
-                      steps, eos, rows_expanded)
-
-
-def _counters(backend) -> dict:
-    try:
-        c = dict(backend.counters())
-    except Exception:  # a backend without counters still gets the driver's own
-        c = {}
-    return {k: (float(v) if isinstance(v, (int, float, np.integer, np.floating)) else v) for k, v in c.items()}
-
-
-class _Progress:
-    def __init__(self, enabled, total, desc):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="tok")
-            except ImportError:  # pragma: no cover
-                self.bar = None
-
-    def __call__(self, n):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def sample(
     model,
     *,
@@ -521,34 +229,25 @@ def sample(
     The returned cost (``Rollouts.cost``) holds the backend's counters (``model_calls``,
     ``rows_evaluated``, ...), ``nodes_expanded`` (distinct prefixes forwarded) and ``seconds``."""
     num_rollouts = check_positive_int("num_rollouts", num_rollouts)
-    backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
-        model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
-    )
-    rng = _make_rng(seed)
-    strata = None
-    if stratified:
-        m = num_rollouts
-        strata = _Strata(u=_stratified_uniforms(m, rng), lo=np.arange(m) / m, hi=np.arange(1, m + 1) / m,
-                         node_lo=np.zeros(m), node_w=np.ones(m))
+    s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    rng = make_rng(seed)
+    strata = Strata.equal(stratified_uniforms(num_rollouts, rng)) if stratified else None
     t0 = time.perf_counter()
-    backend.reset()
-    bar = _Progress(progress, None, "rollouts")
+    s.backend.reset()
+    bar = ProgressBar(progress, desc="rollouts", unit="tok")
     try:
-        run = _run_rollouts(
-            backend, policy,
+        run = run_rollouts(
+            s,
             start_ids=np.array([0]), start_parent_ids=np.array([-1]), start_tokens=np.array([-1]),
             start_depths=np.array([0]), start_prefixes=[[]],
             assignment=np.zeros(num_rollouts, dtype=np.int64), id_base=1, rng=rng,
-            max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
             share_prefixes=share_prefixes, strata=strata, progress=bar,
         )
     finally:
         bar.close()
-    cost = _counters(backend)
-    cost["nodes_expanded"] = float(run.rows_expanded)
-    cost["seconds"] = time.perf_counter() - t0
     return Rollouts(
         tokens=run.tokens, lengths=run.steps.copy(), entropies=run.entropies, logq=run.logq, eos=run.eos,
-        max_new_tokens=max_new_tokens, eos_token_ids=eos_ids, start_depths=None, seed=seed,
-        policy=_policy_dict(temperature, top_k, top_p), cost=cost, stratified=bool(stratified),
+        max_new_tokens=s.max_new_tokens, eos_token_ids=s.eos_token_ids, start_depths=None, seed=seed,
+        policy=s.policy_dict(), cost=cost(s.backend, run.rows_expanded, t0), stratified=bool(stratified),
     )

@@ -11,12 +11,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from canopy_rs._core import Policy, normalize_support, policy_support
-from canopy_rs.backends.callable import CallableModel, as_logits_array
-from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError
-from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
+from canopy_rs.backends.callable import CallableModel
+from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.protocol import Backend
 
-__all__ = ["CallableModel", "as_backend", "expand_support", "TransformersModel"]
+__all__ = ["CallableModel", "as_backend", "TransformersModel"]
 
 
 def as_backend(model: Any, vocab_size: int | None = None, eos_token_ids: int | Sequence[int] | None = None) -> Backend:
@@ -34,31 +33,6 @@ def as_backend(model: Any, vocab_size: int | None = None, eos_token_ids: int | S
                 )
         return model
     return CallableModel(model, vocab_size, eos_token_ids)  # type: ignore[arg-type]
-
-
-def expand_support(
-    backend: Backend, batch: NodeBatch, policy: Policy
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Expand ``batch`` and return the normalised policy support as CSR arrays
-    ``(offsets, tokens, logprobs, entropy)``, whichever kind of output the backend gives."""
-    out = backend.expand(batch, policy)
-    if isinstance(out, NextTokenLogits):
-        logits = as_logits_array(out.logits, len(batch), backend.vocab_size, source=type(backend).__name__)
-        return policy_support(logits, policy)
-    if isinstance(out, PolicySupport):
-        offsets, tokens, logprobs = _support_arrays(out)
-        if len(offsets) != len(batch) + 1:
-            raise InvalidArgumentError(f"{type(backend).__name__} returned {len(offsets) - 1} support rows for {len(batch)} nodes")
-        return normalize_support(offsets, tokens, logprobs, backend.vocab_size)
-    raise ArgumentTypeError(f"{type(backend).__name__}.expand must return NextTokenLogits or PolicySupport, got {type(out).__name__}")
-
-
-def _support_arrays(out: PolicySupport) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (
-        np.ascontiguousarray(out.offsets, dtype=np.int64),
-        np.ascontiguousarray(out.tokens, dtype=np.int64),
-        np.ascontiguousarray(out.logprobs, dtype=np.float64),
-    )
 
 
 def __getattr__(name: str) -> Any:

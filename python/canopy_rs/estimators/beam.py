@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs._driver import check_positive_int, cost, expand_support, make_rng, setup
 from canopy_rs.results import to_plain
 
 from . import _stats
@@ -111,16 +112,13 @@ def stochastic_beam_search(
     CE*_max. Model and policy arguments are those of :func:`canopy_rs.exact`. Cost (``.cost``): the backend's
     counters plus ``nodes_expanded`` and ``seconds``; model calls grow with depth, rows with
     ``beam_size x depth``."""
-    from canopy_rs.api import check_positive_int
-    from canopy_rs.sampling import _counters, _expand, _make_rng, _prepare
-
     beam_size = check_positive_int("beam_size", beam_size)
     crit = _stats.critical_value(confidence)
-    backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
-        model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
-    )
-    rng = _make_rng(seed)
-    eos_arr = np.asarray(sorted(set(eos_ids)), dtype=np.int64)
+    s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    backend, policy, max_new_tokens, batch_size = s.backend, s.policy, s.max_new_tokens, s.batch_size
+    rng = make_rng(seed)
+    eos_arr = np.asarray(sorted(set(s.eos_token_ids)), dtype=np.int64)
     t0 = time.perf_counter()
     backend.reset()
 
@@ -132,8 +130,8 @@ def stochastic_beam_search(
     gval = np.array([rng.gumbel()])
     hsum = np.zeros(1)
     paths = np.zeros((1, 0), dtype=np.int64)
-    support = _expand(backend, policy, ids, np.array([-1]), np.array([-1]), np.array([0]),
-                      lambda sl: [[] for _ in range(ids[sl].shape[0])], batch_size)
+    support = expand_support(backend, policy, ids, np.array([-1]), np.array([-1]), np.array([0]),
+                             lambda sl: [[] for _ in range(ids[sl].shape[0])], batch_size)
     rows_expanded = 1
     next_id = 1
     # Finished leaves kept in the beam.
@@ -184,8 +182,9 @@ def stochastic_beam_search(
         new_paths = np.concatenate([paths[par_rows], s_tok[new_int][:, None]], axis=1)
         logpi, gval, hsum, paths = c_logpi[new_int], c_g[new_int], c_h[new_int], new_paths
         if ids.shape[0]:
-            support = _expand(backend, policy, ids, prev_ids[par_rows], s_tok[new_int], np.full(ids.shape[0], depth),
-                              lambda sl, p=new_paths: [row.tolist() for row in p[sl]], batch_size)
+            support = expand_support(backend, policy, ids, prev_ids[par_rows], s_tok[new_int],
+                                     np.full(ids.shape[0], depth),
+                                     lambda sl, p=new_paths: [row.tolist() for row in p[sl]], batch_size)
             rows_expanded += int(ids.shape[0])
         backend.release(prev_ids)
 
@@ -197,9 +196,6 @@ def stochastic_beam_search(
     est, se, norm, nse = _ht(weights, f_h, q)
     s_est, s_se, _, _ = _ht(weights, -f_logpi, q)
     exact = math.isinf(kappa)
-    cost = _counters(backend)
-    cost["nodes_expanded"] = float(rows_expanded)
-    cost["seconds"] = time.perf_counter() - t0
     return BeamSearchEstimate(
         ce_star=est,
         ce_star_se=se,
@@ -220,5 +216,5 @@ def stochastic_beam_search(
         leaf_lengths=f_len,
         leaf_inclusion=q,
         leaf_tokens=[t.tolist() for t in f_tok],
-        cost=cost,
+        cost=cost(backend, rows_expanded, t0),
     )

@@ -29,6 +29,17 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs._driver import (
+    Budget,
+    Strata,
+    TreeRun,
+    check_positive_int,
+    cost,
+    make_rng,
+    run_rollouts,
+    setup,
+    stratified_uniforms,
+)
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
@@ -79,40 +90,28 @@ def estimate_hybrid(
     ``num_rollouts`` rollouts started at frontier nodes drawn in proportion to pi. Model and policy arguments
     are those of :func:`canopy_rs.exact`. If the canopy has at most ``budget_nodes`` internal nodes the
     result is exact (``is_exact``, SE 0) and no rollout is run."""
-    from canopy_rs.api import DEFAULT_MAX_NODES, Budget, _Run, check_positive_int
-    from canopy_rs.sampling import _counters, _make_rng, _prepare, _run_rollouts, _Strata, _stratified_uniforms
-
     budget_nodes = check_positive_int("budget_nodes", budget_nodes)
     num_rollouts = check_positive_int("num_rollouts", num_rollouts)
     if frontier_sampling not in ("stratified", "multinomial"):
         raise InvalidArgumentError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
-    backend, policy, max_new_tokens, batch_size, eos_ids = _prepare(
-        model, vocab_size, eos_token_ids, max_new_tokens, temperature, top_k, top_p, batch_size
-    )
-    rng = _make_rng(seed)
+    s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    rng = make_rng(seed)
     t0 = time.perf_counter()
     # The head: the same best-first expansion as canopy_rs.bounded. The backend is not reset afterwards, so
     # the frontier's parents are still cached when the tail rollouts start from them.
-    head = _Run(
-        backend, vocab_size=None, eos_token_ids=None, max_new_tokens=max_new_tokens,
-        temperature=policy.temperature, top_k=policy.top_k, top_p=policy.top_p, batch_size=batch_size,
-        max_nodes=DEFAULT_MAX_NODES, order="best-first", record_nodes=False, support_cap=None,
-        progress=False, progress_interval=0.5,
-    )
+    head = TreeRun(s, order="best-first")
     head.expand(Budget(nodes=budget_nodes))
     tree = head.tree
     b = tree.bounds()
     crit_n = _stats.critical_value(confidence)
     if tree.is_done:
         ce = float(tree.result()["ce_star"])
-        cost = _counters(backend)
-        cost["nodes_expanded"] = float(tree.num_expanded)
-        cost["seconds"] = time.perf_counter() - t0
         return HybridEstimate(ce, 0.0, (ce, ce), ce, ce, 0.0, 0, int(tree.num_expanded), 0, math.nan, True,
-                              frontier_sampling, float(confidence), cost)
+                              frontier_sampling, float(confidence), cost(s.backend, tree.num_expanded, t0))
 
     f_ids, f_par, f_tok, f_dep, f_logr = tree.frontier()
-    head = float(b["ce_star_lower"])
+    head_sum = float(b["ce_star_lower"])
     m_f = float(b["frontier_mass"])
     # Tree order (lexicographic prefixes) puts siblings in neighbouring strata.
     prefixes = tree.prefixes(f_ids)
@@ -125,7 +124,7 @@ def estimate_hybrid(
     n = num_rollouts
     strata = None
     if frontier_sampling == "stratified":
-        u = _stratified_uniforms(n, rng)
+        u = stratified_uniforms(n, rng)
     else:
         u = rng.random(n)
     assignment = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
@@ -133,14 +132,12 @@ def estimate_hybrid(
         # Keep descending with u inside the frontier node's subtree while its interval straddles the
         # rollout's stratum: the strata then reach below the frontier.
         before = np.concatenate([[0.0], cdf[:-1]])
-        strata = _Strata(u=u, lo=np.arange(n) / n, hi=np.arange(1, n + 1) / n,
-                         node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
+        strata = Strata.equal(u, node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
 
-    run = _run_rollouts(
-        backend, policy,
+    run = run_rollouts(
+        s,
         start_ids=f_ids, start_parent_ids=f_par, start_tokens=f_tok, start_depths=f_dep,
         start_prefixes=prefixes, assignment=assignment, id_base=int(tree.num_nodes), rng=rng,
-        max_new_tokens=max_new_tokens, eos_ids=eos_ids, batch_size=batch_size,
         share_prefixes=share_prefixes, strata=strata,
         # The head keeps every frontier parent alive; once the chosen starts are expanded none is needed.
         release_after_start=np.unique(f_par),
@@ -154,16 +151,13 @@ def estimate_hybrid(
         var = float(h.var(ddof=1) / n) if n >= 2 else math.nan
         dof = n - 1
     se = m_f * math.sqrt(var) if math.isfinite(var) else math.nan
-    ce = head + m_f * tail
+    ce = head_sum + m_f * tail
     crit = _stats.critical_value(confidence, dof) if n >= 2 else crit_n
-    cost = _counters(backend)
-    cost["nodes_expanded"] = float(tree.num_expanded + run.rows_expanded)
-    cost["seconds"] = time.perf_counter() - t0
     return HybridEstimate(
         ce_star=ce,
         ce_star_se=se,
         ce_star_ci=_stats.mean_ci(ce, se, crit),
-        head_sum=head,
+        head_sum=head_sum,
         ce_star_upper=float(b["ce_star_upper"]),
         frontier_mass=m_f,
         frontier_size=int(f_ids.shape[0]),
@@ -173,5 +167,5 @@ def estimate_hybrid(
         is_exact=False,
         frontier_sampling=frontier_sampling,
         confidence=float(confidence),
-        cost=cost,
+        cost=cost(s.backend, tree.num_expanded + run.rows_expanded, t0),
     )

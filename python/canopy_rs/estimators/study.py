@@ -276,7 +276,7 @@ def compare(
     returning an object with ``ce_star``, ``ce_star_se``, optionally ``ce_star_ci``, and a ``cost`` dict.
     Pass ``exact_result`` to reuse an exact run."""
     from canopy_rs.api import exact
-    from canopy_rs.api import check_positive_int
+    from canopy_rs._driver import ProgressBar, check_positive_int
     from canopy_rs.sampling import sample
 
     from .beam import stochastic_beam_search
@@ -333,14 +333,7 @@ def compare(
     families = list(dict.fromkeys(f for _, f, _, _ in specs))
     fam_fn = {f: fn for _, f, _, fn in specs}
     total = len(families) * len(budgets) * repeats
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="study", unit="run")
-        except ImportError:  # pragma: no cover
-            bar = None
+    bar = ProgressBar(progress, desc="study", unit="run", total=total)
     runs: list[dict[str, Any]] = []
     for bi, budget in enumerate(budgets):
         for fi, fam in enumerate(families):
@@ -361,10 +354,8 @@ def compare(
                         "tokens_forwarded": float(cost.get("tokens_forwarded", math.nan)),
                         "seconds": secs,
                     })
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+    bar.close()
 
     rows = []
     tol = 1e-9 * (1.0 + abs(truth))
