@@ -25,6 +25,9 @@ Rules a backend can rely on:
 3. Every parent in a batch was expanded earlier in this run and has not been released.
 4. ``release(ids)`` lists expanded nodes whose state no driver will read again (all their children that
    needed it have been expanded). Releasing is a hint for memory; results never depend on it.
+
+Optional: a ``preferred_batch_size`` attribute (an int, or None): the rows per ``expand()`` call the backend
+works best with. Drivers use it when the caller passes no ``batch_size``.
 """
 
 from __future__ import annotations
