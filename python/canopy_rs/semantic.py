@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs.api import check_positive_int
+from canopy_rs._driver import check_positive_int
 from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, ModelNotFoundError
 from canopy_rs.estimators import _stats
 from canopy_rs.results import to_plain
