@@ -278,3 +278,130 @@ def test_parquet_tables_when_pyarrow(tiny: str, tmp_path: Path, capsys: pytest.C
     assert rc == 0, err
     t = pa.read_table(out / "rollouts.parquet")
     assert t.num_rows == 5 and "entropy_rate" in t.column_names
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line under abuse: each mistake a new user makes ends in one line, early, and leaves no mess.
+
+
+def _one_line_error(rc: int, err: str) -> str:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("canopy-rs: error: "), err
+    return lines[0]
+
+
+def test_damaged_checkpoint_is_recomputed(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    args = ["sample", "--model", tiny, "--prompt", "a b c", *POLICY, "--num-rollouts", "30", "--out", str(out),
+            "--no-plots"]
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0, err
+    first = (out / "rollouts.csv").read_text()
+    assert len(first.splitlines()) == 31
+    (ckpt,) = (out / "runs").glob("*/rollouts.csv")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # a finished prompt's table cut in half
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0, err
+    assert "damaged" in err and "rollouts.csv" in err and "recomputing" in err and "already done" not in err
+    assert (out / "rollouts.csv").read_text() == first  # recomputed (same seed), not the cut table
+    assert ckpt.read_bytes() == data
+    res = json.loads((out / "result.json").read_text())
+    assert res["prompts"][0]["estimate"]["num_rollouts"] == 30 and not res["prompts"][0].get("resumed")
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0 and "already done" in err and "warning" not in err  # a good checkpoint is trusted
+
+
+def test_one_line_errors_before_the_model_loads(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    line = _one_line_error(*_run(capsys, "exact", "--model", tiny, "--prompts", str(bad))[::2])
+    assert str(bad) in line and "UTF-8" in line
+    if not torch.cuda.is_available():
+        rc, _, err = _run(capsys, "exact", "--model", tiny, "--device", "cuda")
+        assert "no CUDA GPU" in _one_line_error(rc, err) and "loading" not in err
+    line = _one_line_error(*_run(capsys, "exact", "--model", tiny, "--device", "gpu0")[::2])
+    assert "not a torch device" in line
+    afile = tmp_path / "result.txt"
+    afile.write_text("keep me")
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a", "--out", str(afile))
+    assert "not a directory" in _one_line_error(rc, err) and "loading" not in err
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bad", [["--top-p", "0"], ["--top-p", "1.5"], ["--temperature", "0"],
+                                 ["--temperature", "nan"], ["--temperature", "-1"], ["--top-k", "-1"],
+                                 ["--max-new-tokens", "0"], ["--batch-size", "0"], ["--eos-token-ids", "-3"],
+                                 ["--limit", "0"], ["--seed", "-1"]])
+def test_every_argument_is_checked_while_parsing(bad: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A model path that does not exist: the check must come first, so the error names the argument.
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(tmp_path / "missing"), *bad])
+    assert e.value.code == 2
+    assert f"argument {bad[0]}" in capsys.readouterr().err
+
+
+def test_compare_and_bound_values_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv in (["bound", "--budget-seconds", "nan"], ["bound", "--budget", "0"], ["compare", "--budgets", "0,10"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    capsys.readouterr()
+    line = _one_line_error(*_run(capsys, "compare", "--model", str(tmp_path / "missing"), "--estimators", "mc_rb,x")[::2])
+    assert "unknown estimator(s) x" in line
+
+
+def test_bench_list_says_where_it_looked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, out, err = _run(capsys, "bench", "--list", "--dir", str(tmp_path))
+    assert rc == 1 and out == ""
+    assert str(tmp_path) in err and "not installed with the wheel" in err
+    benches = tmp_path / "benches"
+    benches.mkdir()
+    (benches / "bench_thing.py").write_text("print('ok')\n")
+    rc, out, _ = _run(capsys, "bench", "--list", "--dir", str(benches))
+    assert rc == 0 and out.split()[0] == "thing"
+
+
+def test_outputs_respect_the_umask(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        rc, _, err = _run(capsys, "sample", "--model", tiny, "--prompt", "a b", *POLICY, "--num-rollouts", "5",
+                          "--out", str(out), "-q")
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"result.json", "rollouts.csv", "prompts.csv", "length_rate.png", "record.json"}
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert set(modes.values()) == {0o640}, modes
+    assert not list(out.glob(".canopy-rs.lock")) and not list(out.rglob("*.tmp"))
+
+
+def test_failed_run_leaves_no_out_folder(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "new" / "out"
+    out.parent.mkdir()
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", *POLICY, "--max-nodes", "3",
+                      "--out", str(out), "-q")
+    assert rc == 2 and "max_nodes" in err
+    assert not out.exists()
+
+
+def test_two_runs_on_one_out_folder(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from canopy_rs.io import RunDir
+
+    out = tmp_path / "out"
+    with RunDir(out):  # another run holds the folder
+        rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", *POLICY, "--out", str(out))
+        line = _one_line_error(rc, err)
+        assert "in use by another canopy-rs run" in line and f"pid {__import__('os').getpid()}" in line
+        assert "loading" not in err
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", *POLICY, "--out", str(out), "-q")
+    assert rc == 0, err

@@ -10,9 +10,12 @@ Layout of an output directory::
     DIR/nodes.csv          one row per canopy node (with --nodes)
     DIR/*.parquet          the same tables, when pyarrow is installed
     DIR/runs/<key>/        per-prompt checkpoints: record.json (+ rollouts.csv, nodes.csv)
+    DIR/.canopy-rs.lock    held while a run writes DIR
 
 A prompt's ``key`` hashes the prompt text and every setting that changes its numbers, so rerunning into the
-same ``DIR`` skips prompts whose checkpoint matches and recomputes the others.
+same ``DIR`` skips prompts whose checkpoint matches and recomputes the others. Every file is written
+atomically (a temporary file renamed over it), and a checkpoint's record lists the size and SHA-256 of its
+tables: a damaged checkpoint is recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import socket
+import time
+import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -81,12 +86,17 @@ def dumps(v: Any, *, strict: bool = True, indent: Optional[int] = 2) -> str:
     return json.dumps(jsonable(v, strict=strict), indent=indent, allow_nan=not strict)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Writes ``path`` through a temporary file in the same directory, renamed over it once complete and
+    flushed: a reader sees the old file or the new one, never a part. The file is created by a plain open,
+    so the umask decides its mode (as for any other file the user writes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -94,6 +104,11 @@ def _atomic_write(path: Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    _atomic_write_with(path, lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,7 +123,13 @@ def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     ``prompt, text, question, input, instruction, content``; an ``id`` key is kept) or plain text (one prompt
     per non-empty line). Returns ``[{"id": ..., "prompt": ...}]``."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(
+            f"prompts file {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
     lines = [ln for ln in text.splitlines() if ln.strip()]
     is_json = p.suffix.lower() in (".jsonl", ".json", ".ndjson") or (
         bool(lines) and lines[0].lstrip()[:1] in ("{", '"')
@@ -221,7 +242,8 @@ def write_parquet(path: Union[str, os.PathLike], rows: Sequence[Mapping[str, Any
     for r in rows:
         for k in cols:
             cols[k].append(r.get(k))
-    pq.write_table(pa.table(cols), str(path))
+    table = pa.table(cols)
+    _atomic_write_with(Path(path), lambda f: pq.write_table(table, f))
     return True
 
 
@@ -282,26 +304,140 @@ def node_rows(nodes: Mapping[str, np.ndarray], prompt_index: int) -> list[dict[s
 # --------------------------------------------------------------------------------------------------
 
 
+LOCK_FILE = ".canopy-rs.lock"
+RECORD_JSON = "record.json"
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file: what a checkpoint record stores to verify its tables."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive, non-blocking lock on an open file; released when the descriptor is closed (also when
+    the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class RunDir:
-    """An output directory with per-prompt checkpoints (see the module docstring)."""
+    """An output directory with per-prompt checkpoints (see the module docstring).
+
+    Opening it creates the directory if needed and takes a lock (``.canopy-rs.lock``) for the life of the
+    object, so two runs never write the same directory: the second raises :class:`InvalidArgumentError`
+    saying which process holds it. :meth:`close` releases the lock; after a failed run it also removes the
+    directories this run created that are still empty."""
 
     def __init__(self, path: Union[str, os.PathLike]) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidArgumentError(f"output directory {self.path}: exists and is not a directory; "
+                                       "name a directory (it is created when missing)")
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: Optional[int] = None
+        try:
+            self._lock()
+        except BaseException:
+            self.close(ok=False)
+            raise
+
+    def _lock(self) -> None:
+        lock = self.path / LOCK_FILE
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            if not _try_lock(fd):
+                try:
+                    holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+                finally:
+                    os.close(fd)
+                raise InvalidArgumentError(
+                    f"output directory {self.path} is in use by another canopy-rs run ({holder}); wait for it "
+                    "to finish or choose another directory"
+                )
+            try:  # the previous holder may have removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}".encode())
+        self._lock_fd = fd
+
+    def close(self, ok: bool = True) -> None:
+        """Releases the lock; after a failed run (``ok=False``) removes the empty directories it left."""
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.path / LOCK_FILE)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if ok:
+            return
+        for root, _dirs, _files in os.walk(self.path, topdown=False):
+            if Path(root) == self.path and not self._created:
+                continue
+            try:
+                os.rmdir(root)  # only succeeds when empty: finished checkpoints stay for a resume
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(ok=exc_type is None)
 
     def _run(self, key: str) -> Path:
         return self.path / "runs" / key
 
-    def load(self, key: str) -> Optional[dict[str, Any]]:
-        """The finished record of prompt ``key``, or None when it has not been completed."""
-        p = self._run(key) / "record.json"
-        if not p.is_file():
-            return None
+    def load(self, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """``(record, None)`` for a finished prompt whose checkpoint verifies, ``(None, None)`` when there is
+        none, and ``(None, why)`` when one exists but is damaged (unreadable, incomplete, or a table whose
+        size or SHA-256 differs from what the record says): the caller recomputes it."""
+        d = self._run(key)
+        p = d / RECORD_JSON
+        if not p.exists():
+            return None, None
         try:
             rec = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return rec if isinstance(rec, dict) and rec.get("complete") else None
+        except (OSError, ValueError) as e:
+            return None, f"{RECORD_JSON} unreadable ({e})"
+        if not isinstance(rec, dict) or not rec.get("complete"):
+            return None, f"{RECORD_JSON} incomplete"
+        digests = rec.pop("checksums", None)
+        if not isinstance(digests, dict):
+            return None, f"{RECORD_JSON} has no checksums (written by an older canopy-rs)"
+        for name, want in digests.items():
+            f = d / name
+            if not f.is_file():
+                return None, f"{name} is missing"
+            got = file_digest(f)
+            if got != want:
+                return None, (f"{name} has {got['bytes']} bytes" + (" and another SHA-256" if got["bytes"] ==
+                              want.get("bytes") else "") + f", the record says {want.get('bytes')}")
+        rec.pop("complete")
+        return rec, None
 
     def save(
         self,
@@ -310,18 +446,19 @@ class RunDir:
         rollouts: Optional[Sequence[Mapping[str, Any]]] = None,
         nodes: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> None:
-        """Checkpoints one prompt; the record is written last (and atomically), so a prompt counts as done
-        only once all its files are complete."""
+        """Checkpoints one prompt. Each file is written atomically and the record last, with the size and
+        SHA-256 of each table, so a prompt counts as done only once all its files are complete and
+        :meth:`load` can tell a damaged table from a good one."""
         d = self._run(key)
         d.mkdir(parents=True, exist_ok=True)
-        if rollouts is not None:
-            write_csv(d / ROLLOUTS_CSV, rollouts)
-        if nodes is not None:
-            write_csv(d / NODES_CSV, nodes)
-        rec = dict(record)
-        rec["complete"] = True
+        digests = {}
+        for name, rows in ((ROLLOUTS_CSV, rollouts), (NODES_CSV, nodes)):
+            if rows is not None:
+                write_csv(d / name, rows)
+                digests[name] = file_digest(d / name)
+        rec = dict(record, complete=True, checksums=digests)
         # NaN kept as NaN here (Python's json reads it back): pooling needs the floats.
-        _atomic_write(d / "record.json", dumps(rec, strict=False))
+        _atomic_write(d / RECORD_JSON, dumps(rec, strict=False))
 
     def rows(self, key: str, table: str) -> list[dict[str, Any]]:
         p = self._run(key) / table
@@ -364,7 +501,3 @@ def _typed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             t[k] = v
         out.append(t)
     return out
-
-
-def iter_keys(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    return [str(r["key"]) for r in records]

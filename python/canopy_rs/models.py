@@ -141,12 +141,36 @@ def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, 
 
 
 def pick_device(device: Optional[str] = None) -> str:
-    """``device`` as given, else ``"cuda"`` when available, else ``"cpu"``."""
+    """``device`` as given (checked by :func:`check_device`), else ``"cuda"`` when available, else ``"cpu"``."""
     if device:
-        return str(device)
+        return check_device(device)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> str:
+    """``device`` when torch can use it here; else :class:`InvalidArgumentError` saying why (checked before a
+    model is loaded, so a missing GPU is reported at once)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidArgumentError(f"device {device!r} is not a torch device ({e}); use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InvalidArgumentError(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; use cpu"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise InvalidArgumentError(f"device {device!r}: there are {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InvalidArgumentError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    return str(device)
 
 
 def _torch_dtype(dtype: Optional[str], device: str) -> Any:

@@ -30,9 +30,9 @@ from typing import Optional, Sequence
 
 from canopy_rs.cli import bench, bound, compare, demo, exact, sample
 from canopy_rs.cli._args import DEMO_PROMPT
-from canopy_rs.cli._context import CLIError, RunContext
+from canopy_rs.cli._context import RunContext
 
-__all__ = ["main", "build_parser", "DEMO_PROMPT", "CLIError"]
+__all__ = ["main", "build_parser", "DEMO_PROMPT"]
 
 COMMANDS = (exact, bound, sample, compare, demo, bench)
 
@@ -65,22 +65,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         j = argv.index("--")
         argv, extra = argv[:j], argv[j + 1:]
     args = build_parser().parse_args(argv)
-    from canopy_rs.models import ModelNotFoundError
-
+    ctx = RunContext(args, argv, extra)
+    ok = False
     try:
         if getattr(args, "prepare", None) is not None:
             args.prepare(args)
-        return int(args.func(RunContext(args, argv, extra)) or 0)
-    except (CLIError, ModelNotFoundError) as e:
-        print(f"canopy-rs: error: {e}", file=sys.stderr)
-        return 2
+        ctx.open()
+        rc = int(args.func(ctx) or 0)
+        ok = rc == 0
+        return rc
     except KeyboardInterrupt:
         print("canopy-rs: interrupted (finished prompts are kept in --out; rerun to resume)", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, ImportError) as e:
-        from canopy_rs import CanopyError
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"canopy-rs: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        ctx.close(ok)
 
-        if isinstance(e, (CanopyError, ImportError)) or type(e) is ValueError:
-            print(f"canopy-rs: error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def _user_error(e: Exception) -> bool:
+    """Errors a user can fix from the message alone: printed on one line instead of a traceback. Library
+    errors (every ``CanopyError``), files that cannot be read or written, a missing optional dependency."""
+    from canopy_rs.errors import CanopyError
+
+    return isinstance(e, (CanopyError, OSError, ImportError)) or type(e) is ValueError

@@ -17,10 +17,6 @@ from canopy_rs.cli._format import header, short
 MAX_PLOTTED_PROMPTS = 8
 
 
-class CLIError(Exception):
-    """A user error: printed as ``canopy-rs: error: ...`` with exit status 2."""
-
-
 @dataclass(frozen=True)
 class PromptJob:
     """One prompt to compute: its position, id and text, its seed (``--seed`` + index) and its backend."""
@@ -88,17 +84,36 @@ class RunContext:
         # Progress bars: not when quiet, and not without tqdm.
         self.show_progress = not self.quiet and tqdm_available()
         self.t_start = time.time()
-        self.out: Any = None
-        if getattr(args, "out", None):
-            from canopy_rs.io import RunDir
-
-            self.out = RunDir(args.out)
+        self.out: Any = None  # the RunDir, once open()
+        self._prompts: Optional[list[dict[str, Any]]] = None
         self._model: Any = None
         self._tokenizer: Any = None
         self._spec: Any = None
         self._saved_model_info: Optional[dict[str, Any]] = None
         self.model_seconds = 0.0
         self.files: list[str] = []
+
+    # --- before and after the command ------------------------------------------------------------------
+    def open(self) -> None:
+        """Everything that can fail without the model, checked before it loads: the model's location, the
+        prompts, the device, and the output directory (created and locked)."""
+        a = self.args
+        if hasattr(a, "model"):
+            _ = self.spec
+            self.prompts()
+            if a.device:
+                from canopy_rs.models import check_device
+
+                check_device(a.device)
+        if getattr(a, "out", None):
+            from canopy_rs.io import RunDir
+
+            self.out = RunDir(a.out)
+
+    def close(self, ok: bool) -> None:
+        """Releases --out; after a failure, removes what this run created there and left empty."""
+        if self.out is not None:
+            self.out.close(ok)
 
     # --- status -----------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -166,13 +181,19 @@ class RunContext:
 
     # --- prompts and policy ------------------------------------------------------------------------
     def prompts(self) -> list[dict[str, Any]]:
+        if self._prompts is None:
+            self._prompts = self._read_prompts()
+        return self._prompts
+
+    def _read_prompts(self) -> list[dict[str, Any]]:
+        from canopy_rs.errors import InvalidArgumentError
         from canopy_rs.io import read_prompts
 
         a = self.args
         out: list[dict[str, Any]] = [{"id": f"prompt{i}", "prompt": text} for i, text in enumerate(a.prompt or [])]
         if a.prompts:
             if not Path(a.prompts).is_file():
-                raise CLIError(f"--prompts {a.prompts}: no such file")
+                raise InvalidArgumentError(f"--prompts {a.prompts}: no such file")
             out.extend(read_prompts(a.prompts))
         if not out:
             out = [{"id": "demo", "prompt": DEMO_PROMPT}]
@@ -216,7 +237,10 @@ class RunContext:
             key = prompt_key(p["prompt"], self.key_config(i, **key_extra))
             tag = f"[{i + 1}/{n}] " if n > 1 else ""
             if self.out is not None and not self.args.fresh:
-                rec = self.out.load(key)
+                rec, damaged = self.out.load(key)
+                if damaged:
+                    print(f"canopy-rs: warning: {tag}prompt {p['id']!r}: the checkpoint in {self.out.path} is "
+                          f"damaged ({damaged}); recomputing it", file=sys.stderr, flush=True)
                 if rec is not None:
                     self.say(f"{tag}prompt {p['id']!r}: already done in {self.out.path} (skipped; --fresh recomputes)")
                     rec["resumed"] = True

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from canopy_rs.cli._args import positive_int
-from canopy_rs.cli._context import CLIError, RunContext
+from canopy_rs.cli._context import RunContext
 from canopy_rs.cli._format import format_table, num
+from canopy_rs.errors import InvalidArgumentError
 
 HELP = "run benches/ scripts or a quick engine throughput check"
 BENCHES_ENV = "CANOPY_RS_BENCHES"
@@ -121,11 +122,11 @@ def run(ctx: RunContext) -> int:
         if not a.names:
             return 0
     if d is None:
-        raise CLIError(_not_found(looked))
+        raise InvalidArgumentError(_not_found(looked))
     names = avail if a.names == ["all"] else a.names
     missing = [n for n in names if n not in avail]
     if missing:
-        raise CLIError(f"unknown bench(es) {', '.join(missing)}; available: {', '.join(avail)}")
+        raise InvalidArgumentError(f"unknown bench(es) {', '.join(missing)}; available: {', '.join(avail)}")
     rc = 0
     for n in names:
         cmd = [sys.executable, str(d / f"bench_{n}.py")] + (["--quick"] if a.quick else []) + list(ctx.extra)

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from canopy_rs.cli._args import add_output_args, add_run_args, positive_int, positive_int_list, str_list
-from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, CLIError, PromptJob, RunContext
+from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, PromptJob, RunContext
 from canopy_rs.cli._format import short
 from canopy_rs.cli.exact import exact_record
+from canopy_rs.errors import InvalidArgumentError
 
 HELP = "estimators vs the exact value"
 DEFAULT_ESTIMATORS = ["mc_rb", "mc_surprisal", "sbs", "hybrid"]
@@ -34,7 +35,7 @@ def prepare(args: Any) -> None:
 
     bad = [e for e in args.estimators if e not in BUILTIN_ESTIMATORS]
     if bad or not args.estimators:
-        raise CLIError(f"unknown estimator(s) {', '.join(bad) or '(none given)'}; "
+        raise InvalidArgumentError(f"unknown estimator(s) {', '.join(bad) or '(none given)'}; "
                        f"choose from {', '.join(BUILTIN_ESTIMATORS)}")
 
 

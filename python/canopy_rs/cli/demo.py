@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_run_args, positive_int
-from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, CLIError, PromptJob, RunContext
+from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import estimate_table, format_table, num
 from canopy_rs.cli.exact import exact_figures, exact_record
 from canopy_rs.cli.sample import length_rate_figures, pool_estimates, sample_prompt
+from canopy_rs.errors import InvalidArgumentError
 
 HELP = "the whole pipeline on the embedded model"
 # Far above any demo-sized canopy: the best-first run is meant to finish exactly.
@@ -60,7 +61,7 @@ def exact_with_bracket(ctx: RunContext, backend: Any) -> tuple[Any, list[dict]]:
         finally:
             prog.close()
         if not res.is_exact:  # pragma: no cover - the budget is far above any demo tree
-            raise CLIError("the canopy did not fit the budget; lower --max-new-tokens or --top-k")
+            raise InvalidArgumentError("the canopy did not fit the budget; lower --max-new-tokens or --top-k")
         return res, prog.snapshots
     raise AssertionError("unreachable")
 
