@@ -244,7 +244,6 @@ def test_sbs_enumerates_small_trees_exactly():
     assert r.is_exact and r.num_leaves == ex.num_leaves and math.isinf(r.threshold)
     assert r.ce_star == pytest.approx(ex.ce_star)
     assert r.ce_star_surprisal == pytest.approx(ex.ce_star)
-    assert r.ce_star_normalized == pytest.approx(ex.ce_star)
     assert r.ce_star_se == 0.0
     assert np.exp(r.leaf_log_reach).sum() == pytest.approx(1.0)
 
@@ -266,19 +265,38 @@ def test_sbs_samples_distinct_leaves_and_keeps_the_protocol():
         stochastic_beam_search(fn, beam_size=0, **kw)
 
 
-def test_sbs_is_unbiased_with_calibrated_variance():
-    """600 runs with beam 16 on a 121-leaf tree. Unbiased HT estimators: |z| of the mean < 4. The
-    zero-covariance variance estimator is unbiased: the mean reported variance is within 25% of the
-    empirical variance (its sampling SD over 600 runs is ~8% here)."""
-    fn = random_logits_fn(4, seed=1, scale=1.5)
-    kw = dict(vocab_size=4, eos_token_ids=[0], max_new_tokens=4)
+@pytest.mark.parametrize("v,t,scale,k", [(4, 4, 1.5, 16), (5, 6, 3.0, 12)])
+def test_sbs_is_unbiased_with_calibrated_variance(v, t, scale, k):
+    """600 runs per tree. Unbiased HT estimators: |z| of the mean < 4. Node-level SE (with the nested
+    covariance): mean reported variance within 25% of the empirical one (its sampling SD over 600 runs is
+    ~8%); the normal interval covers at least 85% (the HT sum is right-skewed: a rare heavy node, when
+    missed, also leaves the variance estimate low)."""
+    fn = random_logits_fn(v, seed=1, scale=scale)
+    kw = dict(vocab_size=v, eos_token_ids=[0], max_new_tokens=t)
     truth = canopy_rs.exact(fn, **kw).ce_star
-    res = [stochastic_beam_search(fn, beam_size=16, seed=s, **kw) for s in range(600)]
+    res = [stochastic_beam_search(fn, beam_size=k, seed=s, **kw) for s in range(600)]
     for attr in ("ce_star", "ce_star_surprisal"):
-        v = np.array([getattr(r, attr) for r in res])
+        x = np.array([getattr(r, attr) for r in res])
         se = np.array([getattr(r, attr + "_se") for r in res])
-        assert abs(v.mean() - truth) < 4 * v.std(ddof=1) / math.sqrt(v.size), attr
-        assert np.mean(se**2) == pytest.approx(v.var(ddof=1), rel=0.25), attr
-    norm = np.array([r.ce_star_normalized for r in res])
-    # Self-normalised: biased at O(1/k) but far less variable here.
-    assert norm.var() < 0.5 * np.var([r.ce_star for r in res])
+        lo = np.array([getattr(r, attr + "_ci")[0] for r in res])
+        hi = np.array([getattr(r, attr + "_ci")[1] for r in res])
+        assert abs(x.mean() - truth) < 4 * x.std(ddof=1) / math.sqrt(x.size), attr
+        assert np.mean(se**2) == pytest.approx(x.var(ddof=1), rel=0.25), attr
+        assert np.mean((lo <= truth) & (truth <= hi)) >= 0.85, attr
+
+
+def test_sbs_beats_plain_monte_carlo_on_a_peaked_model():
+    """The regression the node-level estimator fixed: on a peaked model (most mass on few paths) SBS's RMSE
+    at equal model tokens is far below plain Monte Carlo's (measured 0.34x; the old leaf-weighted
+    estimator was 2-5x *worse* than Monte Carlo on SmolLM2)."""
+    fn = random_logits_fn(5, seed=1, scale=3.0)
+    kw = dict(vocab_size=5, eos_token_ids=[0], max_new_tokens=6)
+    truth = canopy_rs.exact(fn, **kw).ce_star
+    sbs = [stochastic_beam_search(fn, beam_size=12, seed=s, **kw) for s in range(200)]
+    tokens = np.mean([r.cost["rows_evaluated"] for r in sbs])
+    mc = [sample(fn, num_rollouts=12, seed=s, share_prefixes=False, **kw) for s in range(200)]
+    mc_tokens = np.mean([r.cost["rows_evaluated"] for r in mc])
+    assert tokens <= 1.2 * mc_tokens
+    rmse_sbs = math.sqrt(np.mean([(r.ce_star - truth) ** 2 for r in sbs]))
+    rmse_mc = math.sqrt(np.mean([(estimate(r).ce_star - truth) ** 2 for r in mc]))
+    assert rmse_sbs < 0.5 * rmse_mc

@@ -394,9 +394,10 @@ class TreeRun:
                     return "memory"
         return None
 
-    def expand(self, budget: Optional[Budget] = None) -> Optional[str]:
+    def expand(self, budget: Optional[Budget] = None, stop: Optional[Callable[[], bool]] = None) -> Optional[str]:
         """Resets the backend and expands until the canopy is complete (returns None) or the budget is hit
-        (returns which limit). KeyboardInterrupt propagates with the tree in a consistent state."""
+        (returns which limit), or ``stop()`` (checked before every batch) says so (returns ``"stop"``).
+        KeyboardInterrupt propagates with the tree in a consistent state."""
         tree, backend, policy = self.tree, self.backend, self.setup.policy
         start = time.perf_counter()
         last_report = start
@@ -406,6 +407,8 @@ class TreeRun:
                 hit = self._budget_hit(budget, start)
                 if hit is not None:
                     return hit
+                if stop is not None and stop():
+                    return "stop"
                 rows = self.setup.batch_size
                 if self.order == "best-first":
                     # Popping the whole frontier at once would be breadth-first: take only its best share,

@@ -48,6 +48,34 @@ from . import _stats
 __all__ = ["HybridEstimate", "estimate_hybrid"]
 
 
+class _HeadStop:
+    """Best-first head growth for a token budget B. With b nodes in the head, frontier mass m and
+    W = sum over the frontier of pi(u) (T - d_u), n = (B - b) / (W / m) rollouts give a tail variance
+    ~ m^2 sigma^2 / n = sigma^2 m W / (B - b). The head grows while J = m W / (B - b) falls (sigma^2 only
+    shrinks as the frontier deepens, so this stops early rather than late) and stops at the first batch
+    that raises it."""
+
+    def __init__(self, budget: int, tree: Any, max_new_tokens: int) -> None:
+        self.budget = budget
+        self.tree = tree
+        self.max_new_tokens = max_new_tokens
+        self.best = math.inf
+
+    def __call__(self) -> bool:
+        b = self.tree.num_expanded
+        if b == 0:
+            return False
+        if b >= self.budget:
+            return True
+        _, _, _, dep, logr = self.tree.frontier()
+        w = np.exp(logr)
+        j = float(w.sum()) * float(np.sum(w * (self.max_new_tokens - dep))) / (self.budget - b)
+        if j > self.best:
+            return True
+        self.best = j
+        return False
+
+
 @dataclass(frozen=True)
 class HybridEstimate:
     ce_star: float
@@ -72,8 +100,9 @@ class HybridEstimate:
 def estimate_hybrid(
     model,
     *,
-    budget_nodes: int,
-    num_rollouts: int,
+    budget: Optional[int] = None,
+    budget_nodes: Optional[int] = None,
+    num_rollouts: Optional[int] = None,
     max_new_tokens: int,
     seed=None,
     vocab_size: Optional[int] = None,
@@ -86,12 +115,22 @@ def estimate_hybrid(
     confidence: float = 0.95,
     share_prefixes: bool = True,
 ) -> HybridEstimate:
-    """Unbiased CE*_max estimate: the exact sum over a best-first head of ``budget_nodes`` expanded nodes plus
-    ``num_rollouts`` rollouts started at frontier nodes drawn in proportion to pi. Model and policy arguments
-    are those of :func:`canopy_rs.exact`. If the canopy has at most ``budget_nodes`` internal nodes the
-    result is exact (``is_exact``, SE 0) and no rollout is run."""
-    budget_nodes = check_positive_int("budget_nodes", budget_nodes)
-    num_rollouts = check_positive_int("num_rollouts", num_rollouts)
+    """Unbiased CE*_max estimate: the exact sum over a best-first head plus rollouts started at frontier
+    nodes drawn in proportion to pi. Model and policy arguments are those of :func:`canopy_rs.exact`.
+
+    Give either ``budget`` (model tokens, i.e. node expansions, for the whole estimate: the head grows while
+    that lowers the predicted tail error, see the module docstring, and the rest buys rollouts) or both
+    ``budget_nodes`` (head size) and ``num_rollouts``. If the whole canopy fits in the head the result is
+    exact (``is_exact``, SE 0) and no rollout is run."""
+    if budget is None:
+        if budget_nodes is None or num_rollouts is None:
+            raise InvalidArgumentError("estimate_hybrid needs budget= (model tokens) or both budget_nodes= and num_rollouts=")
+    else:
+        budget = check_positive_int("budget", budget)
+    if budget_nodes is not None:
+        budget_nodes = check_positive_int("budget_nodes", budget_nodes)
+    if num_rollouts is not None:
+        num_rollouts = check_positive_int("num_rollouts", num_rollouts)
     if frontier_sampling not in ("stratified", "multinomial"):
         raise InvalidArgumentError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
@@ -101,8 +140,12 @@ def estimate_hybrid(
     # The head: the same best-first expansion as canopy_rs.bounded. The backend is not reset afterwards, so
     # the frontier's parents are still cached when the tail rollouts start from them.
     head = TreeRun(s, order="best-first")
-    head.expand(Budget(nodes=budget_nodes))
     tree = head.tree
+    if budget is None:
+        head.expand(Budget(nodes=budget_nodes))
+    else:
+        stop = _HeadStop(budget, tree, s.max_new_tokens)
+        head.expand(Budget(nodes=budget_nodes if budget_nodes is not None else max(1, budget // 2)), stop=stop)
     b = tree.bounds()
     crit_n = _stats.critical_value(confidence)
     if tree.is_done:
@@ -113,6 +156,10 @@ def estimate_hybrid(
     f_ids, f_par, f_tok, f_dep, f_logr = tree.frontier()
     head_sum = float(b["ce_star_lower"])
     m_f = float(b["frontier_mass"])
+    if num_rollouts is None:
+        # Tokens a rollout from the frontier costs at most: its expected remaining depth (no EOS, no sharing).
+        per = float(np.sum(np.exp(f_logr) * (s.max_new_tokens - f_dep))) / max(m_f, 1e-300)
+        num_rollouts = max(2, int((budget - tree.num_expanded) / max(per, 1.0)))
     # Tree order (lexicographic prefixes) puts siblings in neighbouring strata.
     prefixes = tree.prefixes(f_ids)
     order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
@@ -124,7 +171,12 @@ def estimate_hybrid(
     n = num_rollouts
     strata = None
     if frontier_sampling == "stratified":
-        u = stratified_uniforms(n, rng)
+        # Two independent draws per stratum (n/2 strata): the within-stratum differences give an unbiased
+        # variance estimate, so the interval is neither optimistic nor (as collapsed strata) conservative.
+        n = max(2, n - n % 2)
+        g = n // 2
+        # Sorted, stratum j holds rows 2j and 2j + 1.
+        u = np.sort(np.concatenate([stratified_uniforms(g, rng), stratified_uniforms(g, rng)]))
     else:
         u = rng.random(n)
     assignment = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
@@ -132,7 +184,8 @@ def estimate_hybrid(
         # Keep descending with u inside the frontier node's subtree while its interval straddles the
         # rollout's stratum: the strata then reach below the frontier.
         before = np.concatenate([[0.0], cdf[:-1]])
-        strata = Strata.equal(u, node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
+        strata = Strata(u=u, lo=np.repeat(np.arange(g) / g, 2), hi=np.repeat(np.arange(1, g + 1) / g, 2),
+                        node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
 
     run = run_rollouts(
         s,
@@ -145,8 +198,8 @@ def estimate_hybrid(
     h = run.entropies.sum(axis=1)
     tail = float(h.mean())
     if frontier_sampling == "stratified":
-        var = _stats.collapsed_strata_var(h)
-        dof = max(1, n // 2)
+        var = float(np.sum((h[0::2] - h[1::2]) ** 2)) / (n * n)
+        dof = n // 2
     else:
         var = float(h.var(ddof=1) / n) if n >= 2 else math.nan
         dof = n - 1

@@ -12,10 +12,14 @@ estimator's own size parameter with the exact E[N] (a harness convenience; the e
 * ``mc_rb_shared`` / ``mc_surprisal_shared``: the same rollouts with identical generated prefixes forwarded
   once (:func:`canopy_rs.sample`'s default; a large saving only on tiny trees);
 * ``mc_rb_stratified`` / ``mc_surprisal_stratified``: ``sample(stratified=True)``, shared prefixes;
-* ``sbs`` / ``sbs_normalized`` / ``sbs_surprisal``: ``beam_size = round(budget / E[N])``;
-* ``hybrid`` / ``hybrid_multinomial``: a head of ``head_fraction * budget`` nodes and
-  ``round((1 - head_fraction) * budget / E[N])`` rollouts. The default 0.2 measured as good as or better
-  than 0.05-0.7 on the bench canopies: stratified tails with shared prefixes already act as a head.
+* ``sbs`` / ``sbs_surprisal``: ``beam_size = round(budget / E[N])``;
+* ``hybrid`` / ``hybrid_multinomial``: :func:`estimate_hybrid` with ``budget=budget`` (it splits the tokens
+  between its exact head and its rollouts itself).
+
+The model is wrapped in :class:`~canopy_rs.backends.cached.CachedModel` (``cache=True``): the exact run fills a
+prefix -> support table and every estimator repeat is answered from it, while the cost each estimator reports
+is still that of a fresh run. Valid because the model is deterministic: a repeat sees the same distributions
+whether they are recomputed or looked up.
 
 Realised costs differ from the target (shared prefixes are forwarded once), so tables and plots use the
 *measured* mean cost, and :meth:`StudyResult.equal_cost_ratios` compares RMSEs at equal measured cost by
@@ -47,7 +51,6 @@ BUILTIN_ESTIMATORS = {
     "mc_rb_stratified": ("mc_stratified", "ce_star"),
     "mc_surprisal_stratified": ("mc_stratified", "ce_star_surprisal"),
     "sbs": ("sbs", "ce_star"),
-    "sbs_normalized": ("sbs", "ce_star_normalized"),
     "sbs_surprisal": ("sbs", "ce_star_surprisal"),
     "hybrid": ("hybrid", "ce_star"),
     "hybrid_multinomial": ("hybrid_multinomial", "ce_star"),
@@ -265,8 +268,8 @@ def compare(
     top_p: float = 1.0,
     batch_size: Optional[int] = None,
     confidence: float = 0.95,
-    head_fraction: float = 0.2,
     exact_result: Any = None,
+    cache: bool = True,
     max_nodes: int = 10_000_000,
     progress: bool = False,
 ) -> StudyResult:
@@ -274,7 +277,8 @@ def compare(
     judge it against the exact CE*_max. Estimators are built-in names (:data:`BUILTIN_ESTIMATORS`) or
     ``(name, fn)`` with ``fn(model, budget=..., seed=..., expected_length=..., **model_and_policy_args)``
     returning an object with ``ce_star``, ``ce_star_se``, optionally ``ce_star_ci``, and a ``cost`` dict.
-    Pass ``exact_result`` to reuse an exact run."""
+    Pass ``exact_result`` to reuse an exact run (the cache then fills during the first repeats).
+    ``cache=False`` recomputes every repeat."""
     from canopy_rs.api import exact
     from canopy_rs._driver import ProgressBar, check_positive_int
     from canopy_rs.sampling import sample
@@ -287,8 +291,6 @@ def compare(
     if len(budgets) == 0:
         raise ValueError("budgets must hold at least one budget")
     budgets = [check_positive_int("budgets", b) for b in budgets]
-    if not 0.0 < head_fraction < 1.0:
-        raise ValueError(f"head_fraction must be in (0, 1), got {head_fraction!r}")
     if len(estimators) == 0:
         raise ValueError("estimators must name at least one estimator")
     specs: list[tuple[str, str, str, Optional[Callable]]] = []  # (name, family, prefix, fn)
@@ -305,6 +307,11 @@ def compare(
 
     kw: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    if cache:
+        from canopy_rs.backends.cached import CachedModel
+
+        model = CachedModel(model, vocab_size, eos_token_ids)
+        kw["vocab_size"] = kw["eos_token_ids"] = None
     t0 = time.perf_counter()
     ex = exact_result if exact_result is not None else exact(model, max_nodes=max_nodes, **kw)
     exact_seconds = time.perf_counter() - t0 if exact_result is None else math.nan
@@ -321,9 +328,7 @@ def compare(
             sb = stochastic_beam_search(model, beam_size=n_roll, seed=s, confidence=confidence, **kw)
             return sb, sb.cost
         if fam in ("hybrid", "hybrid_multinomial"):
-            head = max(1, int(round(head_fraction * budget)))
-            tail = max(2, int(round((1.0 - head_fraction) * budget / e_n)))
-            hy = estimate_hybrid(model, budget_nodes=head, num_rollouts=tail, seed=s, confidence=confidence,
+            hy = estimate_hybrid(model, budget=budget, seed=s, confidence=confidence,
                                  frontier_sampling="stratified" if fam == "hybrid" else "multinomial", **kw)
             return hy, hy.cost
         assert fn is not None, fam
@@ -395,7 +400,7 @@ def compare(
     }
     settings = {
         "budgets": list(budgets), "repeats": repeats, "seed": seed, "confidence": confidence,
-        "head_fraction": head_fraction, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "cache": cache, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_k": top_k, "top_p": top_p, "estimators": [s[0] for s in specs],
     }
     return StudyResult(truth, exact_info, rows, runs, settings)
