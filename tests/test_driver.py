@@ -50,7 +50,7 @@ DRIVERS = {
     "bounded": lambda m: canopy_rs.bounded(m, budget=3, **KW),
     "sample": lambda m: canopy_rs.sample(m, num_rollouts=4, seed=0, **KW),
     "beam": lambda m: canopy_rs.stochastic_beam_search(m, beam_size=2, seed=0, **KW),
-    "hybrid": lambda m: canopy_rs.estimate_hybrid(m, budget_nodes=1, num_rollouts=2, seed=0, **KW),
+    "hybrid": lambda m: canopy_rs.estimate_hybrid(m, budget_nodes=1, num_rollouts=8, seed=0, **KW),
 }
 
 MISTAKES = {
