@@ -507,3 +507,31 @@ def test_default_encoder_minilm_offline():
     from canopy_rs.semantic import default_encoder_path
 
     np.testing.assert_allclose(canopy_rs.embed(texts[:2], default_encoder_path(), device="cpu"), e[:2], atol=1e-6)
+
+
+def test_pool_exact_carries_rank_correlations_and_exact_semantics():
+    from canopy_rs.estimators.pooling import pool_exact
+
+    recs, plain = [], []
+    for c in CASES[:3]:
+        res, _ = _exact_and_brute(c)
+        sem = canopy_rs.exact_semantics(res, _leaf_embeddings(res.leaf_tokens))
+        recs.append({**res.to_dict(), **sem.to_dict()})
+        plain.append(canopy_rs.exact(RandomModel(c["v"], c["seed"]), vocab_size=c["v"], eos_token_ids=[0],
+                                     max_new_tokens=c["t"]))
+    out = pool_exact(recs)
+
+    def fisher(v):
+        v = np.asarray(v, float)
+        v = v[np.isfinite(v)]
+        return math.tanh(np.arctanh(np.clip(v, -0.999999, 0.999999)).mean())
+
+    assert out["semantic_diversity"] == pytest.approx(np.mean([r["semantic_diversity"] for r in recs]))
+    assert out["vendi_score"] == pytest.approx(math.exp(np.mean([math.log(r["vendi_score"]) for r in recs])))
+    assert out["rate_diversity_spearman"] == pytest.approx(fisher([r["rate_diversity_spearman"] for r in recs]))
+    assert out["length_rate_spearman"] == pytest.approx(fisher([r["length_rate_spearman"] for r in recs]))
+    kt = np.array([r["length_rate_kendall"] for r in recs], float)
+    assert out["length_rate_kendall"] == pytest.approx(np.nanmean(kt))
+    # Results without leaves or semantics pool the rest and leave those keys out.
+    out = pool_exact(plain)
+    assert "length_rate_kendall" not in out and "semantic_diversity" not in out and "ce_star" in out

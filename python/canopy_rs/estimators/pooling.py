@@ -315,11 +315,31 @@ def pool(estimates: Sequence[Any]) -> PooledEstimate:
     )
 
 
+# Exact values that only some results carry (leaf-based rank correlations, exact semantics).
+_EXACT_OPTIONAL = (
+    "length_rate_spearman",
+    "length_rate_kendall",
+    "semantic_diversity",
+    "vendi_score",
+    "length_diversity_pearson",
+    "length_diversity_spearman",
+    "length_diversity_kendall",
+    "rate_diversity_pearson",
+    "rate_diversity_spearman",
+    "rate_diversity_kendall",
+)
+
+
 def pool_exact(results: Sequence[Any]) -> dict[str, float]:
     """Pool exact per-prompt results (:class:`canopy_rs.CanopyResult` objects or their ``to_dict()``) by the
     rules of :func:`pool`. Each value is a population value, not an estimate from rollouts, so every prompt
     weighs the same: plain means, ``exp`` after averaging, the Fisher-z mean of rho(N, r_N). Keys follow
-    ``CanopyResult`` (``truncation_prob``, ``length_rate_corr``)."""
+    ``CanopyResult`` (``truncation_prob``, ``length_rate_corr``).
+
+    Optional values are pooled when every result has them (not None): ``length_rate_spearman`` and
+    ``length_rate_kendall`` (``exact(..., return_leaves=True)``) and the exact semantic values of
+    :func:`canopy_rs.exact_semantics` (pass ``{**res.to_dict(), **sem.to_dict()}``): D* and the correlations
+    with d* like their sampled counterparts, VS* as exp(mean log VS*)."""
     if len(results) == 0:
         raise ValueError("results must hold at least one prompt")
 
@@ -343,6 +363,15 @@ def pool_exact(results: Sequence[Any]) -> dict[str, float]:
                 "length_driven": length * rate,
                 "length_rate_cov_residual": ce - length * rate,
             }
+            for name in _EXACT_OPTIONAL:
+                if any(_field(r, name) is None for r in results):
+                    continue
+                if name == "vendi_score":
+                    vals[name] = np.exp(_nanmean(np.log(col(name))))
+                elif name.endswith(("_pearson", "_spearman")):
+                    vals[name] = _weighted(col(name), equal, _fisher, np.tanh)
+                else:  # semantic_diversity and Kendall tau: plain means
+                    vals[name] = _weighted(col(name), equal)
     out: dict[str, float] = {"num_prompts": len(results)}
     out.update({k: float(v[0]) for k, v in vals.items()})
     return out
