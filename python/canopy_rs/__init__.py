@@ -58,6 +58,10 @@ from canopy_rs.semantic import (
     vendi_score,
 )
 
+# The package canopy_rs.study is imported here, eagerly, so that the name ``canopy_rs.study`` is bound to the
+# function (the submodule stays reachable as ``from canopy_rs.study import ...``).
+from canopy_rs.study import StudyOutput, study  # noqa: E402  (after the names it uses)
+
 __all__ = [
     "__version__",
     "exact",
@@ -108,6 +112,8 @@ __all__ = [
     "rollout_diversity",
     "exact_semantics",
     "ExactSemantics",
+    "study",
+    "StudyOutput",
 ]
 
 # Names whose modules import torch or other heavy optional dependencies: loaded on first use.

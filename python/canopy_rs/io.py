@@ -465,8 +465,17 @@ class RunDir:
         return read_csv(p) if p.is_file() else []
 
     def write_result(self, result: Mapping[str, Any]) -> Path:
-        p = self.path / RESULT_JSON
-        _atomic_write(p, dumps(result, strict=True) + "\n")
+        return self.write_json(RESULT_JSON, result)
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """``name`` in the directory, strict JSON (NaN as null), written atomically."""
+        p = self.path / name
+        _atomic_write(p, dumps(obj, strict=True) + "\n")
+        return p
+
+    def write_text(self, name: str, text: str) -> Path:
+        p = self.path / name
+        _atomic_write(p, text)
         return p
 
     def write_table(self, name: str, rows: Sequence[Mapping[str, Any]], parquet: bool = True) -> list[Path]:

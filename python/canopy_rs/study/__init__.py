@@ -1,0 +1,182 @@
+"""The base-vs-fine-tuned study (semantics-and-study.md section 5): model pairs over prompt sets, sampled (and
+optionally exact) canopy metrics with semantic diversity, the paired bootstrap, the mixed-model interaction
+of D on entropy rate, and a report.
+
+    import canopy_rs
+    out = canopy_rs.study("study.toml")              # or a dict with the same structure
+    out.report                                        # OUT/report.md (and report.html next to it)
+
+``canopy-rs study CONFIG [--out DIR] [--ray [ADDRESS]] [--fresh]`` is the same from the shell. The config
+layout is documented in :mod:`canopy_rs.study.config`.
+
+Output folder::
+
+    OUT/study.json            configuration, versions, units, pooled values, bootstrap, regression, files
+    OUT/rollouts.csv|parquet  one row per rollout (model, task, prompt, N, sum h, r_N, d_i, text, tokens)
+    OUT/prompts.csv|parquet   one row per (model, task, prompt): the estimate (and exact_*, exact_sampled_*)
+    OUT/pooled.csv|parquet    one row per (model, task): canopy_rs.pool of its prompts
+    OUT/bootstrap.csv|parquet paired bootstrap per (family, task, metric, side)
+    OUT/panel.csv|parquet     one row per (model, task, prompt): D, R_bar, N_bar, VS (the regression's data)
+    OUT/regression.csv        the mixed model's fixed effects
+    OUT/report.md, report.html, figures/*.png|svg
+    OUT/runs/<key>/           one finished unit (record.json, rollouts.csv): resume skips these
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .config import StudyConfig, StudyConfigError, load_config
+from .units import Unit, make_units
+
+__all__ = ["study", "StudyOutput", "StudyConfig", "StudyConfigError", "load_config", "make_units", "Unit"]
+
+
+@dataclass(frozen=True)
+class StudyOutput:
+    """What :func:`study` wrote. ``pooled`` / ``bootstrap`` are the table rows, ``regression`` the
+    interaction model's summary (``base_slope``, ``finetuned_slope``, ``ratio``, ``ratio_ci``, ...)."""
+
+    out: Path
+    units_total: int
+    units_done: int
+    units_resumed: int
+    wall_seconds: float
+    pooled: list = field(default_factory=list)
+    bootstrap: list = field(default_factory=list)
+    regression: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.md"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def _say(quiet: bool):
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return say
+
+
+def study(
+    config: Union[str, os.PathLike, Mapping[str, Any], StudyConfig],
+    *,
+    out: Union[str, os.PathLike, None] = None,
+    executor: Optional[str] = None,
+    ray_address: Optional[str] = None,
+    encoder: Any = None,
+    fresh: bool = False,
+    quiet: bool = True,
+) -> StudyOutput:
+    """Runs the study described by ``config`` (a TOML/YAML file, a dict with the same layout or a
+    :class:`StudyConfig`) and writes its tables, figures and report to the output folder.
+
+    ``out`` overrides the config's output folder; ``executor`` is ``"local"`` (in-process, the default) or
+    ``"ray"`` (``ray_address``: a cluster address such as ``"auto"``; none starts or reuses a local Ray);
+    ``encoder`` overrides the config's encoder (a folder, ``"default"``, ``"none"``, or any object with
+    ``.encode(list[str]) -> array``). Units already finished in the output folder with the same settings are
+    reused unless ``fresh``. Every unit is checkpointed as soon as it finishes, so an interrupted study loses
+    no finished unit; rerun to resume. ``quiet=False`` prints progress to stderr."""
+    from canopy_rs.io import RunDir
+
+    t0 = time.time()
+    cfg = load_config(config, out=out, executor=executor, ray_address=ray_address, encoder=encoder)
+    say = _say(quiet)
+    store = RunDir(cfg.out)
+    units = make_units(cfg)
+    todo = list(units) if fresh else [u for u in units if store.load(u.key) is None]
+    say(f"study {cfg.name!r}: {len(units)} units, {len(units) - len(todo)} already done in {cfg.out}")
+
+    def on_result(res: dict[str, Any]) -> None:
+        rec = res["record"]
+        store.save(rec["key"], rec, rollouts=res["rollouts"])
+
+    if todo:
+        if cfg.executor == "ray":
+            from .executors import run_ray
+
+            run_ray(cfg, todo, on_result, say)
+        else:
+            from .executors import run_local
+
+            run_local(cfg, todo, on_result, say)
+    return _finish(cfg, store, units, {u.key for u in todo}, t0, say)
+
+
+def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float, say: Any) -> StudyOutput:
+    from canopy_rs.models import library_versions
+
+    from . import analysis, report
+
+    records, rollouts = [], []
+    for u in units:
+        rec = store.load(u.key)
+        if rec is None:
+            continue
+        records.append(rec)
+        rollouts.extend(store.rows(u.key, "rollouts.csv"))
+    files: list[str] = []
+
+    def table(name: str, rows: list) -> None:
+        if rows:
+            files.extend(os.path.relpath(p, cfg.out) for p in store.write_table(name, rows))
+
+    prompts = analysis.prompt_rows(records)
+    pooled, traj = analysis.pooled_rows(cfg, records)
+    boot_rows, boot = analysis.bootstrap_tables(cfg, records)
+    panel = analysis.panel_rows(cfg, records)
+    say("fitting the interaction model ...")
+    reg = analysis.interaction_model(cfg, panel)
+    table("rollouts", rollouts)
+    table("prompts", prompts)
+    table("pooled", pooled)
+    table("bootstrap", boot_rows)
+    table("panel", panel)
+    if reg.get("coefficients"):
+        from canopy_rs.io import write_csv
+
+        write_csv(cfg.out / "regression.csv", reg["coefficients"])
+        files.append("regression.csv")
+    figs: dict[str, str] = {}
+    try:
+        figs = report.make_figures(cfg.out, cfg, pooled, traj, rollouts, panel, reg, prompts)
+    except ImportError as e:
+        say(f"figures skipped: {e}")
+    files.extend(p for f in figs.values() for p in (f, f[:-4] + ".svg"))
+    wall = time.time() - t0
+    summary = {
+        "units_total": len(units), "units_done": len(records),
+        "units_resumed": sum(1 for r in records if r["key"] not in computed),
+        "executor": cfg.executor, "wall_seconds": wall,
+    }
+    blocks = report.build_report(cfg, summary, pooled, boot_rows, reg, prompts, figs)
+    store.write_text("report.md", report.render_markdown(blocks))
+    store.write_text("report.html", report.render_html(blocks, f"Study: {cfg.name}"))
+    files += ["report.md", "report.html", "study.json"]
+    store.write_json("study.json", {
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+        **summary,
+        "units": [{"key": r["key"], "model": r["model"], "task": r["task"], "prompt_id": r["prompt_id"],
+                   "seconds": r.get("seconds"), "resumed": r["key"] not in computed, "model_info": r.get("model_info")}
+                  for r in records],
+        "pooled": pooled,
+        "bootstrap": boot,
+        "regression": reg,
+        "files": sorted(files),
+    })
+    say(f"wrote {cfg.out / 'report.md'} and {len(files) - 1} more file(s)")
+    return StudyOutput(out=cfg.out, units_total=len(units), units_done=len(records),
+                       units_resumed=summary["units_resumed"], wall_seconds=wall, pooled=pooled,
+                       bootstrap=boot, regression=reg, files=sorted(files))

@@ -1,0 +1,213 @@
+"""Units of work: one model x one prompt.
+
+A unit samples M rollouts, embeds their generated texts, estimates the per-prompt metrics (and, when the
+config asks for exact values, computes the exact canopy at a small depth / top-k plus M rollouts at that same
+policy). Its result is a record plus per-rollout rows, checkpointed under ``OUT/runs/<key>/`` by the driver.
+
+The key hashes everything that changes a unit's numbers (the model's files, chat, dtype and device, the
+prompt, both policies, M, the seed, the encoder), so a rerun skips finished units and a changed setting
+recomputes instead of reusing stale results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .config import StudyConfig
+
+__all__ = ["Unit", "make_units", "UnitRunner"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    model: str
+    task: str
+    prompt_id: str
+    prompt: str
+    seed: int
+    key: str
+
+    def label(self) -> str:
+        return f"{self.model} / {self.task} / {self.prompt_id}"
+
+
+def unit_seed(seed: int, task: str, prompt_id: str) -> int:
+    """The rollout seed of a prompt: the same for every model (paired designs share random numbers) and
+    independent of the prompt's position in the file."""
+    h = hashlib.sha256(f"{seed}/{task}/{prompt_id}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def _key_settings(cfg: StudyConfig, fingerprints: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per model, the settings a unit's numbers depend on (everything except the prompt and its seed)."""
+    common = {
+        "sampling": {**cfg.sampling.policy(), "num_rollouts": cfg.sampling.num_rollouts},
+        "exact": None if cfg.exact is None else {**cfg.exact.policy(cfg.sampling), "max_nodes": cfg.exact.max_nodes},
+        "encoder": cfg.encoder,
+    }
+    out = {}
+    for m in cfg.models:
+        out[m.name] = {
+            **common,
+            "model": {"name": m.name, "weights": fingerprints[m.name], "chat": m.use_chat, "dtype": m.dtype,
+                      "device": m.device or "auto"},
+        }
+    return out
+
+
+def make_units(cfg: StudyConfig) -> list[Unit]:
+    """Every (model, prompt) unit of the study, models in config order, then tasks, then prompts."""
+    from canopy_rs.io import prompt_key
+
+    fingerprints = {m.name: m.fingerprint() for m in cfg.models}
+    settings = _key_settings(cfg, fingerprints)
+    units = []
+    for m in cfg.models:
+        for t in cfg.tasks:
+            for p in t.prompts:
+                seed = unit_seed(cfg.seed, t.name, p["id"])
+                key = prompt_key(p["prompt"], {**settings[m.name], "task": t.name, "prompt_id": p["id"], "seed": seed})
+                units.append(Unit(model=m.name, task=t.name, prompt_id=p["id"], prompt=p["prompt"], seed=seed, key=key))
+    return units
+
+
+class UnitRunner:
+    """Runs units in one process, keeping the current model and the encoder loaded between units (the
+    local executor uses one; each Ray worker holds one)."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self.cfg = cfg
+        self._name: Optional[str] = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._info: dict[str, Any] = {}
+        self.load_seconds = 0.0
+        # About 50 points of the running entropy rate, whatever T_max is.
+        self._bin_step = max(1, cfg.sampling.max_new_tokens // 50)
+
+    # --- the model --------------------------------------------------------------------------------
+    def _load(self, name: str) -> None:
+        if self._name == name:
+            return
+        from canopy_rs.models import load_model
+
+        self._model = self._tokenizer = None  # drop the previous model before loading the next one
+        entry = self.cfg.model(name)
+        path, gguf = entry.location()
+        t = time.perf_counter()
+        self._model, self._tokenizer = load_model(path, gguf, device=entry.device, dtype=entry.dtype, quiet=True)
+        self.load_seconds = time.perf_counter() - t
+        p = next(self._model.parameters())
+        cfg = self._model.config
+        self._info = {
+            "name": name,
+            "path": path,
+            "gguf": gguf,
+            "device": str(p.device),
+            "dtype": str(p.dtype).replace("torch.", ""),
+            "chat": entry.use_chat,
+            "model_type": getattr(cfg, "model_type", None),
+            "num_parameters": int(sum(x.numel() for x in self._model.parameters())),
+            "load_seconds": self.load_seconds,
+        }
+        self._name = name
+
+    def model_info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def _backend(self, unit: Unit) -> Any:
+        from canopy_rs.backends.transformers import TransformersModel
+
+        entry = self.cfg.model(unit.model)
+        if entry.use_chat and not getattr(self._tokenizer, "chat_template", None):
+            raise ValueError(
+                f"models[{entry.name}].chat is true but its tokenizer has no chat template; set chat = false"
+            )
+        with warnings.catch_warnings():
+            # The per-row fallback on sliding-window models is expected here and would repeat per prompt.
+            warnings.filterwarnings("ignore", message=".*per-row caches instead of tree attention.*")
+            return TransformersModel(self._model, self._tokenizer, prompt=unit.prompt, chat=entry.use_chat)
+
+    # --- embeddings -------------------------------------------------------------------------------
+    def _embed(self, texts: list[str]) -> Optional[np.ndarray]:
+        if self.cfg.encoder is None and self.cfg.encoder_object is None:
+            return None
+        from canopy_rs.semantic import embed
+
+        enc = self.cfg.encoder_object
+        if enc is None and self.cfg.encoder != "default":
+            enc = self.cfg.encoder
+        return embed(texts, enc, batch_size=self.cfg.encoder_batch_size, progress=False)
+
+    # --- one unit ---------------------------------------------------------------------------------
+    def run(self, unit: Unit) -> dict[str, Any]:
+        """``{"record": ..., "rollouts": [rows]}`` for one unit."""
+        from canopy_rs.estimators import estimate
+        from canopy_rs.sampling import sample
+        from canopy_rs.semantic import rollout_diversity, rollout_texts
+
+        t0 = time.perf_counter()
+        self._load(unit.model)
+        entry = self.cfg.model(unit.model)
+        backend = self._backend(unit)
+        s = self.cfg.sampling
+        ro = sample(backend, num_rollouts=s.num_rollouts, seed=unit.seed, batch_size=s.batch_size, **s.policy())
+        texts = rollout_texts(ro, self._tokenizer)
+        E = self._embed(texts)
+        est = estimate(ro, embeddings=E, bin_step=self._bin_step)
+        d = rollout_diversity(E) if E is not None else np.full(ro.num_rollouts, math.nan)
+        rows = []
+        toks = ro.token_lists()
+        for i in range(ro.num_rollouts):
+            n = int(ro.lengths[i])
+            rows.append({
+                "model": entry.name, "family": entry.family, "variant": entry.variant, "task": unit.task,
+                "prompt_id": unit.prompt_id, "rollout": i, "length": n,
+                "entropy_sum": float(ro.step_entropy_sums[i]), "entropy_rate": float(ro.entropy_rates[i]),
+                "surprisal_sum": float(ro.surprisal_sums[i]), "eos": bool(ro.eos[i]),
+                "truncated": bool(ro.truncated[i]), "diversity": float(d[i]), "text": texts[i],
+                "tokens": " ".join(str(int(x)) for x in toks[i]),
+            })
+        record: dict[str, Any] = {
+            "key": unit.key, "model": entry.name, "family": entry.family, "variant": entry.variant,
+            "task": unit.task, "prompt_id": unit.prompt_id, "prompt": unit.prompt, "seed": unit.seed,
+            "prompt_tokens": len(getattr(backend, "prompt_ids", []) or []),
+            "estimate": est.to_dict(), "rollout_cost": dict(ro.cost),
+        }
+        if self.cfg.exact is not None:
+            record.update(self._exact(unit, backend))
+        record["seconds"] = time.perf_counter() - t0
+        record["model_info"] = self.model_info()
+        return {"record": record, "rollouts": rows}
+
+    def _exact(self, unit: Unit, backend: Any) -> dict[str, Any]:
+        """The exact canopy at the exact policy, and M rollouts at that same policy for the comparison."""
+        import canopy_rs
+        from canopy_rs.estimators import estimate
+        from canopy_rs.sampling import sample
+        from canopy_rs.semantic import exact_semantics, rollout_texts
+
+        assert self.cfg.exact is not None
+        pol = self.cfg.exact.policy(self.cfg.sampling)
+        want_leaves = self.cfg.encoder is not None or self.cfg.encoder_object is not None
+        t = time.perf_counter()
+        res = canopy_rs.exact(backend, max_nodes=self.cfg.exact.max_nodes, return_leaves=want_leaves, **pol)
+        ex = res.to_dict()
+        for big in ("leaf_tokens", "leaf_probs", "leaf_lengths", "leaf_rates", "nodes"):
+            ex.pop(big, None)
+        if want_leaves:
+            sem = exact_semantics(res, self._embed(rollout_texts(res, self._tokenizer))).to_dict()
+            sem.pop("leaf_diversity", None)
+            ex.update(sem)
+        ex["seconds"] = time.perf_counter() - t
+        ro = sample(backend, num_rollouts=self.cfg.sampling.num_rollouts, seed=unit.seed,
+                    batch_size=self.cfg.sampling.batch_size, **pol)
+        E = self._embed(rollout_texts(ro, self._tokenizer))
+        return {"exact": ex, "exact_policy": pol, "exact_sampled": estimate(ro, embeddings=E).to_dict()}
