@@ -27,6 +27,7 @@ from canopy_rs.errors import (
     InvalidArgumentError,
     KVBudgetExceededError,
     ModelNotFoundError,
+    StudyConfigError,
     TreeAttentionUnsupported,
     TreeTooLargeError,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "ExactSemantics",
     "study",
     "StudyOutput",
+    "StudyConfigError",
 ]
 
 # Names whose modules import torch or other heavy optional dependencies: loaded on first use.

@@ -13,6 +13,7 @@ exception a caller would expect, so ``except ValueError`` / ``TypeError`` / ``Me
     ├── TreeAttentionUnsupported  (ValueError)   the model cannot run the tree-attention strategy
     ├── KVBudgetExceededError     (MemoryError)  the live KV cache would exceed max_live_kv_tokens
     ├── ModelNotFoundError        (FileNotFoundError)  no local model where one was named
+    ├── StudyConfigError          (ValueError)   a study config that cannot run; the message names the field
     └── EngineStateError          (RuntimeError) the engine was driven out of order (a bug in the driver)
 
 :class:`Interrupted` is not an error: it is the ``KeyboardInterrupt`` (Ctrl-C) of :func:`canopy_rs.exact`,
@@ -34,6 +35,7 @@ __all__ = [
     "TreeAttentionUnsupported",
     "KVBudgetExceededError",
     "ModelNotFoundError",
+    "StudyConfigError",
     "EngineStateError",
     "Interrupted",
 ]
@@ -70,6 +72,11 @@ class KVBudgetExceededError(CanopyError, MemoryError):
 
 class ModelNotFoundError(CanopyError, FileNotFoundError):
     """No local model where one was named (nothing is ever downloaded)."""
+
+
+class StudyConfigError(CanopyError, ValueError):
+    """A study configuration (:func:`canopy_rs.study`) that cannot run: an unknown key, a missing model folder
+    or prompt file, a family that is not one base and one fine-tuned model, ...; the message names the field."""
 
 
 class EngineStateError(CanopyError, RuntimeError):

