@@ -20,6 +20,7 @@ pytest.importorskip("statsmodels")
 pytest.importorskip("matplotlib")
 
 import canopy_rs  # noqa: E402
+from canopy_rs.io import dumps  # noqa: E402
 from canopy_rs.study import StudyConfigError, load_config, make_units  # noqa: E402
 from study_helpers import LetterEncoder, make_tiny_pair  # noqa: E402
 
@@ -212,7 +213,7 @@ def test_tables_agree_with_the_rollouts(local_run):
         e = enc.encode([r["text"] for r in rows])
         e = e / np.linalg.norm(e, axis=1, keepdims=True)
         cos = [e[i] @ e[j] for i, j in itertools.combinations(range(M), 2)]
-        assert float(p["semantic_diversity"]) == pytest.approx(1.0 - np.mean(cos), abs=1e-9)
+        assert float(p["semantic_diversity"]) == pytest.approx(1.0 - np.mean(cos), abs=1e-6)  # float32 embeddings
         d = np.array([float(r["diversity"]) for r in rows])
         assert d.mean() == pytest.approx(float(p["semantic_diversity"]), abs=1e-9)
         assert 0.0 <= float(p["exact_semantic_diversity"]) <= 1.0
@@ -268,7 +269,7 @@ def test_resume_reuses_every_unit_without_loading_a_model(local_run, pair, monke
     monkeypatch.setattr("canopy_rs.models.load_model", no_load)
     res = canopy_rs.study(config(pair, out), encoder=LetterEncoder())
     assert res.units_resumed == res.units_done == 14
-    assert res.pooled == first.pooled
+    assert dumps(res.pooled) == dumps(first.pooled)  # NaN-aware: the same numbers
 
 
 def test_an_interrupted_study_keeps_its_finished_units(pair, tmp_path, monkeypatch):
