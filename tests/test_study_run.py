@@ -335,3 +335,31 @@ def test_ray_executor_gives_the_local_numbers(local_run, pair, tmp_path, monkeyp
     ta = sorted((r["model"], r["task"], r["prompt_id"], r["rollout"], r["tokens"]) for r in read(out_local / "rollouts.csv"))
     tb = sorted((r["model"], r["task"], r["prompt_id"], r["rollout"], r["tokens"]) for r in read(tmp_path / "out" / "rollouts.csv"))
     assert ta == tb
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_study(pair, tmp_path, capsys):
+    from canopy_rs.cli import main
+
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        'name = "cli"\nout = "cli_out"\n[sampling]\nnum_rollouts = 3\nmax_new_tokens = 3\ntop_k = 3\n'
+        '[encoder]\npath = "none"\n[bootstrap]\nnum_replicates = 50\n'
+        f'[[models]]\nname = "b"\npath = "{pair["base"]}"\nfamily = "t"\nvariant = "base"\n'
+        f'[[models]]\nname = "f"\npath = "{pair["tuned"]}"\nfamily = "t"\nvariant = "fine-tuned"\nchat = false\n'
+        f'[[tasks]]\nname = "letters"\nprompts = "{pair["prompts"]}"\nlimit = 2\n'
+    )
+    assert main(["study", str(toml), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "Pooled per (model, task)" in out and "| b | letters |" in out
+    assert (tmp_path / "cli_out" / "report.html").is_file()  # `out` is relative to the config file
+    assert main(["study", str(toml), "--out", str(tmp_path / "elsewhere"), "-q"]) == 0
+    assert (tmp_path / "elsewhere" / "study.json").is_file()
+    capsys.readouterr()
+    toml.write_text(toml.read_text().replace("num_rollouts", "num_rolouts"))
+    assert main(["study", str(toml)]) == 2
+    assert "sampling.num_rolouts" in capsys.readouterr().err

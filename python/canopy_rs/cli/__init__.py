@@ -7,6 +7,7 @@ Commands mirror the Python API, one module each:
 * ``sample``   Monte Carlo rollouts and the paper's metrics (``canopy_rs.sampling.sample`` + ``estimate``)
 * ``compare``  estimators against the exact value (``canopy_rs.estimators.study.compare``)
 * ``demo``     all of it on the embedded SmolLM2-135M-Instruct: exact canopy, MC estimates, table, plots
+* ``study``    base-vs-fine-tuned study of a TOML/YAML config (:func:`canopy_rs.study`), local or on Ray
 * ``bench``    the benches/ scripts, or a quick engine throughput check
 
 A command module has ``add_parser(subparsers)`` (its arguments; ``set_defaults(func=run)`` and optionally
@@ -28,13 +29,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from canopy_rs.cli import bench, bound, compare, demo, exact, sample
+from canopy_rs.cli import bench, bound, compare, demo, exact, sample, study
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._context import RunContext
 
 __all__ = ["main", "build_parser", "DEMO_PROMPT"]
 
-COMMANDS = (exact, bound, sample, compare, demo, bench)
+COMMANDS = (exact, bound, sample, compare, demo, study, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,6 +76,8 @@ VARIANTS = ("base", "fine-tuned")
 _VARIANT_ALIASES = {"base": "base", "fine-tuned": "fine-tuned", "finetuned": "fine-tuned", "fine_tuned": "fine-tuned",
                     "instruct": "fine-tuned", "ft": "fine-tuned"}
 EXECUTORS = ("local", "ray")
+# Configs shipped with the package, usable by name (``canopy-rs study demo``).
+BUILTIN_CONFIGS = {"demo": Path(__file__).with_name("configs") / "demo.toml"}
 
 
 @dataclass(frozen=True)
@@ -475,18 +477,21 @@ def load_config(
     ray_address: Optional[str] = None,
     encoder: Any = None,
 ) -> StudyConfig:
-    """A checked :class:`StudyConfig` from a file path, a mapping (paths relative to the working directory)
-    or an existing config. ``out``, ``executor``, ``ray_address`` and ``encoder`` (a name/folder, or an object
+    """A checked :class:`StudyConfig` from a file path (relative paths inside are relative to the file), the
+    name of a shipped config (:data:`BUILTIN_CONFIGS`: ``"demo"``; output in the working directory), a mapping
+    (paths relative to the working directory) or an existing config. ``out``, ``executor``, ``ray_address`` and ``encoder`` (a name/folder, or an object
     with ``.encode``) override the file."""
     if isinstance(config, StudyConfig):
         cfg = config
+    elif isinstance(config, Mapping):
+        cfg = _from_mapping(dict(config), None, None, None)
+    elif str(config) in BUILTIN_CONFIGS:
+        # A shipped config: its paths are packaged, its output goes to the working directory.
+        p = BUILTIN_CONFIGS[str(config)]
+        cfg = _from_mapping(read_config_file(p), p.parent, f"builtin:{config}", Path.cwd())
     else:
-        if isinstance(config, Mapping):
-            raw, root, source = dict(config), None, None
-        else:
-            p = Path(config)
-            raw, root, source = read_config_file(p), p.resolve().parent, str(p.resolve())
-        cfg = _from_mapping(raw, root, source)
+        p = Path(config)
+        cfg = _from_mapping(read_config_file(p), p.resolve().parent, str(p.resolve()), p.resolve().parent)
     changes: dict[str, Any] = {}
     if out is not None:
         changes["out"] = Path(out)
@@ -524,14 +529,14 @@ def _encoder_name(v: Any, root: Optional[Path], where: str) -> Optional[str]:
     return str(p.resolve())
 
 
-def _from_mapping(raw: dict, root: Optional[Path], source: Optional[str]) -> StudyConfig:
+def _from_mapping(raw: dict, root: Optional[Path], source: Optional[str], out_root: Optional[Path]) -> StudyConfig:
     d = _check_keys(raw, _TOP_KEYS, "")
     enc = _check_keys(d.get("encoder") or {}, _ENCODER_KEYS, "encoder")
     out = d.get("out", "study_out")
     seed = d.get("seed", 0)
     return StudyConfig(
         name=str(d.get("name", "study")),
-        out=_resolve(_str(out, "out"), root),
+        out=_resolve(_str(out, "out"), out_root),
         models=_models(d.get("models"), root),
         tasks=_tasks(d.get("tasks"), root),
         sampling=_sampling(d.get("sampling")),
