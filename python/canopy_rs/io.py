@@ -487,26 +487,44 @@ class RunDir:
         return out
 
 
-def _typed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """CSV round-tripped rows (strings) back to numbers/bools for Parquet."""
-    out = []
-    for r in rows:
-        t: dict[str, Any] = {}
-        for k, v in r.items():
-            if isinstance(v, str):
-                if v in ("True", "False"):
-                    t[k] = v == "True"
+def _parse_column(values: list[Any]) -> list[Any]:
+    """One column's CSV strings as bools, ints or floats when every entry parses as that type ("" is a
+    missing value); otherwise every entry as a string, so that a column never mixes types (Parquet
+    refuses that: a hex key or a prompt id that happens to look like a number must stay text)."""
+    strs = [v for v in values if isinstance(v, str) and v != ""]
+    if not strs:
+        return [None if v == "" else v for v in values]
+    for kind in ("bool", "int", "float"):
+        try:
+            if kind == "bool":
+                if any(v not in ("True", "False") for v in strs):
                     continue
-                if k not in ("tokens", "text", "prompt", "id"):
-                    try:
-                        t[k] = int(v)
-                        continue
-                    except ValueError:
-                        try:
-                            t[k] = float(v)
-                            continue
-                        except ValueError:
-                            pass
-            t[k] = v
-        out.append(t)
+                conv: Any = lambda v: v == "True"  # noqa: E731
+            else:
+                conv = int if kind == "int" else float
+                for v in strs:
+                    conv(v)
+        except ValueError:
+            continue
+        return [None if v == "" else (conv(v) if isinstance(v, str) else v) for v in values]
+    return [None if v is None else str(v) for v in values]
+
+
+def _typed(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """CSV round-tripped rows (strings) back to bools/numbers for Parquet, column by column; free-text
+    columns (tokens, text, prompt, id) stay text."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            cols.setdefault(k, None)
+    out: list[dict[str, Any]] = [dict() for _ in rows]
+    for k in cols:
+        values = [r.get(k) for r in rows]
+        if k in ("tokens", "text", "prompt", "id"):
+            parsed = [None if v is None else str(v) for v in values]
+        else:
+            parsed = _parse_column(values)
+        for t, r, v in zip(out, rows, parsed):
+            if k in r:
+                t[k] = v
     return out
