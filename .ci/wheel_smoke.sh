@@ -68,7 +68,9 @@ say "wheel contents"
 import re, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["canopy_rs/__init__.py", "canopy_rs/_core.pyi", "canopy_rs/py.typed", "canopy_rs/cli/__init__.py",
-        "canopy_rs/__main__.py", "canopy_rs/models.py", "canopy_rs/plots.py", "canopy_rs/io.py"]
+        "canopy_rs/__main__.py", "canopy_rs/models.py", "canopy_rs/plots.py", "canopy_rs/io.py",
+        "canopy_rs/study/__init__.py", "canopy_rs/study/configs/demo.toml", "canopy_rs/prompts/__init__.py"]
+need += [f"canopy_rs/prompts/{t}.jsonl" for t in ("code", "math", "stories", "completion")]
 missing = [n for n in need if n not in names]
 if not any(n.startswith("canopy_rs/_core") and (n.endswith(".so") or n.endswith(".pyd")) for n in names):
     missing.append("canopy_rs/_core extension")
@@ -144,13 +146,15 @@ if not where.startswith(venv):
     sys.exit(f"canopy_rs imported from {where}, not from the wheel in {venv}")
 from canopy_rs.models import default_gguf_path
 print("embedded model:", default_gguf_path())
+from canopy_rs.prompts import PROMPT_SETS, load_prompt_set
+print("prompt sets:", {t: len(load_prompt_set(t)) for t in PROMPT_SETS})
 EOF
 
 say "canopy-rs --help / --version / python -m canopy_rs"
 "$CLI" --help | head -n 5
 "$CLI" --version
 "$VPY" -m canopy_rs exact --help > /dev/null
-for cmd in exact bound sample compare demo bench; do "$CLI" "$cmd" --help > /dev/null; done
+for cmd in exact bound sample compare demo study bench; do "$CLI" "$cmd" --help > /dev/null; done
 
 say "canopy-rs exact (embedded SmolLM2, max-new-tokens 2, top-k 2)"
 "$CLI" exact --max-new-tokens 2 --top-k 2 --device cpu --out "$WORK/exact" --quiet

