@@ -17,6 +17,7 @@ BUILTIN = {
     "TreeAttentionUnsupported": ValueError,
     "KVBudgetExceededError": MemoryError,
     "ModelNotFoundError": FileNotFoundError,
+    "StudyConfigError": ValueError,
     "EngineStateError": RuntimeError,
 }
 
