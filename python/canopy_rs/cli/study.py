@@ -17,7 +17,8 @@ def add_parser(sub: Any) -> None:
         "and report.md/report.html. Finished units in the output folder are reused (resume); see "
         "canopy_rs.study.config for the config layout.")
     p.add_argument("config", metavar="CONFIG", help="a .toml, .yaml or .yml study config, or `demo` (the shipped demo)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: the config's `out`)")
+    # dest study_out: canopy_rs.study locks the folder itself (the run context would lock an `out` first).
+    p.add_argument("--out", dest="study_out", metavar="DIR", help="output folder (default: the config's `out`)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run units as Ray actors (put it after CONFIG); ADDRESS is a cluster (auto, ray://head:10001, ...); "
                    "without it a local Ray is started")
@@ -30,7 +31,7 @@ def run(ctx: RunContext) -> int:
     from canopy_rs.study import study
 
     a = ctx.args
-    out = study(a.config, out=a.out, executor="ray" if a.ray is not None else None,
+    out = study(a.config, out=a.study_out, executor="ray" if a.ray is not None else None,
                 ray_address=a.ray or None, fresh=a.fresh, quiet=a.quiet)
     print(out.report.read_text(encoding="utf-8"))
     return 0

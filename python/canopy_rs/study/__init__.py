@@ -92,25 +92,32 @@ def study(
     t0 = time.time()
     cfg = load_config(config, out=out, executor=executor, ray_address=ray_address, encoder=encoder)
     say = _say(quiet)
-    store = RunDir(cfg.out)
-    units = make_units(cfg)
-    todo = list(units) if fresh else [u for u in units if store.load(u.key) is None]
-    say(f"study {cfg.name!r}: {len(units)} units, {len(units) - len(todo)} already done in {cfg.out}")
+    # The directory is locked while the study runs (a second run into it is refused).
+    with RunDir(cfg.out) as store:
+        units = make_units(cfg)
+        todo = []
+        for u in units:
+            rec, why = (None, None) if fresh else store.load(u.key)
+            if why:
+                say(f"{u.label()}: checkpoint damaged ({why}); recomputing")
+            if rec is None:
+                todo.append(u)
+        say(f"study {cfg.name!r}: {len(units)} units, {len(units) - len(todo)} already done in {cfg.out}")
 
-    def on_result(res: dict[str, Any]) -> None:
-        rec = res["record"]
-        store.save(rec["key"], rec, rollouts=res["rollouts"])
+        def on_result(res: dict[str, Any]) -> None:
+            rec = res["record"]
+            store.save(rec["key"], rec, rollouts=res["rollouts"])
 
-    if todo:
-        if cfg.executor == "ray":
-            from .executors import run_ray
+        if todo:
+            if cfg.executor == "ray":
+                from .executors import run_ray
 
-            run_ray(cfg, todo, on_result, say)
-        else:
-            from .executors import run_local
+                run_ray(cfg, todo, on_result, say)
+            else:
+                from .executors import run_local
 
-            run_local(cfg, todo, on_result, say)
-    return _finish(cfg, store, units, {u.key for u in todo}, t0, say)
+                run_local(cfg, todo, on_result, say)
+        return _finish(cfg, store, units, {u.key for u in todo}, t0, say)
 
 
 def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float, say: Any) -> StudyOutput:
@@ -120,7 +127,7 @@ def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float,
 
     records, rollouts = [], []
     for u in units:
-        rec = store.load(u.key)
+        rec, _ = store.load(u.key)
         if rec is None:
             continue
         records.append(rec)
