@@ -66,13 +66,13 @@ def test_fisher_kendall_and_covariance_weights():
     assert p.length_rate_cov == pytest.approx((9 * 1.0 + 19 * -2.0 + 2 * 5.0) / (9 + 19 + 2))
 
 
-def test_fisher_clips_and_falls_back_to_nanmean():
+def test_fisher_clips_and_falls_back_to_the_unweighted_fisher_mean():
     p = pool([_prompt(num_rollouts=10, length_rate_pearson=1.0), _prompt(num_rollouts=10, length_rate_pearson=1.0)])
     assert p.length_rate_pearson == pytest.approx(0.999999)  # clipped before atanh
-    # No weight left (every n_p <= 3): the plain nanmean of the values.
+    # No weight left (every n_p <= 3): the unweighted mean on the Fisher scale (docs/pooling-parity.md, P1).
     q = pool([_prompt(num_rollouts=3, length_rate_pearson=0.2), _prompt(num_rollouts=2, length_rate_pearson=0.6),
               _prompt(num_rollouts=3, length_rate_pearson=float("nan"))])
-    assert q.length_rate_pearson == pytest.approx(0.4)
+    assert q.length_rate_pearson == pytest.approx(math.tanh((math.atanh(0.2) + math.atanh(0.6)) / 2))
     # Equal n: reduces to tanh(mean atanh r).
     r = pool([_prompt(num_rollouts=40, length_rate_pearson=x) for x in (0.1, 0.4, -0.3)])
     assert r.length_rate_pearson == pytest.approx(math.tanh(np.mean(np.arctanh([0.1, 0.4, -0.3]))))

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.estimators._stats import pearson
 
 __all__ = [
     "plot_length_distribution",
@@ -136,12 +137,6 @@ def plot_entropy_by_depth(result: Any, ax: Any = None, title: Optional[str] = No
     return fig
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return math.nan
-    return float(np.corrcoef(x, y)[0, 1])
-
-
 def plot_length_rate(
     rollouts: Any = None,
     *,
@@ -178,7 +173,7 @@ def plot_length_rate(
     ax.set_ylabel("entropy rate $r_N = \\frac{1}{N}\\sum_t h_t$ (nats/token)")
     if len(n) and len(np.unique(n)) <= 30:
         ax.set_xticks(np.unique(n))
-    rho = _pearson(n, r)
+    rho = pearson(n, r)
     parts = [f"sample $\\rho$ = {_fmt(rho)}"]
     if exact is not None:
         ex = float(exact) if isinstance(exact, (int, float, np.floating)) else float(_result_get(exact, "length_rate_corr"))

@@ -41,6 +41,11 @@ class Rollouts:
     ``n_i = lengths[i] - start_depths[i]``; padding is ``-1`` for tokens and ``0.0`` for ``entropies`` and
     ``logq`` (so row sums are the per-rollout sums). For rollouts from the root (what :func:`sample`
     returns) ``start_depths`` is all zero and ``n_i = lengths[i] = N_i``.
+
+    Construction checks every real step: an entropy must be finite and >= 0, a log q finite and <= 0
+    (``logq`` entirely NaN means "not recorded"). A violation is an ``InvalidArgumentError`` (a
+    ``ValueError``) naming the rollout and the step (both 0-based), so no estimate is ever computed from a
+    NaN, an infinity or a negative entropy.
     """
 
     tokens: np.ndarray  # int64 [M, L], -1 padded
@@ -65,6 +70,7 @@ class Rollouts:
             arr = getattr(self, name)
             if arr.ndim != 2 or arr.shape[0] != m:
                 raise InvalidArgumentError(f"{name} must have shape [num_rollouts, L], got {arr.shape}")
+        check_rollout_steps(self.entropies, self.logq, self.mask)
 
     # --- sizes and per-rollout sums -------------------------------------------------------------
     @property
@@ -200,6 +206,23 @@ class Rollouts:
             {},
             False,
         )
+
+
+def check_rollout_steps(entropies: np.ndarray, logq: Optional[np.ndarray], mask: np.ndarray) -> None:
+    """Every real step (``mask``) needs a finite entropy >= 0 and, unless ``logq`` is None or entirely NaN
+    (not recorded), a finite log q <= 0; padding must be 0 so row sums are per-rollout sums. The first
+    violation raises an ``InvalidArgumentError`` naming the rollout and the step (0-based)."""
+    checks = [("entropies", entropies, "a step entropy must be finite and >= 0 (nats)", 1.0)]
+    if logq is not None and not np.isnan(logq).all():
+        checks.append(("logq", logq, "a log-probability must be finite and <= 0", -1.0))
+    for name, values, rule, sign in checks:
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(values) & (sign * values >= 0.0)
+        bad = np.argwhere(np.where(mask, ~ok, values != 0.0))
+        if bad.size:
+            i, t = (int(v) for v in bad[0])
+            what = rule if mask[i, t] else "padding after the last step must be 0"
+            raise InvalidArgumentError(f"{name}: rollout {i}, step {t}: {float(values[i, t])}; {what}")
 
 
 def sample(

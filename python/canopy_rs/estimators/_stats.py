@@ -1,7 +1,8 @@
 """Small numpy statistics helpers shared by the estimators (no scipy at import time).
 
 Correlations follow the reference code (paper-spec 2.8): Pearson, Spearman on mid-ranks, Kendall tau-b, all
-NaN when undefined (fewer than two points or a constant variable).
+NaN when undefined: fewer than two points, a constant variable, or a non-finite value (never clipped into
+[-1, 1]). docs/pooling-parity.md lists where that differs from the reference.
 """
 
 from __future__ import annotations
@@ -47,23 +48,35 @@ def rankdata(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _defined(x: np.ndarray, y: np.ndarray) -> bool:
+    """At least two points and every value finite: otherwise a correlation is undefined."""
+    return x.shape[0] >= 2 and bool(np.isfinite(x).all() and np.isfinite(y).all())
+
+
+def _clip(r: float) -> float:
+    """Rounding can push a correlation just past +-1; NaN stays NaN (``min(1, nan)`` would return 1)."""
+    return r if math.isnan(r) else max(-1.0, min(1.0, r))
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if x.shape[0] < 2:
+    if not _defined(x, y):
         return math.nan
     dx = x - x.mean()
     dy = y - y.mean()
     sxx = float(dx @ dx)
     syy = float(dy @ dy)
-    if sxx <= 0.0 or syy <= 0.0:
+    if not (sxx > 0.0 and syy > 0.0):
         return math.nan
-    r = float(dx @ dy) / math.sqrt(sxx * syy)
-    return max(-1.0, min(1.0, r))
+    return _clip(float(dx @ dy) / math.sqrt(sxx * syy))
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    if np.asarray(x).shape[0] < 2:
+    """Pearson on mid-ranks; NaN for constant data (the reference's torchmetrics gives 0 there)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if not _defined(x, y):
         return math.nan
     return pearson(rankdata(x), rankdata(y))
 
@@ -79,7 +92,7 @@ def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n = x.shape[0]
-    if n < 2:
+    if not _defined(x, y):
         return math.nan
     n0 = n * (n - 1) // 2
     denom = (n0 - _tie_pairs(x)) * (n0 - _tie_pairs(y))
@@ -271,15 +284,15 @@ def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     w = unit_weights(w, x.shape[0])
-    if x.shape[0] < 2:
+    if not _defined(x, y):
         return math.nan
     dx = x - float(w @ x)
     dy = y - float(w @ y)
     vx, vy = float(w @ (dx * dx)), float(w @ (dy * dy))
     mx, my = float(w @ x), float(w @ y)
-    if vx <= _VAR_ZERO * max(1.0, mx * mx) or vy <= _VAR_ZERO * max(1.0, my * my):
+    if not (vx > _VAR_ZERO * max(1.0, mx * mx) and vy > _VAR_ZERO * max(1.0, my * my)):
         return math.nan
-    return max(-1.0, min(1.0, float(w @ (dx * dy)) / math.sqrt(vx * vy)))
+    return _clip(float(w @ (dx * dy)) / math.sqrt(vx * vy))
 
 
 def _mid_cdf(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -296,7 +309,7 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     x = snap_ties(x)
     y = snap_ties(y)
     w = unit_weights(w, x.shape[0])
-    if x.shape[0] < 2:
+    if not _defined(x, y):
         return math.nan
     return weighted_pearson(_mid_cdf(x, w), _mid_cdf(y, w), w)
 
@@ -321,7 +334,7 @@ def weighted_kendall_tau_b(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float
     y = snap_ties(y)
     n = x.shape[0]
     w = unit_weights(w, n)
-    if n < 2:
+    if not _defined(x, y):
         return math.nan
     (tx, gx), (ty, gy) = _tie_mass(x, w), _tie_mass(y, w)
     if gx < 2 or gy < 2:
@@ -360,4 +373,4 @@ def weighted_kendall_tau_b(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float
     # Pairs i < j tied in x were counted with sign(y_j - y_i) = +1 unless also tied in y: remove them.
     tied_x = tx - _tie_mass(np.stack([x, y], axis=1), w)[0]  # ordered pairs tied in x, not in y
     s_total = 2.0 * t - tied_x
-    return max(-1.0, min(1.0, s_total / math.sqrt(denom)))
+    return _clip(s_total / math.sqrt(denom))

@@ -20,6 +20,7 @@ import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
+from canopy_rs.sampling import check_rollout_steps
 
 from . import _stats
 
@@ -154,6 +155,8 @@ def estimate_arrays(
         raise InvalidArgumentError("entropies has fewer columns than the longest rollout")
     if bin_step < 1:
         raise InvalidArgumentError(f"bin_step must be >= 1, got {bin_step}")
+    check_rollout_steps(ent, None if logq is None else np.asarray(logq, dtype=np.float64),
+                        np.arange(ent.shape[1])[None, :] < lengths[:, None])
     if stratified:
         crit_dof = _stats.critical_value(confidence, max(1, m // 2))
 

@@ -4,7 +4,9 @@
 * Pearson / Spearman: Fisher-z mean, weights max(n_p - 3, 0), r clipped to +-0.999999;
 * Kendall tau-b: raw-scale mean, weights n_p (n_p - 1) / 2;
 * covariance: weights n_p - 1 (= the pooled within-prompt unbiased covariance);
-* non-finite entries and zero weights are dropped; with no weight left, the plain nanmean is used;
+* correlations and covariances: non-finite entries and zero weights are dropped; with no weight left, the
+  unweighted mean on the same scale (tanh of the mean Fisher z for Pearson / Spearman);
+* linear means skip NaN (undefined) and keep +-inf, as the reference's nanmean does;
 * decomposition from the pooled values: E[N] = CE / log GenPPL, E[r] = log BF, Cov = CE - E[N] E[r]
   (a residual: mean within-prompt population covariance plus between-prompt covariance of the means);
 * running entropy rate: rollout-weighted over all prompts;
@@ -122,26 +124,29 @@ def _take(x: np.ndarray, idx: Optional[np.ndarray]) -> np.ndarray:
     return x[None, :] if idx is None else x[idx]
 
 
-def _nanmean(v: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(v)
-    cnt = finite.sum(axis=-1)
-    tot = np.where(finite, v, 0.0).sum(axis=-1)
+def _mean_over(v: np.ndarray, keep: np.ndarray, w: Optional[np.ndarray] = None) -> np.ndarray:
+    """Mean over the last axis of the entries in ``keep`` (weighted by ``w``); NaN where none is kept."""
+    w = np.ones_like(v) if w is None else np.broadcast_to(w, v.shape)
+    wsum = np.where(keep, w, 0.0).sum(axis=-1)
+    tot = np.where(keep, w * np.where(keep, v, 0.0), 0.0).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+        return np.where(wsum > 0, tot / np.where(wsum > 0, wsum, 1.0), np.nan)
+
+
+def _nanmean(v: np.ndarray) -> np.ndarray:
+    """The reference's nanmean: NaN (undefined) entries are skipped, +-inf kept (the mean is then +-inf)."""
+    return _mean_over(v, ~np.isnan(v))
 
 
 def _weighted(v: np.ndarray, w: np.ndarray, transform=None, inverse=None) -> np.ndarray:
-    """Weighted mean over the last axis, dropping non-finite values and zero weights; falls back to the
-    plain nanmean of the values where no weight is left."""
-    ok = np.isfinite(v) & (w > 0)
-    tv = v if transform is None else transform(v)
-    wsum = np.where(ok, w, 0.0).sum(axis=-1)
-    tot = np.where(ok, w * np.where(ok, tv, 0.0), 0.0).sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = tot / np.where(wsum > 0, wsum, 1.0)
-    if inverse is not None:
-        mean = inverse(mean)
-    return np.where(wsum > 0, mean, _nanmean(v))
+    """Weighted mean over the last axis of ``transform(v)``, mapped back by ``inverse``. Non-finite values
+    never enter (an infinite correlation is not a value); where no weight is left, the unweighted mean of
+    the finite values on the same scale, as the reference falls back to its nanmean."""
+    finite = np.isfinite(v)
+    tv = v if transform is None else transform(np.where(finite, v, 0.0))
+    has_weight = (np.where(finite, w, 0.0) > 0).any(axis=-1)
+    mean = np.where(has_weight, _mean_over(tv, finite & (w > 0), w), _mean_over(tv, finite))
+    return mean if inverse is None else inverse(mean)
 
 
 def _fisher(v):
