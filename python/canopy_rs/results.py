@@ -252,7 +252,8 @@ def leaf_arrays(nodes: dict[str, np.ndarray]) -> tuple[list[list[int]], np.ndarr
         cur = np.where(live, parent[cur], cur)
     order = np.lexsort(mat.T[::-1])
     mat, leaves, lengths = mat[order], leaves[order], lengths[order]
-    tokens = [row[:n].tolist() for row, n in zip(mat, lengths)]
+    # One tolist of the whole matrix, then list slices (a tolist per row is ~10x slower with ~1e6 leaves).
+    tokens = [row[:n] for row, n in zip(mat.tolist(), lengths.tolist())]
     probs = np.exp(np.asarray(nodes["log_reach"], dtype=np.float64)[leaves])
     return tokens, probs, lengths, path[leaves] / np.maximum(lengths, 1)
 

@@ -322,6 +322,19 @@ def _tie_mass(keys: np.ndarray, w: np.ndarray) -> tuple[float, int]:
     return float(g @ g), int(np.count_nonzero(g > 0))
 
 
+def _runs(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a sorted array: the start and (exclusive) end index of each entry's run of equal values."""
+    n = k.shape[0]
+    idx = np.arange(n)
+    new = np.ones(n, dtype=bool)
+    new[1:] = k[1:] != k[:-1]
+    start = np.maximum.accumulate(np.where(new, idx, 0))
+    last = np.ones(n, dtype=bool)
+    last[:-1] = new[1:]
+    end = np.minimum.accumulate(np.where(last, idx + 1, n)[::-1])[::-1]
+    return start, end
+
+
 def weighted_kendall_tau_b(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     """Kendall tau-b under w: (P(concordant) - P(discordant)) for two independent draws, divided by
     sqrt((1 - P(x tie)) (1 - P(y tie))). NaN when either variable is constant. Values within
@@ -355,18 +368,14 @@ def weighted_kendall_tau_b(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float
         key = pair * n_ranks + ry[arr]
         perm = np.argsort(key, kind="stable")
         arr, key, right = arr[perm], key[perm], right[perm]
-        left_w = np.where(right, 0.0, ws[arr])
-        cum = np.cumsum(left_w)
-        # Left weight in the same pair with y < y_j (exclusive at the start of j's (pair, y) group) and
-        # with y <= y_j (inclusive at the group's end); the pair's own left total by pair boundaries.
-        g_lo = np.searchsorted(key, key, side="left")
-        g_hi = np.searchsorted(key, key, side="right")
-        p_lo = np.searchsorted(key, (key // n_ranks) * n_ranks, side="left")
-        p_hi = np.searchsorted(key, (key // n_ranks + 1) * n_ranks, side="left")
-        before = np.where(p_lo > 0, cum[p_lo - 1], 0.0)
-        less = np.where(g_lo > 0, cum[g_lo - 1], 0.0) - before
-        leq = cum[g_hi - 1] - before
-        total = cum[p_hi - 1] - before
+        # c[i] = left weight among the first i entries; runs of equal (pair, y) and of equal pair give, for
+        # each right entry j, the left weight in its pair with y < y_j, y <= y_j, and in total.
+        c = np.concatenate([[0.0], np.cumsum(np.where(right, 0.0, ws[arr]))])
+        g_lo, g_hi = _runs(key)
+        p_lo, p_hi = _runs(key // n_ranks)
+        less = c[g_lo] - c[p_lo]
+        leq = c[g_hi] - c[p_lo]
+        total = c[p_hi] - c[p_lo]
         rw = np.where(right, ws[arr], 0.0)
         t += float(rw @ (less - (total - leq)))
         s *= 2
