@@ -215,7 +215,7 @@ def _torch_dtype(dtype: Optional[str], device: str) -> Any:
 
 
 @contextlib.contextmanager
-def _hub_offline(quiet: bool) -> Iterator[None]:
+def hub_offline(quiet: bool) -> Iterator[None]:
     """No network, and (when ``quiet``) none of transformers' own progress bars or info logs."""
     from transformers.utils import logging as hf_logging
 
@@ -276,7 +276,7 @@ def load_model(
             raise ImportError(
                 "loading a gguf model needs the `gguf` package: pip install gguf (or the canopy_rs[demo] extra)"
             )
-    with _hub_offline(quiet):
+    with hub_offline(quiet):
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
         hf_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=tdtype, **kw)
     hf_model.to(dev)  # type: ignore[arg-type]

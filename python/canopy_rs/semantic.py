@@ -104,8 +104,12 @@ def _load_sentence_transformer(path: str, device: Optional[str]) -> Any:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise ImportError("encoder folders are loaded with sentence-transformers: pip install 'canopy_rs[semantic]'") from e
-    # A local folder only: nothing is fetched from a hub.
-    return SentenceTransformer(path, device=device, local_files_only=True)
+    from canopy_rs.models import hub_offline
+
+    # A local folder only: nothing is fetched from a hub; no loading bars.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with hub_offline(quiet=True):
+        return SentenceTransformer(path, device=device, local_files_only=True)
 
 
 def _resolve_encoder(encoder: Any, device: Optional[str]) -> Any:
