@@ -51,6 +51,7 @@ from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
 from canopy_rs.sampling import Rollouts, sample
 from canopy_rs.semantic import (
     ExactSemantics,
+    bucket_diversity,
     embed,
     exact_semantics,
     rollout_diversity,
@@ -111,6 +112,7 @@ __all__ = [
     "semantic_diversity",
     "vendi_score",
     "rollout_diversity",
+    "bucket_diversity",
     "exact_semantics",
     "ExactSemantics",
     "study",
