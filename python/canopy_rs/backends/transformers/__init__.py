@@ -3,25 +3,32 @@
     model = canopy_rs.TransformersModel(hf_model, tokenizer, prompt="...", chat=False)
     res = canopy_rs.exact(model, max_new_tokens=6, top_k=4)
 
-Two expansion strategies behind the :class:`canopy_rs.protocol.Backend` interface; both forward exactly one
-token per expanded node after the prompt:
+Three expansion strategies (engines, :class:`._engine.KVEngine`) behind the
+:class:`canopy_rs.protocol.Backend` interface; all forward exactly one token per expanded node after the
+prompt:
 
-* ``"tree"`` (tree attention, :mod:`.tree_attention`): the prompt KV is computed once and the live canopy is
-  one flattened cache row; each forward feeds the whole batch of frontier tokens with a custom 4D mask
-  (prompt + ancestors + self visible) and explicit ``position_ids`` (prompt length + depth - 1). Needs
-  ``attn_implementation`` ``"sdpa"`` or ``"eager"`` and attention KV layers (no linear-attention /
-  recurrent state). Sliding-window models run it only when asked (``strategy="tree"``) and only while
-  prompt + depth <= the window; past it the expansion raises.
+* ``"cascade"`` (:mod:`.cascade`, :mod:`.attention`): the prompt KV is stored once and each expanded node
+  owns one column of a KV arena; each query attends the prompt densely plus its own ancestors gathered by
+  index, the two parts combined exactly through their log-sum-exps. Cost per node O(prompt + depth) and live
+  KV = prompt + live nodes, whatever the canopy's size or order. Runs on every model whose attention modules
+  dispatch through transformers' ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma 3, GPT-2, ...),
+  sliding-window layers included (exact at any prompt + depth), whatever ``attn_implementation`` the model
+  was loaded with (the prompt goes through it).
+* ``"tree"`` (:mod:`.tree_attention`, the dense-mask reference): one flattened cache row; each forward feeds
+  the batch with a custom 4D mask over every live column (cost per node O(prompt + live columns)). Needs
+  ``"sdpa"`` or ``"eager"``; sliding-window models only while prompt + depth <= the window.
 * ``"per-row"`` (:mod:`.per_row`): one cache row per expanded node, children gathered from their parents'
-  rows. Works for every model (sliding-window, linear-attention / recurrent, hybrid, flash-attention).
+  rows (the prompt KV copied per row). Works for every model (linear-attention / recurrent, hybrid, flash).
 
-``strategy="auto"`` picks tree attention when the model supports it *and* a startup self-check (tree logits
-vs full recomputation on a tiny branching prefix) passes, else per-row with a warning naming the reason.
+``strategy="auto"`` takes the cheapest that runs, checked by a startup self-check (logits of a tiny
+branching tree vs full recomputation): cascade, else dense tree attention, else per-row, with a warning and
+``strategy_reason`` naming why each cheaper one was rejected.
 
-The decoding policy (temperature -> top-k -> top-p -> renormalise) runs on the model's device
-(:func:`canopy_rs.backends.torch_policy.policy_support_torch`, float64 after top-k); only the support rows
-cross to the host. ``debug_logits=True`` returns the full V-wide logits instead (the Rust core then applies
-the policy).
+The decoding policy (temperature -> top-k -> top-p -> renormalise) runs where it is cheapest: on a GPU on the
+model's device (:func:`canopy_rs.backends.torch_policy.policy_support_torch`, float64 after top-k; only the
+support rows cross to the host); on the CPU the float32 logits are handed to the Rust core zero-copy
+(:class:`NextTokenLogits`). Reduced-precision models run their final norm and LM head in float32
+(:class:`._common.Float32Head`), so the logits, and the top-k sets, carry float32 rounding only.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from ._common import (
     resolve_eos_token_ids,
     resolve_vocab_size,
     sliding_window_reason,
+    text_config,
     tree_attention_support,
 )
 from ._engine import KVEngine
@@ -178,18 +186,21 @@ class TransformersModel:
         chat: render the prompt with the tokenizer's chat template (user turn, generation prompt; Qwen3-style
             templates get ``enable_thinking=False``). Otherwise a string is tokenised raw (with the tokenizer's
             own special tokens, e.g. BOS).
-        strategy: ``"auto"`` (tree attention if supported and the self-check passes, else per-row with a
-            warning; sliding-window models get per-row), ``"tree"`` (raises :class:`TreeAttentionUnsupported`
-            naming the reason if it cannot run; on a sliding-window model it runs while prompt + depth <=
-            the window and raises beyond) or ``"per-row"``.
+        strategy: ``"auto"`` (the cheapest strategy that runs on this model: cascade, tree, per-row; a
+            warning names why a cheaper one was rejected), ``"cascade"``, ``"tree"`` (each raises
+            :class:`TreeAttentionUnsupported` naming the reason if it cannot run; dense tree attention on a
+            sliding-window model runs while prompt + depth <= the window and raises beyond) or
+            ``"per-row"``. The choice and its reason: ``.strategy``, ``.strategy_reason``.
         eos_token_ids: override the EOS ids (default: all of ``generation_config.eos_token_id``, else the
             config's, else the tokenizer's). Each id is its own outcome; ``[]`` means no EOS.
         vocab_size: override the vocabulary (default: the logits width); logits are cut to the first
             ``vocab_size`` columns.
-        max_live_kv_tokens: cap on live KV tokens (tree: cache columns incl. the prompt; per-row: rows x
+        max_live_kv_tokens: cap on live KV tokens (cascade / tree: prompt + node columns; per-row: rows x
             their lengths). Exceeding it raises :class:`KVBudgetExceededError`.
-        debug_logits: return V-wide :class:`NextTokenLogits` instead of the device-side policy support.
-        self_check: run the tree-attention startup self-check (a few tiny forwards).
+        debug_logits: always return V-wide :class:`NextTokenLogits` (the Rust core applies the policy).
+        policy_on: ``"auto"`` (the model's device on a GPU, the Rust core on the CPU), ``"device"`` (torch,
+            on the model's device: :class:`PolicySupport`) or ``"host"`` (the Rust core, from V-wide logits).
+        self_check: run the startup self-check of the tree-attention strategies (a few tiny forwards).
         chat_template_kwargs: extra keyword arguments for ``apply_chat_template``.
 
     After ``canopy_rs.exact(model, ...)``, :meth:`counters` holds ``tokens_forwarded`` (prompt included),
@@ -211,6 +222,7 @@ class TransformersModel:
         vocab_size: Optional[int] = None,
         max_live_kv_tokens: Optional[int] = None,
         debug_logits: bool = False,
+        policy_on: str = "auto",
         self_check: bool = True,
         chat_template_kwargs: Optional[dict] = None,
     ) -> None:
@@ -241,6 +253,12 @@ class TransformersModel:
         if max(self.prompt_ids) >= self._logits_width or min(self.prompt_ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self._logits_width})")
         self.debug_logits = bool(debug_logits)
+        if policy_on not in ("auto", "device", "host"):
+            raise ValueError(f"policy_on must be 'auto', 'device' or 'host', got {policy_on!r}")
+        self.policy_on = policy_on
+        # On the CPU the logits are host memory already: the Rust core's policy costs no transfer and is
+        # faster than torch.topk there.
+        self._host_policy = self.debug_logits or policy_on == "host" or (policy_on == "auto" and self.device.type == "cpu")
         self.max_live_kv_tokens = None if max_live_kv_tokens is None else int(max_live_kv_tokens)
         self.runner = ModelRunner(model)
         self.requested_strategy = strategy
@@ -348,6 +366,7 @@ class TransformersModel:
             vocab_size=self._vocab_size,
             max_live_kv_tokens=self.max_live_kv_tokens,
             debug_logits=self.debug_logits,
+            policy_on=self.policy_on,
             self_check=False,
         )
         kwargs.update(overrides)
@@ -405,7 +424,7 @@ class TransformersModel:
             if self._vocab_size != logits.shape[-1]:
                 logits = logits[:, : self._vocab_size]
             self._rows += B
-            if self.debug_logits:
+            if self._host_policy:
                 return NextTokenLogits(np.ascontiguousarray(logits.float().cpu().numpy()))
             offsets, toks, logprobs = policy_support_torch(logits, policy)
             out = PolicySupport(
@@ -436,6 +455,43 @@ class TransformersModel:
             "support_entries": self._support_entries,
             "compactions": self.engine.compactions,
         }
+
+    # --- call sizing (read by the drivers when no batch_size is given; see canopy_rs.protocol) ---------
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token occupies across all layers (keys + values, the model's dtype)."""
+        cfg = text_config(self.model)
+        heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or int(getattr(cfg, "hidden_size")) // heads)
+        layers = int(getattr(cfg, "num_hidden_layers"))
+        return 2 * layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def memory_per_row_bytes(self) -> int:
+        """Device memory one more row of an ``expand()`` call needs: its float32 logits (with the policy's
+        temporaries), one layer's attention scores over prompt + depth, and the live KV the strategy adds
+        per expanded node (one column for cascade / tree; the whole prefix for per-row)."""
+        cfg = text_config(self.model)
+        heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+        width = int(getattr(cfg, "intermediate_size", 0) or 4 * int(getattr(cfg, "hidden_size", 0)))
+        depth = 16  # a typical canopy depth; attention and per-row KV grow with it only slowly
+        logits = 3 * 4 * self._logits_width
+        attention = 2 * 4 * heads * (self.prompt_len + depth)
+        activations = 4 * width * torch.finfo(self.dtype).bits // 8
+        kv = self.kv_bytes_per_token() * self.engine.kv_tokens_per_row(self.prompt_len, depth)
+        return int(logits + attention + activations + kv)
+
+    @property
+    def preferred_batch_size(self) -> int:
+        """Rows per ``expand()`` call: as wide as a per-call memory budget allows (a GPU needs wide calls to
+        be busy: up to 4096 rows, within a quarter of its free memory; on the CPU throughput is flat past a
+        few hundred rows, so up to 1024 rows within 256 MiB)."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget, cap = free // 4, 4096
+        else:
+            budget, cap = 256 << 20, 1024
+        return int(min(cap, max(16, budget // max(1, self.memory_per_row_bytes))))
 
     def kv_bytes(self) -> int:
         """Bytes held by the live KV storage (allocated arena / dead columns and rows until reuse or

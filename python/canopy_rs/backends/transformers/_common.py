@@ -176,7 +176,8 @@ def new_cache(model: Any) -> Any:
 # Model introspection
 
 
-def _text_config(model: Any) -> Any:
+def text_config(model: Any) -> Any:
+    """The decoder's config (the text config of a multimodal model)."""
     cfg = model.config
     get = getattr(cfg, "get_text_config", None)
     if get is not None:
@@ -195,7 +196,7 @@ def resolve_vocab_size(model: Any, override: Optional[int]) -> int:
     if emb is not None and getattr(emb, "weight", None) is not None:
         width = int(emb.weight.shape[0])
     if width is None:
-        width = int(getattr(_text_config(model), "vocab_size"))
+        width = int(getattr(text_config(model), "vocab_size"))
     if override is None:
         return width
     override = int(override)
@@ -230,7 +231,7 @@ def resolve_eos_token_ids(
             ids = _as_id_list(getattr(gen, "eos_token_id", None))
             source = "generation_config.eos_token_id"
         if not ids:
-            ids = _as_id_list(getattr(_text_config(model), "eos_token_id", None))
+            ids = _as_id_list(getattr(text_config(model), "eos_token_id", None))
             source = "config.eos_token_id"
         if not ids and tokenizer is not None:
             ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
@@ -319,7 +320,7 @@ def new_tree_cache(model: Any) -> Any:
 
 
 def _wants_enable_thinking_false(model: Any, tokenizer: Any) -> bool:
-    model_type = str(getattr(_text_config(model), "model_type", "") or getattr(model.config, "model_type", ""))
+    model_type = str(getattr(text_config(model), "model_type", "") or getattr(model.config, "model_type", ""))
     if model_type.startswith("qwen3"):
         return True
     template = getattr(tokenizer, "chat_template", None)
