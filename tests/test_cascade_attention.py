@@ -175,3 +175,36 @@ def test_float32_head_for_reduced_precision_models():
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     assert m.model.norm.weight.dtype == torch.bfloat16 and m.lm_head.weight.dtype == torch.bfloat16  # model untouched
     assert not ModelRunner(build("llama")).head.active  # nothing to do for float32
+
+
+def test_results_record_dtype_and_strategy():
+    m = build("llama", "sdpa", torch.bfloat16)
+    be = TransformersModel(m, None, prompt=prompt_of(4))
+    want = {"dtype": "bfloat16", "logits_dtype": "float32", "strategy": "cascade"}
+    res = canopy_rs.exact(be, max_new_tokens=3, top_k=2)
+    bnd = canopy_rs.bounded(be, budget=2, max_new_tokens=3, top_k=2)
+    ro = canopy_rs.sample(be, num_rollouts=3, max_new_tokens=3, top_k=2, seed=0)
+    for info in (res.info, bnd.info):
+        assert {k: getattr(info, k) for k in want} == want
+    assert ro.backend == want and ro.to_dict()["backend"] == want
+    assert {k: res.to_dict()[k] for k in want} == want
+    # A plain callable reports none.
+    plain = canopy_rs.exact(lambda p: np.zeros((len(p), 4)), vocab_size=4, eos_token_ids=[0], max_new_tokens=2)
+    assert plain.info.dtype is None and plain.info.strategy is None
+
+
+def test_backend_sizes_its_own_calls():
+    """No batch_size: the drivers use the backend's preferred_batch_size, derived from memory per row
+    (per-row rows carry the whole prefix's KV, so they are fewer)."""
+    m = build("llama")
+    prompt = prompt_of(300)
+    cascade = TransformersModel(m, None, prompt=prompt, strategy="cascade")
+    rows = TransformersModel(m, None, prompt=prompt, strategy="per-row")
+    assert rows.memory_per_row_bytes > cascade.memory_per_row_bytes
+    assert rows.memory_per_row_bytes >= cascade.kv_bytes_per_token() * 300
+    assert 16 <= rows.preferred_batch_size <= cascade.preferred_batch_size <= 1024
+    cascade.cpu_call_budget_bytes = 20 * cascade.memory_per_row_bytes
+    assert cascade.preferred_batch_size == 20
+    pol = dict(max_new_tokens=4, top_k=4, order="breadth-first")
+    res = canopy_rs.exact(cascade, **pol)
+    assert res.model_calls == canopy_rs.exact(cascade, batch_size=20, **pol).model_calls > 4

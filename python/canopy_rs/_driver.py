@@ -363,6 +363,7 @@ class TreeRun:
             prompt_tokens=int(c.get("prompt_tokens", 0)),
             peak_live_kv_tokens=self.peak_kv,
             seconds=self.seconds,
+            **describe(self.backend),
         )
 
     def bounds(self, stopped_by: str) -> CanopyBounds:
@@ -658,6 +659,14 @@ def run_rollouts(
     width = int(steps.max()) if m else 0
     return RolloutRun(tok_buf[:, :width].copy(), ent_buf[:, :width].copy(), lq_buf[:, :width].copy(),
                       steps, eos, rows_expanded)
+
+
+def describe(backend: Backend) -> dict[str, Optional[str]]:
+    """The backend's numerics and strategy for a result record (the optional ``describe()``, see
+    :mod:`canopy_rs.protocol`): ``dtype``, ``logits_dtype``, ``strategy``; None where not reported."""
+    get = getattr(backend, "describe", None)
+    d = dict(get()) if get is not None else {}
+    return {k: (None if d.get(k) is None else str(d[k])) for k in ("dtype", "logits_dtype", "strategy")}
 
 
 def cost(backend: Backend, nodes_expanded: int, t0: float) -> dict[str, float]:

@@ -27,7 +27,11 @@ Rules a backend can rely on:
    needed it have been expanded). Releasing is a hint for memory; results never depend on it.
 
 Optional: a ``preferred_batch_size`` attribute (an int, or None): the rows per ``expand()`` call the backend
-works best with. Drivers use it when the caller passes no ``batch_size``.
+works best with. Drivers use it when the caller passes no ``batch_size``. A backend that sizes it from memory
+also exposes ``memory_per_row_bytes`` (device bytes one more row of a call needs: its logits and
+temporaries plus the live state one more expanded node keeps), for callers that budget memory themselves.
+Optional: ``describe() -> dict`` with ``dtype`` (the model's compute dtype), ``logits_dtype`` (what the
+policy is computed from) and ``strategy`` (strings); drivers copy them into every result's record.
 """
 
 from __future__ import annotations

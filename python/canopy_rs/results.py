@@ -47,6 +47,10 @@ class RunInfo:
     prompt_tokens: int
     peak_live_kv_tokens: int
     seconds: float
+    # The backend's numerics and strategy (``Backend.describe()``); None for a plain callable.
+    dtype: Optional[str] = None  # the model's weights / compute dtype
+    logits_dtype: Optional[str] = None  # what the policy was computed from
+    strategy: Optional[str] = None
 
 
 @dataclass(frozen=True)

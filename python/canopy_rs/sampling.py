@@ -23,6 +23,7 @@ from canopy_rs._driver import (
     Strata,
     check_positive_int,
     cost,
+    describe,
     make_rng,
     run_rollouts,
     setup,
@@ -61,6 +62,8 @@ class Rollouts:
     cost: dict = field(default_factory=dict)
     # Rollout i was drawn from stratum [i/M, (i+1)/M) of the leaf CDF (see sample(stratified=True)).
     stratified: bool = False
+    # The backend's numerics and strategy (dtype, logits_dtype, strategy; see canopy_rs.protocol).
+    backend: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         m = self.lengths.shape[0]
@@ -132,6 +135,7 @@ class Rollouts:
             "max_new_tokens": self.max_new_tokens,
             "eos_token_ids": list(self.eos_token_ids),
             "stratified": self.stratified,
+            "backend": dict(self.backend),
             "seed": self.seed if isinstance(self.seed, (int, type(None))) else repr(self.seed),
             "policy": dict(self.policy),
             "cost": dict(self.cost),
@@ -205,6 +209,7 @@ class Rollouts:
             dict(self.policy),
             {},
             False,
+            dict(self.backend),
         )
 
 
@@ -273,4 +278,5 @@ def sample(
         tokens=run.tokens, lengths=run.steps.copy(), entropies=run.entropies, logq=run.logq, eos=run.eos,
         max_new_tokens=s.max_new_tokens, eos_token_ids=s.eos_token_ids, start_depths=None, seed=seed,
         policy=s.policy_dict(), cost=cost(s.backend, run.rows_expanded, t0), stratified=bool(stratified),
+        backend=describe(s.backend),
     )

@@ -208,6 +208,9 @@ class TransformersModel:
     ``tokens_per_expanded_node`` (after the prompt), ``kv_bytes``, ``support_entries`` and ``compactions``.
     """
 
+    #: Per-call memory the CPU sizing aims at (see :attr:`preferred_batch_size`).
+    cpu_call_budget_bytes = 256 << 20
+
     def __init__(
         self,
         model: Any,
@@ -456,6 +459,15 @@ class TransformersModel:
             "compactions": self.engine.compactions,
         }
 
+    def describe(self) -> dict[str, str]:
+        """The numerics and strategy every result records (see :mod:`canopy_rs.protocol`)."""
+        head = self.runner.head
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "logits_dtype": "float32" if head is not None and head.active else str(self.dtype).removeprefix("torch."),
+            "strategy": self.strategy,
+        }
+
     # --- call sizing (read by the drivers when no batch_size is given; see canopy_rs.protocol) ---------
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token occupies across all layers (keys + values, the model's dtype)."""
@@ -490,7 +502,7 @@ class TransformersModel:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget, cap = free // 4, 4096
         else:
-            budget, cap = 256 << 20, 1024
+            budget, cap = self.cpu_call_budget_bytes, 1024
         return int(min(cap, max(16, budget // max(1, self.memory_per_row_bytes))))
 
     def kv_bytes(self) -> int:
