@@ -535,3 +535,14 @@ def test_pool_exact_carries_rank_correlations_and_exact_semantics():
     # Results without leaves or semantics pool the rest and leave those keys out.
     out = pool_exact(plain)
     assert "length_rate_kendall" not in out and "semantic_diversity" not in out and "ce_star" in out
+
+
+def test_weighted_correlations_of_non_finite_values_are_nan():
+    w = np.ones(4)
+    for bad in (np.array([1.0, np.nan, 2.0, 3.0]), np.array([1.0, np.inf, 2.0, 3.0])):
+        y = np.array([0.5, 0.1, 0.2, 0.9])
+        for f in (_stats.weighted_pearson, _stats.weighted_spearman, _stats.weighted_kendall_tau_b):
+            assert math.isnan(f(bad, y, w)) and math.isnan(f(y, bad, w))
+    # Rounding noise in exact values is a tie, a real difference is not.
+    x = np.array([1.0, 1.0 + 1e-15, 2.0])
+    assert _stats.snap_ties(x)[1] == 1.0 and _stats.snap_ties(np.array([1.0, 1.001]))[1] == 1.001

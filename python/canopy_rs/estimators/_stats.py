@@ -257,7 +257,7 @@ def snap_ties(v: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
     """``v`` with runs of sorted values whose consecutive gaps are <= rtol * max|v| set to the run's first
     value, so rounding noise does not break ties."""
     v = np.asarray(v, dtype=np.float64)
-    if v.size < 2:
+    if v.size < 2 or not np.isfinite(v).all():  # nothing to snap; a non-finite value stays for the caller
         return v.copy()
     order = np.argsort(v, kind="stable")
     sv = v[order]
