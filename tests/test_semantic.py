@@ -546,3 +546,11 @@ def test_weighted_correlations_of_non_finite_values_are_nan():
     # Rounding noise in exact values is a tie, a real difference is not.
     x = np.array([1.0, 1.0 + 1e-15, 2.0])
     assert _stats.snap_ties(x)[1] == 1.0 and _stats.snap_ties(np.array([1.0, 1.001]))[1] == 1.001
+
+
+def test_embed_rejects_a_missing_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="device 'cuda'.*no CUDA GPU"):
+        canopy_rs.embed(["a"], device="cuda")

