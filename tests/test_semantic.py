@@ -554,3 +554,34 @@ def test_embed_rejects_a_missing_gpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="device 'cuda'.*no CUDA GPU"):
         canopy_rs.embed(["a"], device="cuda")
+
+
+def test_end_to_end_on_a_transformers_model(tmp_path):
+    """A real (tiny, random) Llama and tokenizer: leaves decoded without the EOS, exact semantics, and
+    sampled rollouts whose texts are leaves' texts."""
+    pytest.importorskip("transformers")
+    from test_cli import make_tiny_model
+
+    from canopy_rs.backends.transformers import TransformersModel
+    from canopy_rs.models import load_model
+
+    model, tok = load_model(str(make_tiny_model(tmp_path / "tiny")), device="cpu")
+    backend = TransformersModel(model, tok, prompt="a b c", chat=False)
+    pol = dict(max_new_tokens=3, top_k=3)
+    res = canopy_rs.exact(backend, return_leaves=True, **pol)
+    texts = canopy_rs.rollout_texts(res, tok)
+    assert len(texts) == res.num_leaves and "<eos>" not in "".join(texts)
+    for row, text in zip(res.leaf_tokens, texts):
+        words = [w for w in tok.convert_ids_to_tokens(row) if w != "<eos>"]
+        assert text.split() == words  # EOS dropped, nothing else
+    enc = HashEncoder(prefix=1)
+    e = canopy_rs.embed(texts, enc)
+    sem = canopy_rs.exact_semantics(res, e)
+    assert 0.0 <= sem.semantic_diversity <= 2.0 and 1.0 <= sem.vendi_score <= res.num_leaves
+    ro = canopy_rs.sample(backend, num_rollouts=20, seed=0, **pol)
+    by_text = dict(zip(texts, e))
+    ro_texts = canopy_rs.rollout_texts(ro, tok)
+    assert set(ro_texts) <= set(texts)
+    est = canopy_rs.estimate(ro, embeddings=canopy_rs.embed(ro_texts, enc))
+    want = canopy_rs.semantic_diversity(np.stack([by_text[t] for t in ro_texts]))
+    assert est.semantic_diversity == pytest.approx(want, abs=1e-6)
