@@ -471,7 +471,8 @@ def test_rollout_texts_drop_eos_and_special_tokens():
     texts = canopy_rs.rollout_texts(res, tok)
     assert len(texts) == res.num_leaves and texts[0] == ""  # the leaf [0] is EOS only
     with pytest.raises(ValueError, match="return_leaves=True"):
-        canopy_rs.rollout_texts(canopy_rs.exact(RandomModel(3, 1), vocab_size=3, eos_token_ids=[0], max_new_tokens=2), tok)
+        plain = canopy_rs.exact(RandomModel(3, 1), vocab_size=3, eos_token_ids=[0], max_new_tokens=2)
+        canopy_rs.rollout_texts(plain, tok)
 
 
 def test_exact_semantics_rejects_bad_input():

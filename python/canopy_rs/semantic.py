@@ -101,7 +101,9 @@ def _load_sentence_transformer(path: str, device: Optional[str]) -> Any:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
-        raise ImportError("encoder folders are loaded with sentence-transformers: pip install 'canopy_rs[semantic]'") from e
+        raise ImportError(
+            "encoder folders are loaded with sentence-transformers: pip install 'canopy_rs[semantic]'"
+        ) from e
     from canopy_rs.models import hub_offline
 
     # A local folder only: nothing is fetched from a hub; no loading bars.
@@ -215,7 +217,8 @@ def _check_encoder_output(out: Any, n: int) -> np.ndarray:
         raise InvalidArgumentError("encoder returned non-finite embeddings")
     norms = np.linalg.norm(e, axis=1)
     if np.any(norms <= 0.0):
-        raise InvalidArgumentError(f"encoder returned a zero embedding (row {int(np.argmin(norms))}); cosines are undefined")
+        row = int(np.argmin(norms))
+        raise InvalidArgumentError(f"encoder returned a zero embedding (row {row}); cosines are undefined")
     return (e / norms[:, None]).astype(np.float32)
 
 
@@ -228,7 +231,9 @@ def _unit_rows(E: Any, name: str = "E", n: Optional[int] = None) -> np.ndarray:
     """float64 copy of the embedding matrix with unit rows; errors name the parameter."""
     e = np.asarray(E, dtype=np.float64)
     if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] < 1:
-        raise InvalidArgumentError(f"{name} must be a 2-D array [num_texts, dim] with at least one row, got shape {e.shape}")
+        raise InvalidArgumentError(
+            f"{name} must be a 2-D array [num_texts, dim] with at least one row, got shape {e.shape}"
+        )
     if n is not None and e.shape[0] != n:
         raise InvalidArgumentError(f"{name} has {e.shape[0]} rows; need one per rollout/leaf ({n})")
     if not np.all(np.isfinite(e)):
