@@ -1,59 +1,69 @@
-"""Estimator study: RMSE vs cost of every CE*_max estimator against the exact value.
+"""Estimator study on real canopies: RMSE vs cost of every CE*_max estimator against the exact value.
 
-Two canopies small enough for ``canopy_rs.exact``:
+Canopies:
 
-* ``callable``: ``random_logits_fn(vocab 8, scale 2, EOS id 0)``, depth 8 (960,800 internal nodes);
-* ``transformers``: a random-init tiny Llama (vocab 16, 2 layers, hidden 32, initializer_range 0.3) through
-  ``canopy_rs.TransformersModel``, top-k 4, depth 8 (skipped with a message if the backend or torch is
-  missing).
+* ``smollm2``: the embedded SmolLM2-135M-Instruct (chat template) on chat prompts, depths 6, 8 and 10, two
+  policies: top-k 4, and top-k 4 followed by top-p 0.9. (Plain top-p 0.9 is not enumerable on SmolLM2 at
+  these depths: 3,000 best-first nodes cover 1-25% of the mass at depth 6-8.) Depth 6 and 8 are exact;
+  depth 10 uses the exact canopy when it has at most ``--max-exact`` internal nodes, else a certified bracket
+  from ``canopy_rs.bounded`` as the reference, and every row says whether that bracket is narrow enough to
+  judge it (``judged``).
+* ``callable``: ``random_logits_fn(vocab 8, scale 2, EOS id 0)``, depth 8;
+* ``tiny_llama``: a random-init tiny Llama (vocab 16, 2 layers) through ``TransformersModel``, top-k 4, depth 8.
 
-For each, :func:`canopy_rs.estimators.study.compare` runs every estimator ``--repeats`` times at each budget
-(target model tokens per estimate) and writes ``benches/results/estimators_<case>.{csv,json,png}``; a summary
-(``estimators_summary.json`` and ``.md``) lists, per budget, the best estimator's RMSE relative to plain
-Rao-Blackwellised Monte Carlo at equal measured model tokens (target: <= 0.5).
+Cost model: every estimate's cost is the model tokens (node expansions) it would forward on a fresh
+backend. The expensive part runs once: each prompt's backend is wrapped in a ``CachedModel`` (prefix ->
+policy support, per policy), the exact canopy fills the table, and the repeats are table lookups. This is
+statistically valid because the model is deterministic: a repeat sees the same distributions whether they
+are recomputed or looked up.
 
-"Model tokens" = rows evaluated = node expansions (one new token through the model each with KV reuse).
-Plain MC (``mc_rb``) forwards every rollout's own tokens, like the reference vLLM pipeline.
+Writes ``benches/results/estimators_<case>.{csv,json,png}``, ``estimators_summary.{json,md}`` (the RMSE
+ratio to plain Rao-Blackwellised Monte Carlo at equal measured tokens, per estimator x budget x depth) and
+``estimators_rmse_vs_cost.png`` (all SmolLM2 canopies, log-log).
 
-Usage::
-
-    python benches/bench_estimators.py            # both cases (2-core CPU: ~2 minutes)
-    python benches/bench_estimators.py --quick    # fewer repeats and budgets
+    python benches/bench_estimators.py            # the full study (2-core CPU: ~20 minutes)
+    python benches/bench_estimators.py --quick    # one prompt, depth 6, 20 repeats
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import canopy_rs
+from canopy_rs.backends.cached import CachedModel
 from canopy_rs.estimators.study import compare, random_logits_fn
+from canopy_rs.results import to_plain
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ESTIMATORS = ["mc_rb", "mc_surprisal", "mc_rb_shared", "mc_rb_stratified", "sbs", "sbs_normalized", "hybrid",
-              "hybrid_multinomial"]
+ESTIMATORS = ["mc_rb", "mc_surprisal", "mc_rb_stratified", "sbs", "hybrid"]
 REFERENCE = "mc_rb"
+PROMPTS = [("haiku", "Write a haiku about the sea."), ("sky", "Is the sky blue? Answer yes or no.")]
+POLICIES = [("k4", dict(top_k=4)), ("k4p0.9", dict(top_k=4, top_p=0.9))]
+DEPTH10_PROMPTS = ("sky",)  # the bushy haiku canopy at depth 10 (~350k nodes) is out of reach on 2 cores
 
 
-def callable_case():
+def tiny_cases():
     fn = random_logits_fn(8, seed=0, scale=2.0)
-    return fn, dict(vocab_size=8, eos_token_ids=[0], max_new_tokens=8), "random callable: vocab 8, depth 8, scale 2"
-
-
-def transformers_case():
+    # A numpy callable is cheaper to recompute than to look up: no cache.
+    yield "callable", "random callable: vocab 8, depth 8, scale 2", fn, dict(vocab_size=8, eos_token_ids=[0],
+                                                                          max_new_tokens=8, cache=False), 8
     try:
         import torch
         import transformers
 
         from canopy_rs.backends.transformers import TransformersModel
     except ImportError as exc:  # the other backend may not be installed
-        return None, None, f"skipped: the transformers backend is unavailable ({exc})"
-    torch.set_num_threads(1)
+        print(f"[tiny_llama] skipped: the transformers backend is unavailable ({exc})", file=sys.stderr)
+        return
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -63,93 +73,229 @@ def transformers_case():
     cfg._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(cfg).eval()
     backend = TransformersModel(model, prompt=[1, 5, 9, 3, 7])
-    desc = f"tiny Llama via TransformersModel ({backend.strategy}): vocab 16, top-k 4, depth 8"
-    return backend, dict(max_new_tokens=8, top_k=4), desc
+    yield "tiny_llama", "tiny Llama (vocab 16, 2 layers), top-k 4, depth 8", backend, dict(max_new_tokens=8,
+                                                                                          top_k=4), 8
 
 
-def summarise(name, desc, study):
-    ratios = study.equal_cost_ratios(REFERENCE)
-    by_budget = {}
-    for r in ratios:
-        if r["estimator"] == REFERENCE:
+def ratio_rows(study):
+    """Per row: RMSE / (plain RB MC's RMSE at the same measured tokens, from MC's log-log fit)."""
+    return {(r["estimator"], r["budget"]): r for r in study.equal_cost_ratios(REFERENCE)}
+
+
+def run_case(name, desc, model, kw, depth, budgets, repeats, seed, out, exact_result=None):
+    t0 = time.perf_counter()
+    study = compare(model, estimators=ESTIMATORS, budgets=budgets, repeats=repeats, seed=seed,
+                    exact_result=exact_result, **kw)
+    secs = time.perf_counter() - t0
+    study.settings.update(wall_seconds=secs, case=name, description=desc, depth=depth)
+    kw.pop("cache", None)
+    study.to_csv(out / f"estimators_{name}.csv")
+    study.to_json(out / f"estimators_{name}.json")
+    study.plot(out / f"estimators_{name}.png", title=f"{desc}\nCE* = {study.exact_ce_star:.4f} nats")
+    print(f"\n== {name}: {desc} ({secs:.1f} s)", flush=True)
+    print(study.format_table(), flush=True)
+    return study
+
+
+def smollm2_cases(args, budgets, out):
+    import torch
+
+    from canopy_rs.backends.transformers import TransformersModel
+    from canopy_rs.errors import TreeTooLargeError
+    from canopy_rs.models import load_model
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    hf, tok = load_model(quiet=True)
+    prompts = PROMPTS[:1] if args.quick else PROMPTS
+    depths = [6] if args.quick else [8, 6]  # 8 first: the depth-6 canopy is then all table hits
+    for pname, prompt in prompts:
+        cm = CachedModel(TransformersModel(hf, tok, prompt=prompt, chat=True))
+        cache_file = args.table_cache / f"{pname}.pkl" if args.table_cache else None
+        if cache_file is not None and cache_file.exists():
+            cm.load_tables(cache_file)
+        cases = [(pol_name, pol, depth) for pol_name, pol in POLICIES for depth in depths]
+        if not args.quick and pname in DEPTH10_PROMPTS:
+            cases += [(pol_name, pol, 10) for pol_name, pol in POLICIES]
+        for pol_name, pol, depth in cases:
+            kw = dict(max_new_tokens=depth, **pol)
+            name = f"smollm2_{pname}_{pol_name}_d{depth}"
+            desc = f"SmolLM2-135M-Instruct, {prompt!r}, {pol_name}, depth {depth}"
+            ref, case_budgets = None, budgets
+            if depth == 10:
+                t = time.perf_counter()
+                try:  # depth-first enumeration keeps few nodes alive: the fast way when it fits
+                    if "top_p" not in pol:  # top-k 4 alone: ~4^10 / 3 nodes, never fits
+                        raise TreeTooLargeError("skip")
+                    ref = canopy_rs.exact(cm, max_nodes=args.max_exact, **kw)
+                    kind = f"exact ({ref.num_internal_nodes} internal nodes)"
+                except TreeTooLargeError:
+                    ref = canopy_rs.bounded(cm, budget=args.bracket_nodes, **kw)
+                    kind = f"bracket [{ref.ce_star_lower:.4f}, {ref.ce_star_upper:.4f}] from {args.bracket_nodes} nodes"
+                    # Off-table nodes cost real forwards: keep the judged-by-bracket cells small.
+                    case_budgets = [b for b in budgets if b <= 256]
+                print(f"[{name}] reference: {kind} ({time.perf_counter() - t:.0f} s)", flush=True)
+            yield run_case(name, desc, cm, kw, depth, case_budgets, args.repeats, args.seed, out, exact_result=ref)
+            if cache_file is not None:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                cm.save_tables(cache_file)
+
+
+def summary_table(studies, budgets):
+    """Markdown: estimator x (depth, budget) RMSE ratios, geometric mean over the SmolLM2 canopies."""
+    by_depth = {}
+    for st in studies:
+        if not st.settings["case"].startswith("smollm2"):
             continue
-        cur = by_budget.get(r["budget"])
-        if cur is None or r["ratio"] < cur["ratio"]:
-            by_budget[r["budget"]] = r
-    best = [
-        {"budget": b, "best": r["estimator"], "tokens": r["tokens"], "rmse": r["rmse"],
-         "mc_rb_rmse_at_cost": r[f"{REFERENCE}_rmse_at_cost"], "ratio": r["ratio"]}
-        for b, r in sorted(by_budget.items())
-    ]
-    return {"case": name, "description": desc, "exact": study.exact, "best_by_budget": best,
-            "target_met_at_all_budgets": all(x["ratio"] <= 0.5 for x in best),
-            "target_met_at_budgets": [x["budget"] for x in best if x["ratio"] <= 0.5]}
+        by_depth.setdefault(st.settings["depth"], []).append(st)
+    lines = []
+    for depth in sorted(by_depth):
+        sts = by_depth[depth]
+        lines.append(f"**depth {depth}** ({len(sts)} canopies: {', '.join(st.settings['case'][8:] for st in sts)}; "
+                     "geometric mean of RMSE / plain RB MC's RMSE at equal tokens; `exact`: the estimator enumerated "
+                     "the canopy; `*`: some canopies not judged (bracket too wide or budget not run); `-`: none)")
+        lines.append("")
+        lines.append("| estimator | " + " | ".join(str(b) for b in budgets) + " |")
+        lines.append("|---|" + "---:|" * len(budgets))
+        for est in ESTIMATORS:
+            cells = []
+            for b in budgets:
+                rs, exact_n = [], 0
+                for st in sts:
+                    row = next((r for r in st.rows if r["estimator"] == est and r["budget"] == b), None)
+                    if row is None:
+                        continue
+                    rr = ratio_rows(st).get((est, b))
+                    if row["rmse"] == 0.0 and row["judged"]:
+                        exact_n += 1  # the whole canopy fit in the budget: the estimate was exact
+                    elif rr is not None and row["judged"] and math.isfinite(rr["ratio"]) and rr["ratio"] > 0:
+                        rs.append(rr["ratio"])
+                cell = f"{math.exp(np.mean(np.log(rs))):.3f}" if rs else ""
+                if exact_n:
+                    cell += f" (exact on {exact_n})" if rs else "exact"
+                if len(rs) + exact_n < len(sts):
+                    cell = (cell + "*") if cell else "-"  # some canopies: no judged cell at this budget
+                cells.append(cell)
+            lines.append(f"| {est} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
-def markdown(summary, studies):
-    out = ["# Estimator study (bench_estimators.py)", "",
-           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-           f"canopy_rs {canopy_rs.__version__}.", ""]
-    for s in summary:
-        out.append(f"## {s['case']}: {s['description']}")
-        out.append("")
-        if "skipped" in s:
-            out += [s["skipped"], ""]
-            continue
-        st = studies[s["case"]]
-        out.append(f"Exact CE*_max = {st.exact_ce_star:.6f} nats ({s['exact']['num_internal_nodes']} internal nodes, "
-                   f"E[N] = {s['exact']['expected_length']:.3f}). {st.settings['repeats']} repeats per cell.")
-        out.append("")
-        out.append("```")
-        out.append(st.format_table())
-        out.append("```")
-        out.append("")
-        out.append("| budget | best estimator | tokens | RMSE | mc_rb RMSE at equal tokens | ratio |")
-        out.append("|---:|---|---:|---:|---:|---:|")
-        for b in s["best_by_budget"]:
-            out.append(f"| {b['budget']} | {b['best']} | {b['tokens']:.0f} | {b['rmse']:.4f} | "
-                       f"{b['mc_rb_rmse_at_cost']:.4f} | {b['ratio']:.3f} |")
-        out.append("")
-    return "\n".join(out)
+def per_case_lines(st):
+    s = st.settings
+    ex = st.exact
+    ref = (f"exact CE*_max = {st.exact_ce_star:.4f}" if ex["ce_star_lower"] == ex["ce_star_upper"] else
+           f"bracket [{ex['ce_star_lower']:.4f}, {ex['ce_star_upper']:.4f}]")
+    out = [f"### {s['case']}: {s['description']}", "",
+           f"{ref} nats, {ex['num_internal_nodes']} internal nodes, E[N] = {ex['expected_length']:.3f}; "
+           f"{s['repeats']} repeats per cell; {s['wall_seconds']:.0f} s.", "",
+           "| estimator | budget | tokens | bias | SD | RMSE | mean SE | coverage | RMSE / MC@tokens | judged |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    ratios = ratio_rows(st)
+    for r in st.rows:
+        rr = ratios.get((r["estimator"], r["budget"]), {}).get("ratio", math.nan)
+        out.append(f"| {r['estimator']} | {r['budget']} | {r['tokens']:.0f} | {r['bias']:+.4f} | {r['sd']:.4f} | "
+                   f"{r['rmse']:.4f} | {r['mean_se']:.4f} | {r['coverage']:.2f} | {rr:.3f} | "
+                   f"{'yes' if r['judged'] else 'no'} |")
+    out.append("")
+    return out
+
+
+def plot_all(studies, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sm = [st for st in studies if st.settings["case"].startswith("smollm2")]
+    if not sm:
+        return None
+    cols = min(4, len(sm))
+    rows = math.ceil(len(sm) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    for ax, st in zip(axes.flat, sm):
+        for i, est in enumerate(ESTIMATORS):
+            x, y = st._curve(est)
+            if x.shape[0]:
+                ax.loglog(x, y, marker="osD^v<>"[i % 7], ms=3.5, lw=1.2, label=est)
+        ax.set_title(st.settings["case"].replace("smollm2_", ""), fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(sm):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, frameon=False)
+    fig.supxlabel("model tokens per estimate", fontsize=9)
+    fig.supylabel("RMSE vs reference (nats)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and budgets")
+    ap.add_argument("--quick", action="store_true", help="one prompt, depth 6, budgets 64-1024, 20 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--max-exact", type=int, default=60_000,
+                    help="depth-10 canopies with more nodes are judged against a bracket")
+    ap.add_argument("--bracket-nodes", type=int, default=2_000, help="best-first nodes for a depth-10 bracket")
+    ap.add_argument("--table-cache", type=Path, default=None,
+                    help="keep each prompt's prefix -> support table here between runs (pickle)")
+    ap.add_argument("--no-smollm2", action="store_true", help="only the tiny models")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--summarise", action="store_true",
+                    help="only rebuild the summary and the combined plot from the JSON files in --out")
     args = ap.parse_args(argv)
     budgets = [64, 256, 1024] if args.quick else [64, 256, 1024, 4096]
-    repeats = args.repeats or (20 if args.quick else 100)
+    args.repeats = args.repeats or (20 if args.quick else 50)
     args.out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
 
-    summary, studies = [], {}
-    for name, make, reps in (("callable", callable_case, repeats), ("transformers", transformers_case, repeats)):
-        model, kw, desc = make()
-        if model is None:
-            print(f"[{name}] {desc}", file=sys.stderr)
-            summary.append({"case": name, "description": "tiny transformers model", "skipped": desc})
-            continue
-        t0 = time.perf_counter()
-        study = compare(model, estimators=ESTIMATORS, budgets=budgets, repeats=reps, seed=args.seed, **kw)
-        secs = time.perf_counter() - t0
-        studies[name] = study
-        study.settings["wall_seconds"] = secs
-        study.to_csv(args.out / f"estimators_{name}.csv")
-        study.to_json(args.out / f"estimators_{name}.json")
-        study.plot(args.out / f"estimators_{name}.png", title=f"{desc}\nexact CE* = {study.exact_ce_star:.4f} nats")
-        s = summarise(name, desc, study)
-        s["wall_seconds"] = secs
-        summary.append(s)
-        print(f"\n== {name}: {desc} ({secs:.1f} s)")
-        print(study.format_table())
-        for b in s["best_by_budget"]:
-            print(f"  budget {b['budget']:>5}: best {b['best']:<18} RMSE {b['rmse']:.4f} vs mc_rb@{b['tokens']:.0f} "
-                  f"tokens {b['mc_rb_rmse_at_cost']:.4f} -> ratio {b['ratio']:.3f}")
-    (args.out / "estimators_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-    (args.out / "estimators_summary.md").write_text(markdown(summary, studies))
-    print(f"\nwrote {args.out}/estimators_*.{{csv,json,png}} and estimators_summary.{{json,md}}")
+    studies = []
+    if args.summarise:
+        from canopy_rs.estimators.study import StudyResult
+
+        for f in sorted(args.out.glob("estimators_*.json")):
+            d = json.loads(f.read_text())
+            if "rows" in d and "settings" in d and "case" in d["settings"]:
+                studies.append(StudyResult(d["exact_ce_star"], d["exact"], d["rows"], [], d["settings"]))
+        order = {n: i for i, n in enumerate(["smollm2", "callable", "tiny_llama"])}
+        studies.sort(key=lambda st: (order.get(st.settings["case"].split("_")[0], 9), st.settings["case"]))
+        budgets = sorted({r["budget"] for st in studies for r in st.rows})
+        args.repeats = max((st.settings["repeats"] for st in studies), default=0)
+    elif not args.no_smollm2:
+        try:
+            studies.extend(smollm2_cases(args, budgets, args.out))
+        except Exception as exc:  # the embedded model is an optional extra
+            from canopy_rs.models import ModelNotFoundError
+
+            if not isinstance(exc, (ImportError, ModelNotFoundError)):
+                raise
+            print(f"[smollm2] skipped: {exc}", file=sys.stderr)
+    for name, desc, model, kw, depth in ([] if args.summarise else tiny_cases()):
+        studies.append(run_case(name, desc, model, kw, depth, budgets, args.repeats, args.seed, args.out))
+
+    plot = plot_all(studies, args.out / "estimators_rmse_vs_cost.png")
+    md = ["# Estimator study (bench_estimators.py)", "",
+          f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; canopy_rs "
+          f"{canopy_rs.__version__}; {args.repeats} repeats per cell"
+          + ("." if args.summarise else f"; total {time.perf_counter() - t_all:.0f} s."),
+          "", "## RMSE relative to plain RB Monte Carlo on SmolLM2", ""]
+    md += summary_table(studies, budgets)
+    if plot is not None:
+        md += [f"![RMSE vs cost]({plot.name})", ""]
+    md += ["## Every canopy", ""]
+    for st in studies:
+        md += per_case_lines(st)
+    (args.out / "estimators_summary.md").write_text("\n".join(md))
+    summary = [{"case": st.settings["case"], "description": st.settings["description"], "exact": st.exact,
+                "rows": st.rows, "ratios": st.equal_cost_ratios(REFERENCE), "wall_seconds": st.settings["wall_seconds"]}
+               for st in studies]
+    (args.out / "estimators_summary.json").write_text(json.dumps(to_plain(summary), indent=2,
+                                                                 allow_nan=True))
+    print("\n".join(summary_table(studies, budgets)))
+    print(f"\nwrote {args.out}/estimators_*.{{csv,json,png}}, estimators_summary.{{json,md}} "
+          f"({time.perf_counter() - t_all:.0f} s)")
 
 
 if __name__ == "__main__":

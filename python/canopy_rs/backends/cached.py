@@ -48,6 +48,22 @@ class CachedModel:
     def table_size(self) -> int:
         return sum(len(t) for t in self.tables.values())
 
+    def save_tables(self, path: Any) -> None:
+        """Write the tables (pickle; a local cache, not an exchange format)."""
+        import pickle
+
+        with open(path, "wb") as fh:
+            pickle.dump(self.tables, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_tables(self, path: Any) -> None:
+        """Merge tables written by :meth:`save_tables` for the same model and prompt (only load files you
+        wrote: pickle runs code)."""
+        import pickle
+
+        with open(path, "rb") as fh:
+            for key, table in pickle.load(fh).items():
+                self.tables.setdefault(key, {}).update(table)
+
     def reset(self) -> None:
         self._prefix: dict[int, tuple] = {}  # this run's node id -> generated prefix
         self._parent: dict[int, int] = {}

@@ -141,17 +141,24 @@ ESTIMATE_ROWS = [
 ]
 
 
-def estimate_table(est: Mapping[str, Any], ex: Optional[Mapping[str, Any]] = None) -> str:
+def estimate_table(est: Mapping[str, Any], ex: Optional[Mapping[str, Any]] = None,
+                   best: Optional[Mapping[str, Any]] = None) -> str:
     """One prompt's Monte Carlo estimates with SE and CI; with ``ex`` (the exact record) also the exact
-    value, the error, z and whether the CI covers it."""
+    value, the error, z and whether the CI covers it; with ``best`` (``BestEstimate.to_dict()``) a CE* row
+    for the estimator recommended at the same token budget, named."""
     est = dict(est)
+    table = list(ESTIMATE_ROWS)
+    if best is not None:
+        est.update(best_ce_star=best["ce_star"], best_ce_star_se=best["ce_star_se"], best_ce_star_ci=best["ce_star_ci"])
+        table.insert(2, (f"CE*_max, {best['estimator']} (best at {best['budget']} tokens)", "best_ce_star",
+                         "best_ce_star_se", "ce_star"))
     p, m = est.get("truncation_prob"), est.get("num_rollouts")
     if p is not None and m:  # the SE of the sampled no-EOS fraction (binomial)
         est["truncation_prob_se"] = math.sqrt(max(float(p) * (1.0 - float(p)), 0.0) / float(m))
     if ex is not None:
         ex = dict(ex, truncation_rate=_exact_truncation_rate(ex))
     rows = []
-    for label, k, se_k, ex_k in ESTIMATE_ROWS:
+    for label, k, se_k, ex_k in table:
         v = est.get(k)
         se = est.get(se_k) if se_k else None
         ci = est.get(k + "_ci")
@@ -175,12 +182,19 @@ def estimate_table(est: Mapping[str, Any], ex: Optional[Mapping[str, Any]] = Non
 def multi_estimate_table(records: Sequence[Mapping], pooled: Mapping[str, Any]) -> str:
     """One row per prompt's estimates, and the pooled row."""
     rows = []
-    for r in records:
+    bests = [r.get("best") for r in records]
+    names = sorted({b["estimator"] for b in bests if b})
+    for r, b in zip(records, bests):
         e = r["estimate"]
         rows.append([r["index"], short(r["prompt"], 32), num(e["ce_star"]), num(e["ce_star_se"]),
+                     num(b["ce_star"]) if b else "-", num(b["ce_star_se"]) if b else "-",
                      num(e["expected_length"], 3), num(e["gen_ppl"], 3), num(e["branching_factor"], 3),
                      num(e["length_rate_pearson"], 3), num(e["truncation_rate"], 3), e["num_rollouts"]])
-    rows.append(["all", f"pooled ({len(records)} prompts)", num(pooled["ce_star"]), "", num(pooled["expected_length"], 3),
+    pb = [b["ce_star"] for b in bests if b]
+    rows.append(["all", f"pooled ({len(records)} prompts)", num(pooled["ce_star"]), "",
+                 num(sum(pb) / len(pb)) if len(pb) == len(records) else "-", "", num(pooled["expected_length"], 3),
                  num(pooled["gen_ppl"], 3), num(pooled["branching_factor"], 3), num(pooled["length_rate_pearson"], 3),
                  num(pooled["truncation_rate"], 3), ""])
-    return format_table(["#", "prompt", "CE*", "SE", "E[N]", "GenPPL", "BF", "rho", "trunc", "M"], rows, "llrrrrrrrr")
+    best_head = "CE* " + ("/".join(names) if names else "best")
+    return format_table(["#", "prompt", "CE* (paper)", "SE", best_head, "SE", "E[N]", "GenPPL", "BF", "rho", "trunc",
+                         "M"], rows, "llrrrrrrrrrr")

@@ -103,7 +103,9 @@ def run(ctx: RunContext) -> int:
              f"{ex.get('tokens_forwarded', 0):,} model tokens, {num(ex.get('seconds'), 1)} s",
              f"Monte Carlo: {est['num_rollouts']} rollouts (seed {r0.get('seed')}), "
              f"{int(cost.get('tokens_forwarded', 0)):,} model tokens, {num(cost.get('seconds'), 1)} s",
-             "", estimate_table(est, ex), "",
+             f"best estimator for that budget: {r0['best']['estimator']} ({r0['best']['description']}), "
+             f"{int(r0['best']['cost'].get('rows_evaluated', 0)):,} model tokens" if r0.get("best") else "",
+             "", estimate_table(est, ex, r0.get("best")), "",
              f"H(N) = {num(ex['length_entropy'])}  H(Y|N) = {num(ex['content_entropy'])}  "
              f"exp(CE*) = {math.exp(ex['ce_star']):.1f} effective leaves  "
              f"(CE* = E[N]E[r_N] + Cov(N, r_N) = {num(ex['length_driven'])} {ex['length_rate_cov']:+.4f})"]

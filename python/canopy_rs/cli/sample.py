@@ -24,15 +24,19 @@ def add_parser(sub: Any) -> None:
 
 def sample_prompt(ctx: RunContext, job: PromptJob, num_rollouts: int) -> tuple[dict, list[dict]]:
     """Rollouts of one prompt and their estimates: the record part and the rollout table's rows."""
-    from canopy_rs.estimators import estimate
+    from canopy_rs.estimators import estimate, estimate_best
     from canopy_rs.io import rollout_rows
     from canopy_rs.sampling import sample
 
     ro = sample(job.backend, num_rollouts=num_rollouts, seed=job.seed, batch_size=ctx.args.batch_size,
                 progress=ctx.show_progress, **ctx.policy())
+    # Beside the paper's estimator: the one the estimator study recommends, at the tokens the rollouts used.
+    best = estimate_best(job.backend, budget=max(1, int(ro.cost.get("rows_evaluated", 1))), seed=job.seed,
+                         batch_size=ctx.args.batch_size, **ctx.policy())
     rec = {
         "seed": job.seed,
         "estimate": estimate(ro).to_dict(),
+        "best": best.to_dict(),
         "rollouts": {"lengths": ro.lengths.tolist(), "entropy_rates": ro.entropy_rates.tolist()},
         "rollout_cost": dict(ro.cost),
     }
@@ -64,7 +68,7 @@ def run(ctx: RunContext) -> int:
     records = ctx.run_prompts(one, num_rollouts=a.num_rollouts)
     pooled = pool_estimates(records) if len(records) > 1 else None
     head = ctx.header(records) + f"\nrollouts: {a.num_rollouts} per prompt, seed {a.seed} (+ prompt index)"
-    body = estimate_table(records[0]["estimate"]) if pooled is None else multi_estimate_table(records, pooled)
+    body = estimate_table(records[0]["estimate"], best=records[0].get("best")) if pooled is None else multi_estimate_table(records, pooled)
 
     def plots() -> list[Path]:
         return [f for r in records[:MAX_PLOTTED_PROMPTS]

@@ -6,12 +6,14 @@
   base-vs-fine-tuned bootstrap;
 * :func:`stochastic_beam_search` - Gumbel-top-k sampling without replacement with importance weights;
 * :func:`estimate_hybrid` - exact best-first head plus sampled tail;
+* :func:`estimate_best` - the estimator the study recommends for a token budget (:func:`best_estimator`);
 * :func:`compare` - every estimator, repeated, against the exact value: bias, SD, RMSE, coverage, cost.
 
 The model-driving functions import the Rust core lazily, so the pure-numpy parts work on their own.
 """
 
 from .beam import BeamSearchEstimate, stochastic_beam_search
+from .best import BEST_BY_BUDGET, BestEstimate, best_estimator, estimate_best
 from .bootstrap import DEFAULT_BOOTSTRAP_METRICS, SEMANTIC_BOOTSTRAP_METRICS, BootstrapResult, paired_bootstrap
 from .hybrid import HybridEstimate, estimate_hybrid
 from .montecarlo import PromptEstimate, estimate, estimate_arrays
@@ -19,7 +21,11 @@ from .pooling import PooledEstimate, pool
 from .study import BUILTIN_ESTIMATORS, StudyResult, compare, random_logits_fn
 
 __all__ = [
+    "BEST_BY_BUDGET",
     "BUILTIN_ESTIMATORS",
+    "BestEstimate",
+    "best_estimator",
+    "estimate_best",
     "BeamSearchEstimate",
     "BootstrapResult",
     "DEFAULT_BOOTSTRAP_METRICS",
