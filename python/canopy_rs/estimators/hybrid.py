@@ -13,11 +13,18 @@ expectation is the entropy of u's subtree (the rollout form of spec 2.2, applied
 is unbiased. The head removes all variance from the high-probability part of the tree and the tail is
 weighted by m_F, which best-first expansion drives down fastest.
 
-Frontier nodes are drawn i.i.d. (``"multinomial"``) or one per stratum of the cumulative pi in tree order
-(``"stratified"``, the default). Stratified rollouts keep descending with their stratum's point while their
-node's interval straddles a stratum boundary, so the strata reach below the frontier (each rollout is still
-distributed as pi restricted to its stratum: unbiased). The stratified SE is the collapsed-strata estimator
-(pairs of adjacent strata), which is conservative.
+Frontier nodes are drawn i.i.d. (``"multinomial"``) or two per stratum of the cumulative pi in tree order
+(``"stratified"``, the default: n/2 equal strata). Stratified rollouts keep descending with their point while
+their node's interval straddles a stratum boundary, so the strata reach below the frontier (each rollout is
+still distributed as pi restricted to its stratum: unbiased). With two independent draws per stratum,
+(1/n^2) sum_strata (H_a - H_b)^2 is an unbiased variance estimate (one draw per stratum only allows the
+conservative collapsed-strata estimate).
+
+With a token budget B (``budget=``) the head size is not a parameter: best-first expansion continues while
+the predicted tail variance m_F W / (B - b) falls (W = sum over the frontier of pi (T - d), the tokens the
+tail rollouts will cost per unit of rollouts; see :class:`_HeadStop`), at most to B/2, and the remaining
+tokens buy rollouts. The split depends on the model only, never on random draws, so the estimate stays
+unbiased.
 """
 
 from __future__ import annotations
