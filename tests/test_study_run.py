@@ -247,6 +247,8 @@ def test_pooled_bootstrap_and_regression(local_run):
     assert reg["ratio"] == pytest.approx(reg["finetuned_slope"] / reg["base_slope"])
     assert "C(task)" in reg["formula"] and reg["num_rows"] == 14 and reg["num_prompts"] == 7
     assert reg["num_replicates"] == 8 and reg["num_finite_replicates"] >= 2
+    unclear = not abs(reg["base_slope"]) > 2 * reg["base_slope_se"]
+    assert ("Caution" in (out / "report.md").read_text()) == unclear
     panel = read(out / "panel.csv")
     assert len(panel) == 14 and {r["prompt_uid"] for r in panel} == {f"letters/p{i}" for i in range(4)} | {
         f"math/math-0{i}" for i in (1, 2, 3)}

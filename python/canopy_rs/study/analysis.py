@@ -213,6 +213,7 @@ def interaction_model(cfg: StudyConfig, panel: Sequence[Mapping[str, Any]]) -> d
     out.update(
         base_slope=beta, finetuned_slope=beta + eta, eta=eta,
         eta_pvalue=float(fit.pvalues.get(f"R_sc:{_FT_TERM}", math.nan)), ratio=ratio,
+        base_slope_se=float(fit.bse.get("R_sc", math.nan)), base_slope_pvalue=float(fit.pvalues.get("R_sc", math.nan)),
         converged=bool(getattr(fit, "converged", True)),
         group_variance=float(np.asarray(fit.cov_re)[0, 0]) if fit.cov_re is not None else math.nan,
         coefficients=[{"term": k, "estimate": float(fit.params[k]), "se": float(fit.bse.get(k, math.nan)),
