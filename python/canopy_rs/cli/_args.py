@@ -140,3 +140,20 @@ def add_output_args(p: argparse.ArgumentParser, out_default: Optional[str] = Non
         g.add_argument("--seed", type=int_at_least(0), default=0, help="random seed; prompt i uses seed + i (default: 0)")
     if plots:
         g.add_argument("--no-plots", action="store_true", help="do not write plots")
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(s: str) -> int:
+    """A size in bytes: an integer with an optional K, M, G or T suffix (powers of 1024; a trailing B or
+    iB is allowed: 512M, 4GiB)."""
+    t = s.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    try:
+        v = float(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or 1000000, got {s!r}") from None
+    if not math.isfinite(v) or v < 1:
+        raise argparse.ArgumentTypeError(f"expected a size >= 1 byte, got {s!r}")
+    return int(v)

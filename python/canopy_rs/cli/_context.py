@@ -154,12 +154,12 @@ class RunContext:
         _, tok = self.load()
         return bool(getattr(tok, "chat_template", None))
 
-    def backend(self, prompt: str) -> Any:
+    def backend(self, prompt: str, **options: Any) -> Any:
         from canopy_rs.backends.transformers import TransformersModel
 
         model, tok = self.load()
         return TransformersModel(model, tok, prompt=prompt, chat=self.chat(), strategy=self.args.strategy,
-                                 eos_token_ids=self.args.eos_token_ids)
+                                 eos_token_ids=self.args.eos_token_ids, **options)
 
     def model_info(self) -> dict[str, Any]:
         if self._model is None and self._saved_model_info is not None:
@@ -213,7 +213,9 @@ class RunContext:
         a = self.args
         cfg = {
             "command": self.command,
-            "model": {"kind": self.spec.kind, "path": self.spec.path, "gguf_file": self.spec.gguf_file},
+            # The embedded model is keyed by its pinned version, not by where this machine keeps it.
+            "model": {"kind": self.spec.kind, "gguf_file": self.spec.gguf_file,
+                      "path": self.spec.extra.get("requirement") if self.spec.kind == "embedded" else self.spec.path},
             "dtype": a.dtype,
             "device": (a.device or "auto").split(":")[0],
             "chat": a.chat,
@@ -225,9 +227,11 @@ class RunContext:
         return cfg
 
     # --- the per-prompt loop ----------------------------------------------------------------------
-    def run_prompts(self, fn: PromptFn, **key_extra: Any) -> list[dict[str, Any]]:
+    def run_prompts(self, fn: PromptFn, backend_options: Optional[Callable[[Any], dict]] = None,
+                    **key_extra: Any) -> list[dict[str, Any]]:
         """Calls ``fn(job)`` for each prompt not already finished in ``--out`` and checkpoints its record and
-        tables. Returns the records in prompt order."""
+        tables. ``backend_options(hf_model)`` gives extra keyword arguments for the prompt's backend. Returns
+        the records in prompt order."""
         from canopy_rs.io import prompt_key
 
         prompts = self.prompts()
@@ -250,7 +254,7 @@ class RunContext:
                     continue
             self.say(f"{tag}prompt {p['id']!r}: {short(p['prompt'], 70)}")
             t = time.perf_counter()
-            backend = self.backend(p["prompt"])
+            backend = self.backend(p["prompt"], **(backend_options(self.load()[0]) if backend_options else {}))
             rec, tables = fn(PromptJob(index=i, id=p["id"], prompt=p["prompt"], seed=self.seed_for(i), backend=backend))
             rec = {
                 "key": key, "index": i, "id": p["id"], "prompt": p["prompt"],

@@ -1,24 +1,44 @@
-"""``canopy-rs exact``: enumerate the whole canopy (:func:`canopy_rs.exact`)."""
+"""``canopy-rs exact``: enumerate the whole canopy (:func:`canopy_rs.exact`).
+
+A canopy that cannot fit ends early with an error suggesting ``bound``: the node count is limited by
+min(--max-nodes, --max-memory / bytes per node) and the live KV cache by --max-memory, and when the policy
+allows a canopy beyond that limit, a few short rollouts first estimate its size (:func:`check_size`)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
-from canopy_rs.cli._args import add_output_args, add_run_args, positive_int
+import numpy as np
+
+from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
 
 HELP = "exact CE*_max and its companions"
+DEFAULT_MAX_MEMORY = 4 << 30
+# Engine memory per stored node (its arena entry and frontier share); with --nodes, the per-node arrays too.
+NODE_BYTES = 64
+# The size probe: this many rollouts of at most this many tokens.
+PROBE_ROLLOUTS = 16
+PROBE_DEPTH = 128
+# Refuse when the estimated node count exceeds the limit this many times (a false refusal has probability
+# <= 1/PROBE_MARGIN), or when the entropy's lower bound (mean - PROBE_Z standard errors) does.
+PROBE_MARGIN = 20
+PROBE_Z = 3.0
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("exact", help=HELP,
                        description="Enumerate the whole canopy under the policy: exact CE*_max, E[N], H(N), "
-                       "H(Y|N), entropy rate, GenPPL, branching factor, rho(N, r_N), truncation.")
+                       "H(Y|N), entropy rate, GenPPL, branching factor, rho(N, r_N), truncation. A canopy "
+                       "that cannot fit in --max-nodes / --max-memory is refused early: use `bound`.")
     add_run_args(p)
     p.add_argument("--max-nodes", type=positive_int, default=10_000_000, help="refuse trees larger than this")
+    p.add_argument("--max-memory", type=byte_size, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
+                   help="memory for the canopy and the model's live KV cache, e.g. 8G (default: 4G)")
     p.add_argument("--order", choices=["depth-first", "breadth-first", "best-first"], default="depth-first")
     p.add_argument("--nodes", action="store_true", help="also write the per-node table (nodes.csv)")
     add_output_args(p, seed=False)
@@ -41,24 +61,97 @@ def exact_figures(exact: dict, stem: str) -> list[Path]:
     )
 
 
+def log_worst_case_nodes(support: int, max_new_tokens: int) -> float:
+    """log of the most nodes (leaves included) a canopy can have when every node has ``support`` children:
+    sum over depths d = 0..T of S^d."""
+    if support <= 1:
+        return math.log(max_new_tokens + 1)
+    t = max_new_tokens
+    # log((S^(T+1) - 1) / (S - 1)), computed without overflow.
+    return (t + 1) * math.log(support) + math.log1p(-(support ** -(t + 1))) - math.log(support - 1)
+
+
+def kv_bytes_per_token(hf_model: Any) -> int:
+    """Bytes of KV cache one token takes in ``hf_model`` (keys and values of every layer)."""
+    cfg = getattr(hf_model.config, "get_text_config", lambda: hf_model.config)()
+    heads = getattr(cfg, "num_attention_heads", 1)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    itemsize = next(hf_model.parameters()).element_size()
+    return int(2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize)
+
+
+def _too_large(why: str) -> str:
+    return (f"the canopy cannot be enumerated: {why}. Use `canopy-rs bound` for a certified bracket within a "
+            "budget, or lower --max-new-tokens / --top-k (or raise --max-nodes / --max-memory)")
+
+
+def check_size(ctx: RunContext, backend: Any, node_limit: int) -> None:
+    """Refuses, early, a canopy that is far larger than ``node_limit`` nodes. When the policy allows a
+    larger canopy at all, a few rollouts of its first tokens (at most :data:`PROBE_DEPTH`) are sampled and
+    give two independent verdicts:
+
+    * node count: each node u lies on a rollout with probability pi(u), so the sum of 1/pi over a rollout's
+      nodes estimates the number of nodes without bias; by Markov's inequality the mean exceeds
+      :data:`PROBE_MARGIN` times the true count with probability at most 1/PROBE_MARGIN;
+    * entropy: the mean summed step entropy estimates CE* of the canopy cut at that depth, and exp(CE*) is
+      at most its number of leaves, each a node of the full canopy (a lower confidence bound is used).
+    """
+    from canopy_rs.errors import TreeTooLargeError
+    from canopy_rs.sampling import sample
+
+    pol = ctx.policy()
+    support = pol["top_k"] or backend.vocab_size
+    t = pol["max_new_tokens"]
+    if log_worst_case_nodes(support, t) <= math.log(node_limit):
+        return
+    depth = min(t, PROBE_DEPTH)
+    ro = sample(backend, num_rollouts=PROBE_ROLLOUTS, seed=0, batch_size=ctx.args.batch_size,
+                **dict(pol, max_new_tokens=depth))
+    steps = np.arange(ro.logq.shape[1])[None, :] < ro.lengths[:, None]
+    log_inv_reach = np.where(steps, -np.cumsum(ro.logq, axis=1), -np.inf)
+    per_rollout = np.logaddexp(0.0, np.logaddexp.reduce(log_inv_reach, axis=1))  # log(1 + sum 1/pi), the root too
+    log_nodes = float(np.logaddexp.reduce(per_rollout) - math.log(len(per_rollout)))
+    h = ro.entropies.sum(axis=1)
+    log_leaves = float(h.mean() - PROBE_Z * h.std(ddof=1) / math.sqrt(len(h)))
+    log10 = math.log(10)
+    if log_nodes > math.log(PROBE_MARGIN * node_limit) or log_leaves > math.log(node_limit):
+        raise TreeTooLargeError(_too_large(
+            f"{PROBE_ROLLOUTS} rollouts of its first {depth} tokens estimate ~10^{log_nodes / log10:.0f} nodes "
+            f"there (entropy {h.mean():.1f} nats, so >= 10^{log_leaves / log10:.0f} leaves), far over the limit "
+            f"of {node_limit:,} (--max-nodes, --max-memory)"))
+    ctx.say(f"size check: {PROBE_ROLLOUTS} rollouts of the first {depth} tokens estimate ~10^{log_nodes / log10:.1f} "
+            f"nodes; enumerating (up to {node_limit:,})")
+
+
 def run(ctx: RunContext) -> int:
     import canopy_rs
+    from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
     from canopy_rs.estimators.pooling import pool_exact
     from canopy_rs.io import node_rows
 
     a: argparse.Namespace = ctx.args
+    node_limit = min(a.max_nodes, a.max_memory // NODE_BYTES)
+
+    def backend_options(model: Any) -> dict[str, Any]:
+        # The live KV cache gets what the engine's nodes can leave of the memory budget.
+        kv = max(a.max_memory - node_limit * NODE_BYTES, a.max_memory // 2)
+        return {"max_live_kv_tokens": max(1, kv // kv_bytes_per_token(model))}
 
     def one(job: PromptJob) -> tuple[dict, dict]:
+        check_size(ctx, job.backend, node_limit)
         prog = BracketProgress(not ctx.show_progress, "canopy")
         try:
-            res = canopy_rs.exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=a.max_nodes,
+            res = canopy_rs.exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
                                   order=a.order, return_nodes=a.nodes, progress=prog, progress_interval=0.25)
+        except (TreeTooLargeError, KVBudgetExceededError) as e:
+            raise type(e)(_too_large(str(e).rstrip("."))) from None
         finally:
             prog.close()
         tables = {"nodes": node_rows(res.nodes, job.index)} if a.nodes and res.nodes is not None else {}
         return {"exact": exact_record(res)}, tables
 
-    records = ctx.run_prompts(one, nodes=a.nodes)
+    records = ctx.run_prompts(one, backend_options=backend_options, nodes=a.nodes)
     exacts = [r["exact"] for r in records]
     pooled = pool_exact(exacts) if len(records) > 1 else None
     body = exact_table(exacts[0]) if pooled is None else multi_exact_table(records, pooled)
