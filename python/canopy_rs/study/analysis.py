@@ -200,14 +200,27 @@ def interaction_model(cfg: StudyConfig, panel: Sequence[Mapping[str, Any]]) -> d
         terms.append("C(task)")
     if df["family"].nunique() > 1:
         terms.append("C(family)")
-    formula = "D ~ " + " + ".join(terms)
-    out.update(formula=formula, num_prompts=int(df["prompt_uid"].nunique()),
+    out.update(num_prompts=int(df["prompt_uid"].nunique()),
                R_bar_mean=float(df["R_bar"].mean()), R_bar_sd=float(df["R_bar"].std(ddof=1)))
+    formula = "D ~ " + " + ".join(terms)
     try:
         beta, eta, fit = _fit(df, formula)
     except Exception as e:  # singular designs on tiny panels: report, do not crash the study
-        out["skipped"] = f"MixedLM fit failed: {type(e).__name__}: {e}"
-        return out
+        if inv_n is None:
+            out.update(formula=formula, skipped=f"MixedLM fit failed: {type(e).__name__}: {e}")
+            return out
+        # A length term that barely varies (e.g. every rollout truncated at T_max) makes the design singular:
+        # fit without it and say so.
+        terms = [t for t in terms if not t.startswith("invN_sc")]
+        df = df.drop(columns="invN_sc")
+        out["note"] = f"the length term was dropped: with it the fit failed ({type(e).__name__}: {e})"
+        formula = "D ~ " + " + ".join(terms)
+        try:
+            beta, eta, fit = _fit(df, formula)
+        except Exception as e2:
+            out.update(formula=formula, skipped=f"MixedLM fit failed: {type(e2).__name__}: {e2}")
+            return out
+    out["formula"] = formula
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = (beta + eta) / beta if beta != 0 else math.nan
     out.update(

@@ -293,6 +293,8 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
                     _fmt(reg["eta_pvalue"])]]))
         b.append(("p", "Slopes are in D per standard deviation of R̄ (R_sc). The paper reports the ratio "
                        "≈ 3 in a beta GLMM on the same terms; this is the linear mixed-model form."))
+        if reg.get("note"):
+            b.append(("p", f"Note: {reg['note']}."))
         se = reg.get("base_slope_se", math.nan)
         if not (math.isfinite(se) and abs(reg["base_slope"]) > 2 * se):
             b.append(("p", f"**Caution:** the base slope ({_fmt(reg['base_slope'])} ± {_fmt(se)} SE) is not clearly "
