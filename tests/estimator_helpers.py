@@ -12,7 +12,7 @@ from canopy_rs.estimators.study import random_logits_fn
 
 class CheckingBackend:
     """Wraps a CallableModel and asserts the protocol rules a driver must keep (protocol.py): ids unique
-    per run, the root first, every parent expanded earlier and not yet released, releases only of expanded
+    per run, the root first and alone in its batch, every parent expanded earlier and not yet released, releases only of expanded
     nodes, never twice; ``prefixes()`` consistent with the parent chain."""
 
     def __init__(self, fn, vocab_size, eos_token_ids):
@@ -42,6 +42,7 @@ class CheckingBackend:
             assert nid not in self.expanded, f"node {nid} expanded twice"
             if par == -1:
                 assert tok == -1 and dep == 0 and pre == [], "bad root"
+                assert len(ids) == 1 and not self.expanded, "the root must be alone in the run's first batch"
             else:
                 assert par in self.expanded, f"parent {par} of {nid} was never expanded"
                 assert par not in self.released, f"parent {par} of {nid} was already released"

@@ -1,37 +1,91 @@
-"""The engine <-> model protocol.
+"""The engine <-> model protocol: everything needed to write a backend.
 
-The canopy (the prefix tree) lives in Rust; a model's state (a KV cache) lives in the backend. The driver
-(``canopy_rs.exact``, ``bounded``, ``sample``, ...) asks the backend to *expand* batches of nodes and tells it
-which nodes' state will never be needed again.
+The canopy (the prefix tree) lives in Rust; a model's state (its KV cache, or nothing) lives in the backend.
+A *driver* (``canopy_rs.exact``, ``bounded``, ``sample``, ``stochastic_beam_search``, ``estimate_hybrid``)
+asks the backend to **expand** batches of nodes and tells it which nodes' state will never be read again.
+``canopy_rs.testing.check_backend(backend)`` checks an implementation against every rule below.
 
-A node is a generated prefix. It is named by an integer id chosen by the driver, unique within one run
-(between two ``reset()`` calls). The root (the prompt, no generated token) has ``parent_id == -1`` and
-``token == -1``. Expanding a node means: run the model on the node's last token on top of its parent's cached
-state (for the root: on the prompt) and return the next-token distribution. A node is only ever expanded
-after its parent was expanded and before its parent is released, so a backend never recomputes a prefix.
+**What a backend is.** Any object with the five members of :class:`Backend` (duck-typed; no base class):
 
-A backend returns either
+* ``vocab_size`` (int >= 1) and ``eos_token_ids`` (at least one distinct int in ``[0, vocab_size)``; every
+  id is its own outcome and ends a rollout). Both are constant for the backend's life.
+* ``reset()``: forget every node and zero every counter. Called before each run; a run is everything
+  between two ``reset()`` calls. Node ids may be reused after it.
+* ``expand(batch, policy) -> NextTokenLogits | PolicySupport``: one row per node of ``batch``, in the order of
+  ``batch.node_ids``.
+* ``release(node_ids)``: a memory hint (see 4 below).
+* ``counters() -> dict[str, float]``: cost since the last ``reset()`` (see "Counters").
+* optional ``preferred_batch_size`` (int or None): rows per ``expand()`` the backend works best with; drivers
+  use it when the caller passes no ``batch_size``. A backend that sizes it from memory also exposes
+  ``memory_per_row_bytes`` (device bytes one more row of a call needs: its logits and temporaries plus the
+  live state one more expanded node keeps), for callers that budget memory themselves.
+* optional ``describe() -> dict`` with ``dtype`` (the model's compute dtype), ``logits_dtype`` (what the
+  policy is computed from) and ``strategy`` (strings); drivers copy them into every result's record.
 
-* :class:`NextTokenLogits`: raw next-token logits ``[B, vocab_size]`` (float32 or float64); the Rust core
-  applies the decoding policy. The generic path, used by plain callables.
-* :class:`PolicySupport`: the policy already applied (on the model's device): for each row the support
-  (token ids with non-zero policy probability) and their log-probabilities, in CSR form. Only k-wide rows
-  cross to the host. The Rust core renormalises in f64 and computes the entropy.
+**Nodes.** A node is a prefix of generated tokens. The **backend owns the prompt**: it is part of the
+backend's state (tokenised, chat-templated, prefilled), never of a node; ``batch.prefixes()`` and
+``depths`` count generated tokens only. The root (the prompt alone) has ``parent_id == -1``,
+``token == -1``, ``depth == 0``. Any other node has ``depth >= 1`` and ``token`` = its last generated token.
+Expanding a node means: feed its last token on top of its parent's state (the root: feed the prompt) and
+return the distribution of the *next* token. Ids are non-negative ints chosen by the driver; they need not
+be contiguous or start at 0 (the hybrid estimator continues a canopy's numbering). The arrays of a
+:class:`NodeBatch` are int64; a backend must not modify them.
 
-Rules a backend can rely on:
+**Rules every driver keeps (a backend may rely on them).**
 
-1. ``reset()`` is called before a run; it frees all state.
-2. Ids in a batch are distinct and have never been expanded before in this run.
-3. Every parent in a batch was expanded earlier in this run and has not been released.
-4. ``release(ids)`` lists expanded nodes whose state no driver will read again (all their children that
-   needed it have been expanded). Releasing is a hint for memory; results never depend on it.
+1. After ``reset()``, the first ``expand()`` holds the root **alone**; the root never shares a batch and is
+   expanded once per run (so the prompt is prefilled once).
+2. Ids in a batch are distinct and were never expanded before in this run.
+3. Every parent in a batch was expanded in an earlier call of this run and has not been released. Siblings
+   may be spread over several calls, with other nodes' calls in between (depth-first and best-first orders
+   do this), so a parent's state must survive until it is released.
+4. ``release(ids)`` lists expanded nodes whose state no later ``expand()`` of this run will read. Releasing
+   only saves memory: outputs must never depend on when, or whether, ``release`` is called.
 
-Optional: a ``preferred_batch_size`` attribute (an int, or None): the rows per ``expand()`` call the backend
-works best with. Drivers use it when the caller passes no ``batch_size``. A backend that sizes it from memory
-also exposes ``memory_per_row_bytes`` (device bytes one more row of a call needs: its logits and
-temporaries plus the live state one more expanded node keeps), for callers that budget memory themselves.
-Optional: ``describe() -> dict`` with ``dtype`` (the model's compute dtype), ``logits_dtype`` (what the
-policy is computed from) and ``strategy`` (strings); drivers copy them into every result's record.
+**Output.** Either
+
+* :class:`NextTokenLogits`: raw next-token logits ``[B, vocab_size]``, float32 or float64 (a torch tensor is
+  accepted); the Rust core applies the policy. The generic path (plain callables); or
+* :class:`PolicySupport`: the policy already applied on the model's device, so that only k-wide rows cross to
+  the host. It must equal what the core would compute from the same logits, **exactly as a set**:
+
+  - ``z = logits / temperature``;
+  - **top-k** (``policy.top_k`` not None) keeps every token whose logit is >= the k-th largest logit:
+    **ties at the threshold are all kept**, so a row can hold more than k tokens;
+  - **top-p** (``policy.top_p < 1``) sorts the kept tokens by ``z`` descending, ties by ascending token id,
+    and keeps the smallest prefix whose cumulative probability (softmax of ``z`` over the top-k set)
+    reaches ``top_p * (1 - 1e-12)``; the token that crosses it is kept, and so is the first token always;
+  - renormalise over the kept set; a token whose probability is 0 (logit -inf, or f64 underflow) is not in
+    the support.
+
+  Row ``i`` is ``tokens[offsets[i]:offsets[i+1]]`` (distinct ids in ``[0, vocab_size)``) with their
+  log-probabilities (finite, <= 0, summing to 1 within 1e-4; the core renormalises in f64 and computes the
+  entropy). List a row's tokens in ascending id order, as the core does: the samplers walk a row in the
+  order given, so the same seed then draws the same rollouts from any backend.
+
+A malformed output (wrong kind, row count, shape, dtype, CSR layout, NaN or +inf logits, a row that does not
+sum to 1) makes every driver raise the same :class:`canopy_rs.errors.BackendOutputError`.
+
+**Counters.** ``counters()`` returns numbers (int or float) for the run since the last ``reset()``: all zero
+right after it, and the cumulative ones (all below but ``kv_bytes``, a current value) never decrease within
+a run. Drivers read:
+
+* ``model_calls`` (required): calls into the model (forwards), reported as ``RunInfo.model_calls``;
+* ``rows_evaluated`` (required): nodes expanded, i.e. the sum of ``len(batch)`` over ``expand()`` calls;
+* ``tokens_forwarded``: tokens run through the model, prompt included (``Budget(tokens=)`` and the
+  tokens-per-node figure); ``prompt_tokens``: the prompt's share of it;
+* ``peak_live_kv_tokens``: the most KV positions alive at once; ``kv_bytes``: bytes held now
+  (``Budget(memory_bytes=)``).
+
+A missing optional counter reads as 0. Other keys are allowed and passed through to ``cost`` records.
+
+**Out of capacity.** A backend that cannot hold the state it is asked to keep (a KV budget, device memory)
+raises :class:`canopy_rs.errors.KVBudgetExceededError` (a ``MemoryError``) from ``expand()``, with a message
+naming the limit and the way out (a smaller ``batch_size``, ``order="depth-first"``, a larger budget). The
+driver lets it propagate; a run is not resumed after an error (the caller starts over, which resets). Any
+other failure raises a :mod:`canopy_rs.errors` class, never returns a partial batch.
+
+Drivers call a backend from one thread, one call at a time.
 """
 
 from __future__ import annotations
@@ -84,11 +138,11 @@ class NextTokenLogits:
 
 @dataclass(frozen=True)
 class PolicySupport:
-    """The decoding policy applied by the backend.
+    """The decoding policy applied by the backend (see the module docstring for the exact rules).
 
-    Row ``i`` owns ``tokens[offsets[i]:offsets[i+1]]`` (int64, distinct, in ``[0, vocab_size)``) and their
-    policy log-probabilities ``logprobs[...]`` (float64, finite). Rows must be non-empty and must sum to 1
-    within 1e-4; the core renormalises them exactly in f64.
+    Row ``i`` owns ``tokens[offsets[i]:offsets[i+1]]`` (int64, distinct, in ``[0, vocab_size)``, ascending)
+    and their policy log-probabilities ``logprobs[...]`` (float64, finite). Rows must be non-empty and must
+    sum to 1 within 1e-4; the core renormalises them exactly in f64.
     """
 
     offsets: np.ndarray
@@ -116,8 +170,8 @@ class Backend(Protocol):
     def release(self, node_ids: np.ndarray) -> None: ...
 
     def counters(self) -> dict[str, float]:
-        """Cost counters since the last ``reset()``: at least ``model_calls`` and ``rows_evaluated``;
-        model backends add ``tokens_forwarded``, ``peak_live_kv_tokens``."""
+        """Cost counters since the last ``reset()``: at least ``model_calls`` and ``rows_evaluated`` (see the
+        module docstring for the ones drivers read)."""
         ...
 
 
