@@ -315,3 +315,21 @@ def test_forked_child_does_not_hang_on_the_thread_pool():
     child.join(timeout=60)
     assert child.exitcode == 0, "the forked child hung or failed"
     assert queue.get(timeout=5) == 20_000
+
+
+def test_one_json_conversion_for_results_and_files():
+    import json
+    import pathlib
+
+    from canopy_rs import io
+    from canopy_rs.results import to_plain
+
+    res = canopy_rs.exact(RandomModel(4, 5), vocab_size=4, eos_token_ids=[0], max_new_tokens=2)
+    v = {"r": res, "x": np.float32(0.5), "a": np.array([1.0, np.nan]), 3: (np.int64(2), pathlib.Path("p")),
+         "inf": float("inf")}
+    plain = to_plain(v)
+    assert plain["r"] == res.to_dict() and plain["x"] == 0.5 and plain["3"] == [2, "p"]
+    assert math.isnan(plain["a"][1]) and plain["inf"] == math.inf
+    strict = to_plain(v, strict=True)
+    assert strict["a"] == [1.0, None] and strict["inf"] is None
+    assert json.loads(io.dumps(v)) == json.loads(json.dumps(strict))  # files use the same conversion

@@ -21,7 +21,6 @@ tables: a damaged checkpoint is recomputed, never trusted.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import math
@@ -35,9 +34,9 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.results import to_plain
 
 __all__ = [
-    "jsonable",
     "dumps",
     "prompt_key",
     "read_prompts",
@@ -60,30 +59,8 @@ NODES_CSV = "nodes.csv"
 # --------------------------------------------------------------------------------------------------
 
 
-def jsonable(v: Any, *, strict: bool = True) -> Any:
-    """Plain JSON values: numpy arrays/scalars to Python, dataclasses and objects with ``to_dict`` to dicts,
-    paths to strings. With ``strict``, NaN and +-inf become ``null`` (valid JSON for every reader)."""
-    if hasattr(v, "to_dict") and callable(v.to_dict) and not isinstance(v, type):
-        return jsonable(v.to_dict(), strict=strict)
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return jsonable(dataclasses.asdict(v), strict=strict)
-    if isinstance(v, np.ndarray):
-        return jsonable(v.tolist(), strict=strict)
-    if isinstance(v, np.generic):
-        return jsonable(v.item(), strict=strict)
-    if isinstance(v, Mapping):
-        return {str(k): jsonable(x, strict=strict) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x, strict=strict) for x in v]
-    if isinstance(v, float) and strict and not math.isfinite(v):
-        return None
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    return v
-
-
 def dumps(v: Any, *, strict: bool = True, indent: Optional[int] = 2) -> str:
-    return json.dumps(jsonable(v, strict=strict), indent=indent, allow_nan=not strict)
+    return json.dumps(to_plain(v, strict=strict), indent=indent, allow_nan=not strict)
 
 
 def _atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -161,7 +138,7 @@ def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
 
 def prompt_key(prompt: str, config: Mapping[str, Any]) -> str:
     """A short stable hash of the prompt and the settings that determine its results."""
-    blob = json.dumps({"prompt": prompt, "config": jsonable(config)}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps({"prompt": prompt, "config": to_plain(config, strict=True)}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 

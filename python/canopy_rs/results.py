@@ -8,25 +8,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
 
 
-def to_plain(v: Any) -> Any:
-    """JSON-friendly values, recursively: arrays and tuples to lists, numpy scalars to Python; NaN stays a
-    float. Every result's ``to_dict`` goes through it."""
+def to_plain(v: Any, *, strict: bool = False) -> Any:
+    """JSON-ready values, recursively: objects with ``to_dict`` and dataclasses to dicts, arrays and tuples to
+    lists, numpy scalars to Python numbers, paths to strings, mapping keys to strings. NaN and +-inf stay
+    floats, or become ``None`` with ``strict`` (valid JSON for every reader). The one JSON conversion: every
+    result's ``to_dict`` and every output file go through it."""
     if isinstance(v, np.ndarray):
-        return v.tolist()
+        v = v.tolist()
+        if not strict:
+            return v
     if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, dict):
-        return {k: to_plain(x) for k, x in v.items()}
+        v = v.item()
+    if isinstance(v, float):
+        return None if strict and not math.isfinite(v) else v
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if hasattr(v, "to_dict") and callable(v.to_dict) and not isinstance(v, type):
+        return to_plain(v.to_dict(), strict=strict)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_plain(dataclasses.asdict(v), strict=strict)
+    if isinstance(v, Mapping):
+        return {str(k): to_plain(x, strict=strict) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [to_plain(x) for x in v]
+        return [to_plain(x, strict=strict) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
     return v
 
 
