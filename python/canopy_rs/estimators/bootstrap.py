@@ -18,7 +18,7 @@ import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
 
-from .pooling import POOLED_METRICS, pooled_columns, prompt_columns
+from .pooling import POOLED_METRICS, SEMANTIC_METRICS, pooled_columns, prompt_columns
 
 __all__ = [
     "BootstrapResult",
@@ -39,16 +39,7 @@ DEFAULT_BOOTSTRAP_METRICS = (
     "length_rate_cov",
 )
 # Added to the defaults when the prompts carry embeddings (semantics spec 4): D, VS, corr(N, d), corr(r, d).
-SEMANTIC_BOOTSTRAP_METRICS = (
-    "semantic_diversity",
-    "vendi_score",
-    "length_diversity_pearson",
-    "length_diversity_spearman",
-    "length_diversity_kendall",
-    "rate_diversity_pearson",
-    "rate_diversity_spearman",
-    "rate_diversity_kendall",
-)
+SEMANTIC_BOOTSTRAP_METRICS = tuple(m for m in SEMANTIC_METRICS if not m.startswith("bucket_diversity"))
 POSITIVE_METRICS = frozenset(
     {"ce_star", "ce_star_surprisal", "gen_ppl", "branching_factor", "expected_length", "semantic_diversity",
      "vendi_score"}

@@ -53,20 +53,6 @@ _COLUMNS = {
     "length_rate_cov": "length_rate_cov",
     "num_rollouts": "num_rollouts",
 }
-# Semantic columns (canopy_rs.semantic): NaN for prompts estimated without embeddings.
-_SEMANTIC_COLUMNS = (
-    "semantic_diversity",
-    "vendi_entropy",
-    "length_diversity_pearson",
-    "length_diversity_spearman",
-    "length_diversity_kendall",
-    "rate_diversity_pearson",
-    "rate_diversity_spearman",
-    "rate_diversity_kendall",
-    "bucket_diversity_short",
-    "bucket_diversity_medium",
-    "bucket_diversity_long",
-)
 SEMANTIC_METRICS = (
     "semantic_diversity",
     "vendi_score",
@@ -80,6 +66,9 @@ SEMANTIC_METRICS = (
     "bucket_diversity_medium",
     "bucket_diversity_long",
 )
+# Per-prompt semantic columns (canopy_rs.semantic; NaN for prompts estimated without embeddings): the pooled
+# metrics' inputs, with the Vendi entropy H_V in place of the score (VS = exp(mean H_V)).
+_SEMANTIC_COLUMNS = tuple("vendi_entropy" if m == "vendi_score" else m for m in SEMANTIC_METRICS)
 
 POOLED_METRICS = (
     "ce_star",
