@@ -188,3 +188,10 @@ def test_attributes_are_checked():
         check_backend(NoEos())
     with pytest.raises(AssertionError, match="lacks members"):
         check_backend(object())
+
+    class OddDescribe(ToyKV):
+        def describe(self):
+            return {"dtype": 32}
+
+    with pytest.raises(AssertionError, match=r"attributes: describe\(\) must return a dict of strings"):
+        check_backend(OddDescribe())

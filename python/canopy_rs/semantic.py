@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import check_positive_int
+from canopy_rs._driver import ProgressBar, check_positive_int
 from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, ModelNotFoundError
 from canopy_rs.estimators import _stats
 from canopy_rs.results import to_plain
@@ -178,14 +178,7 @@ def embed(
 
 def _encode_batches(enc: Any, texts: list[str], batch_size: int, show: bool) -> np.ndarray:
     starts = range(0, len(texts), batch_size)
-    bar = None
-    if show:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), desc="embed", unit="text")
-        except ImportError:  # pragma: no cover - tqdm ships with every extra that embeds
-            bar = None
+    bar = ProgressBar(show, desc="embed", unit="text", total=len(texts))
     parts = []
     try:
         for a in starts:
@@ -199,11 +192,9 @@ def _encode_batches(enc: Any, texts: list[str], batch_size: int, show: bool) -> 
                     f"encoder.encode returned shape {part.shape} for {len(chunk)} texts; need [n_texts, dim]"
                 )
             parts.append(part)
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return np.concatenate(parts, axis=0)
 
 

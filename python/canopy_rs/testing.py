@@ -15,7 +15,7 @@ vocabulary is plenty), as test models are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -190,7 +190,8 @@ def check_backend(
     """Checks ``backend`` against the :mod:`canopy_rs.protocol` contract; raises ``AssertionError`` naming the
     rule and the node that breaks it, or returns a summary (nodes and policies checked).
 
-    Rules checked: the members and their values (``vocab_size``, ``eos_token_ids``, ``preferred_batch_size``);
+    Rules checked: the members and their values (``vocab_size``, ``eos_token_ids`` and the optional
+    ``preferred_batch_size``, ``memory_per_row_bytes``, ``describe()``);
     ``reset()`` forgets every node (ids are reused after it) and zeroes the counters; the required counters
     are there, numeric, cumulative and ``rows_evaluated`` counts expanded rows; a row belongs to its
     ``node_ids`` entry and does not depend on the batch, the order within it, the calls its siblings went in
@@ -212,6 +213,17 @@ def check_backend(
     pref = getattr(backend, "preferred_batch_size", None)
     if pref is not None and (isinstance(pref, bool) or not isinstance(pref, (int, np.integer)) or pref < 1):
         raise c.fail("attributes", f"preferred_batch_size must be None or an int >= 1, got {pref!r}")
+
+    mem = getattr(backend, "memory_per_row_bytes", None)
+    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float, np.integer, np.floating))
+                            or not mem > 0):
+        raise c.fail("attributes", f"memory_per_row_bytes must be None or a number > 0, got {mem!r}")
+    desc = getattr(backend, "describe", None)
+    if desc is not None:
+        d = desc() if callable(desc) else desc
+        if not isinstance(d, Mapping) or any(v is not None and not isinstance(v, str) for v in d.values()):
+            raise c.fail("attributes", f"describe() must return a dict of strings (dtype, logits_dtype, strategy), "
+                                       f"got {d!r}")
 
     levels, base = _plan(c, eos, depth, width, 1.0)
     nodes = [n for level in levels for n in level]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from canopy_rs._driver import ProgressBar
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._format import header, short
 
@@ -49,11 +50,7 @@ class BracketProgress:
         self.snapshots: list[dict[str, Any]] = []
         self.record = record
         self.t0 = time.perf_counter()
-        self.bar = None
-        if not quiet:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(desc=desc, unit="node", smoothing=0.1, file=sys.stderr, dynamic_ncols=True)
+        self.bar = ProgressBar(not quiet, desc=desc, unit="node", file=sys.stderr)
 
     def __call__(self, b: Any) -> None:
         if self.record:
@@ -62,14 +59,11 @@ class BracketProgress:
                 "ce_star_upper": float(b.ce_star_upper), "explored_mass": float(b.explored_mass),
                 "tokens_forwarded": int(b.info.tokens_forwarded), "seconds": time.perf_counter() - self.t0,
             })
-        if self.bar is not None:
-            self.bar.n = int(b.num_expanded)
-            self.bar.set_postfix({"mass": f"{b.explored_mass:.4f}",
-                                  "width": f"{b.ce_star_upper - b.ce_star_lower:.2e}"}, refresh=True)
+        self.bar.show(int(b.num_expanded), {"mass": f"{b.explored_mass:.4f}",
+                                            "width": f"{b.ce_star_upper - b.ce_star_lower:.2e}"})
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 class RunContext:
