@@ -116,6 +116,12 @@ def test_invalid_rows_raise():
         policy_support_torch(torch.tensor([[0.0, float("nan")]]), Policy())
     with pytest.raises(ValueError, match="-inf"):
         policy_support_torch(torch.tensor([[-float("inf"), -float("inf")]]), Policy())
+    # The one-transfer host path (top-k below the vocabulary) flags the row and names the same problem.
+    for bad, what in ((float("nan"), "NaN"), (float("inf"), r"\+inf")):
+        x = torch.zeros((3, 6))
+        x[1, 2] = bad
+        with pytest.raises(ValueError, match=what):
+            policy_support_numpy(x, Policy(1.0, 2, 1.0))
 
 
 def test_empty_batch():

@@ -92,8 +92,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model dtype (auto: float32 on CPU, else the checkpoint's dtype)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts with the chat template (default: when the tokenizer has one)")
-    g.add_argument("--strategy", choices=["auto", "tree", "per-row"], default="auto",
-                   help="how the transformers backend reuses the KV cache (default: auto)")
+    g.add_argument("--strategy", choices=["auto", "cascade", "tree", "per-row"], default="auto",
+                   help="how the transformers backend reuses the KV cache (default: auto, the cheapest that runs)")
     g.add_argument("--eos-token-ids", type=eos_ids, metavar="IDS",
                    help="comma-separated EOS ids (default: the model's generation config)")
 

@@ -25,8 +25,8 @@ branching tree vs full recomputation): cascade, else dense tree attention, else 
 ``strategy_reason`` naming why each cheaper one was rejected.
 
 The decoding policy (temperature -> top-k -> top-p -> renormalise) runs where it is cheapest: on a GPU on the
-model's device (:func:`canopy_rs.backends.torch_policy.policy_support_torch`, float64 after top-k; only the
-support rows cross to the host); on the CPU the float32 logits are handed to the Rust core zero-copy
+model's device (:func:`canopy_rs.backends.torch_policy.policy_support_numpy`, float64 after top-k; the support rows cross
+to the host in one transfer, the step's only synchronisation); on the CPU the float32 logits are handed to the Rust core zero-copy
 (:class:`NextTokenLogits`). Reduced-precision models run their final norm and LM head in float32
 (:class:`._common.Float32Head`), so the logits, and the top-k sets, carry float32 rounding only.
 """
@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from canopy_rs.backends.torch_policy import policy_support_torch
+from canopy_rs.backends.torch_policy import policy_support_numpy
 from canopy_rs.errors import TreeAttentionUnsupported
 from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
 
@@ -429,12 +429,8 @@ class TransformersModel:
             self._rows += B
             if self._host_policy:
                 return NextTokenLogits(np.ascontiguousarray(logits.float().cpu().numpy()))
-            offsets, toks, logprobs = policy_support_torch(logits, policy)
-            out = PolicySupport(
-                offsets.cpu().numpy().astype(np.int64, copy=False),
-                toks.cpu().numpy().astype(np.int64, copy=False),
-                logprobs.cpu().numpy().astype(np.float64, copy=False),
-            )
+            # The step's one device -> host transfer (no other synchronisation with a top-k policy).
+            out = PolicySupport(*policy_support_numpy(logits, policy))
         self._support_entries += int(out.tokens.shape[0])
         return out
 

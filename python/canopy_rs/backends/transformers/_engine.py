@@ -25,7 +25,35 @@ import torch
 
 from ._common import KVBudgetExceededError, ModelRunner
 
-__all__ = ["KVEngine", "tensor_bytes"]
+__all__ = ["KVEngine", "HostToDevice", "tensor_bytes"]
+
+
+class HostToDevice:
+    """Copies small int64 host arrays to the device without stalling it: on CUDA through a reused pinned
+    buffer and an asynchronous copy (a copy from pageable memory would wait for the queued kernels); the
+    buffer is rewritten only after the previous copy's event has passed. Elsewhere a plain conversion."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buf: Optional[torch.Tensor] = None
+        self.event: Any = None
+
+    def __call__(self, arr: np.ndarray) -> torch.Tensor:
+        arr = np.ascontiguousarray(arr, dtype=np.int64)
+        if not self.cuda:
+            return torch.from_numpy(arr).to(self.device)
+        n = arr.size
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = torch.empty(max(n, 2 * (0 if self.buf is None else self.buf.numel()), 4096), dtype=torch.int64).pin_memory()
+        elif self.event is not None:
+            self.event.synchronize()
+        staged = self.buf[:n].view(arr.shape)
+        staged.numpy()[...] = arr
+        out = staged.to(self.device, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return out
 
 
 def tensor_bytes(obj: Any) -> int:

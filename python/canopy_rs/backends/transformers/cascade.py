@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._common import ModelRunner, new_tree_cache
-from ._engine import KVEngine
+from ._engine import HostToDevice, KVEngine
 from .attention import STEP_KWARG, CascadeKV, CascadeStep, cascade_forward
 
 __all__ = ["CascadeEngine"]
@@ -46,6 +46,7 @@ class CascadeEngine(KVEngine):
         super().__init__(runner, device, max_live_kv_tokens=max_live_kv_tokens)
         self.initial_capacity = int(initial_capacity)
         self.last_step: Optional[CascadeStep] = None
+        self.to_device = HostToDevice(device)
         self._clear()
 
     def _clear(self) -> None:
@@ -156,10 +157,9 @@ class CascadeEngine(KVEngine):
         has = pslots >= 0
         np.add.at(self.slot_ref, pslots[has], 1)
 
-        # Device indices: one host->device transfer of [3, F].
+        # Device indices and tokens: one asynchronous host -> device transfer of [4, F].
         dev = self.device
-        host = torch.from_numpy(np.stack([slots, np.maximum(pslots, 0), depths]))
-        slots_d, pslots_d, depths_d = host.to(dev, non_blocking=True).unbind(0)
+        slots_d, pslots_d, depths_d, tokens_d = self.to_device(np.stack([slots, np.maximum(pslots, 0), depths, tokens])).unbind(0)
         rows = self.anc[pslots_d, :D]
         rows[torch.arange(F, device=dev), depths_d - 1] = slots_d
         self.anc[slots_d, :D] = rows
@@ -172,7 +172,7 @@ class CascadeEngine(KVEngine):
             positions=self.P + depths_d - 1,
             prompt_len=self.P,
         )
-        input_ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(dev, non_blocking=True)[None]
+        input_ids = tokens_d[None]
         with cascade_forward(self.runner.model):
             logits = self.runner(input_ids, None, position_ids=step.positions[None], extra={STEP_KWARG: step})[0]
         self.last_step = step
