@@ -63,7 +63,8 @@ class TreeTooLargeError(CanopyError, ValueError):
 
 
 class TreeAttentionUnsupported(CanopyError, ValueError):
-    """The model cannot run the tree-attention strategy (the message says why); use ``strategy="per-row"``."""
+    """The model cannot run the requested tree-attention strategy (``"cascade"`` or ``"tree"``; the message says
+    why); use ``strategy="auto"`` or ``"per-row"``."""
 
 
 class KVBudgetExceededError(CanopyError, MemoryError):
