@@ -21,7 +21,8 @@ Writes ``benches/results/estimators_<case>.{csv,json,png}``, ``estimators_summar
 ratio to plain Rao-Blackwellised Monte Carlo at equal measured tokens, per estimator x budget x depth) and
 ``estimators_rmse_vs_cost.png`` (all SmolLM2 canopies, log-log).
 
-    python benches/bench_estimators.py            # the full study (2-core CPU: ~20 minutes)
+    python benches/bench_estimators.py            # the full study (~45 min on a 2-core CPU shared with other jobs)
+    python benches/bench_estimators.py --only sky --skip-existing   # some cases; --summarise rebuilds the summary
     python benches/bench_estimators.py --quick    # one prompt, depth 6, 20 repeats
 """
 
@@ -97,6 +98,13 @@ def run_case(name, desc, model, kw, depth, budgets, repeats, seed, out, exact_re
     return study
 
 
+def wanted(args, name):
+    """--only filters case names; --skip-existing skips cases whose JSON is already in --out."""
+    if args.only and not any(o in name for o in args.only.split(",")):
+        return False
+    return not (args.skip_existing and (args.out / f"estimators_{name}.json").exists())
+
+
 def smollm2_cases(args, budgets, out):
     import torch
 
@@ -104,7 +112,7 @@ def smollm2_cases(args, budgets, out):
     from canopy_rs.errors import TreeTooLargeError
     from canopy_rs.models import load_model
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)
     hf, tok = load_model(quiet=True)
     prompts = PROMPTS[:1] if args.quick else PROMPTS
     depths = [6] if args.quick else [8, 6]  # 8 first: the depth-6 canopy is then all table hits
@@ -119,6 +127,8 @@ def smollm2_cases(args, budgets, out):
         for pol_name, pol, depth in cases:
             kw = dict(max_new_tokens=depth, **pol)
             name = f"smollm2_{pname}_{pol_name}_d{depth}"
+            if not wanted(args, name):
+                continue
             desc = f"SmolLM2-135M-Instruct, {prompt!r}, {pol_name}, depth {depth}"
             ref, case_budgets = None, budgets
             if depth == 10:
@@ -140,42 +150,39 @@ def smollm2_cases(args, budgets, out):
                 cm.save_tables(cache_file)
 
 
+def _cell(st, est, b):
+    row = next((r for r in st.rows if r["estimator"] == est and r["budget"] == b), None)
+    if row is None:
+        return "-"  # budget not run
+    if not row["judged"]:
+        return "wide"  # the reference bracket is too wide to judge this cell
+    if row["rmse"] == 0.0:
+        return "exact"  # the estimator enumerated the canopy within the budget
+    rr = ratio_rows(st).get((est, b))
+    return f"{rr['ratio']:.3g}" if rr is not None and math.isfinite(rr["ratio"]) else "-"
+
+
 def summary_table(studies, budgets):
-    """Markdown: estimator x (depth, budget) RMSE ratios, geometric mean over the SmolLM2 canopies."""
+    """Markdown, per depth: RMSE / plain RB MC's RMSE at equal measured tokens, per canopy and estimator."""
     by_depth = {}
     for st in studies:
-        if not st.settings["case"].startswith("smollm2"):
-            continue
-        by_depth.setdefault(st.settings["depth"], []).append(st)
+        if st.settings["case"].startswith("smollm2"):
+            by_depth.setdefault(st.settings["depth"], []).append(st)
     lines = []
     for depth in sorted(by_depth):
-        sts = by_depth[depth]
-        lines.append(f"**depth {depth}** ({len(sts)} canopies: {', '.join(st.settings['case'][8:] for st in sts)}; "
-                     "geometric mean of RMSE / plain RB MC's RMSE at equal tokens; `exact`: the estimator enumerated "
-                     "the canopy; `*`: some canopies not judged (bracket too wide or budget not run); `-`: none)")
-        lines.append("")
-        lines.append("| estimator | " + " | ".join(str(b) for b in budgets) + " |")
-        lines.append("|---|" + "---:|" * len(budgets))
-        for est in ESTIMATORS:
-            cells = []
-            for b in budgets:
-                rs, exact_n = [], 0
-                for st in sts:
-                    row = next((r for r in st.rows if r["estimator"] == est and r["budget"] == b), None)
-                    if row is None:
-                        continue
-                    rr = ratio_rows(st).get((est, b))
-                    if row["rmse"] == 0.0 and row["judged"]:
-                        exact_n += 1  # the whole canopy fit in the budget: the estimate was exact
-                    elif rr is not None and row["judged"] and math.isfinite(rr["ratio"]) and rr["ratio"] > 0:
-                        rs.append(rr["ratio"])
-                cell = f"{math.exp(np.mean(np.log(rs))):.3f}" if rs else ""
-                if exact_n:
-                    cell += f" (exact on {exact_n})" if rs else "exact"
-                if len(rs) + exact_n < len(sts):
-                    cell = (cell + "*") if cell else "-"  # some canopies: no judged cell at this budget
-                cells.append(cell)
-            lines.append(f"| {est} | " + " | ".join(cells) + " |")
+        lines += [f"**depth {depth}**: RMSE / plain RB Monte Carlo's RMSE at equal model tokens (`exact`: the "
+                  "estimator enumerated the canopy; `wide`: the reference bracket is too wide to judge; `-`: not run)",
+                  "", "| canopy | CE* | estimator | " + " | ".join(str(b) for b in budgets) + " |",
+                  "|---|---:|---|" + "---:|" * len(budgets)]
+        for st in by_depth[depth]:
+            ex = st.exact
+            ref = (f"{st.exact_ce_star:.3f}" if ex["ce_star_lower"] == ex["ce_star_upper"]
+                   else f"[{ex['ce_star_lower']:.3f}, {ex['ce_star_upper']:.3f}]")
+            for i, est in enumerate(ESTIMATORS):
+                if est == REFERENCE:
+                    continue
+                head = f"{st.settings['case'][8:]} | {ref}" if i == 1 else " | "
+                lines.append(f"| {head} | {est} | " + " | ".join(_cell(st, est, b) for b in budgets) + " |")
         lines.append("")
     return lines
 
@@ -243,6 +250,8 @@ def main(argv=None):
                     help="keep each prompt's prefix -> support table here between runs (pickle)")
     ap.add_argument("--no-smollm2", action="store_true", help="only the tiny models")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the cases whose name has one")
+    ap.add_argument("--skip-existing", action="store_true", help="skip cases whose JSON is already in --out")
     ap.add_argument("--summarise", action="store_true",
                     help="only rebuild the summary and the combined plot from the JSON files in --out")
     args = ap.parse_args(argv)
@@ -273,6 +282,8 @@ def main(argv=None):
                 raise
             print(f"[smollm2] skipped: {exc}", file=sys.stderr)
     for name, desc, model, kw, depth in ([] if args.summarise else tiny_cases()):
+        if not wanted(args, name):
+            continue
         studies.append(run_case(name, desc, model, kw, depth, budgets, args.repeats, args.seed, args.out))
 
     plot = plot_all(studies, args.out / "estimators_rmse_vs_cost.png")
