@@ -167,7 +167,7 @@ struct PyTree {
 #[pymethods]
 impl PyTree {
     #[new]
-    #[pyo3(signature = (vocab_size, eos_token_ids, max_new_tokens, policy, order = "depth-first", max_nodes = 10_000_000, record_nodes = false, support_cap = None))]
+    #[pyo3(signature = (vocab_size, eos_token_ids, max_new_tokens, policy, order = "depth-first", max_nodes = 10_000_000, record_nodes = false, support_cap = None, beam_width = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         vocab_size: i64,
@@ -178,6 +178,7 @@ impl PyTree {
         max_nodes: i64,
         record_nodes: bool,
         support_cap: Option<i64>,
+        beam_width: Option<i64>,
     ) -> PyResult<Self> {
         // Range checks are the core's (TreeConfig::validate); only the conversion to unsigned is here.
         let cfg = TreeConfig {
@@ -185,7 +186,7 @@ impl PyTree {
             eos_token_ids,
             max_new_tokens: u32::try_from(unsigned(max_new_tokens)).unwrap_or(u32::MAX),
             policy: policy.get().inner,
-            order: Order::parse(order).map_err(to_py)?,
+            order: Order::parse(order, beam_width.map(unsigned)).map_err(to_py)?,
             max_nodes: unsigned(max_nodes),
             record_nodes,
             support_cap: support_cap.map_or(unsigned(vocab_size), unsigned),

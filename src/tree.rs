@@ -41,16 +41,33 @@ pub enum Order {
     BreadthFirst,
     /// Highest reach probability first (what the budgeted bracket uses).
     BestFirst,
+    /// Level by level, expanding only the given number of highest-reach nodes per depth; the rest stay
+    /// frontier nodes for good, so the bracket still covers them.
+    Beam(usize),
 }
 
 impl Order {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "depth-first" => Ok(Self::DepthFirst),
-            "breadth-first" => Ok(Self::BreadthFirst),
-            "best-first" => Ok(Self::BestFirst),
-            _ => Err(invalid("order", format!("unknown order {s:?}; use 'depth-first', 'breadth-first' or 'best-first'"))),
+    pub fn parse(s: &str, beam_width: Option<usize>) -> Result<Self> {
+        let order = match s {
+            "depth-first" => Self::DepthFirst,
+            "breadth-first" => Self::BreadthFirst,
+            "best-first" => Self::BestFirst,
+            "beam" => match beam_width {
+                Some(w) if w >= 1 => return Ok(Self::Beam(w)),
+                Some(w) => return Err(invalid("beam_width", format!("must be >= 1, got {w}"))),
+                None => return Err(invalid("beam_width", "order='beam' needs beam_width (nodes kept per depth)")),
+            },
+            _ => {
+                return Err(invalid(
+                    "order",
+                    format!("unknown order {s:?}; use 'depth-first', 'breadth-first', 'best-first' or 'beam'"),
+                ))
+            }
+        };
+        if beam_width.is_some() {
+            return Err(invalid("beam_width", format!("only applies to order='beam' (order is {s:?}); drop it")));
         }
+        Ok(order)
     }
 }
 
@@ -119,6 +136,33 @@ enum Frontier {
     Stack(Vec<u32>),
     Queue(VecDeque<u32>),
     Heap(BinaryHeap<HeapItem>),
+    Beam(Beam),
+}
+
+/// Depth-synchronous frontier: `level` holds the kept nodes of the current depth (popped from the back),
+/// `next` collects the children of that depth, `pruned` the nodes never to be expanded.
+struct Beam {
+    width: usize,
+    level: Vec<u32>,
+    next: Vec<HeapItem>,
+    pruned: Vec<u32>,
+}
+
+impl Beam {
+    /// Starts the next depth once the current one is finished (the tree calls it only with nothing in
+    /// flight, so `next` is complete): keeps the `width` highest-reach nodes, ties to the older id.
+    /// Returns the nodes it pruned.
+    fn advance(&mut self) -> &[u32] {
+        let start = self.pruned.len();
+        if self.level.is_empty() && !self.next.is_empty() {
+            let mut next = std::mem::take(&mut self.next);
+            next.sort_unstable_by(|a, b| b.cmp(a));
+            let keep = self.width.min(next.len());
+            self.pruned.extend(next[keep..].iter().map(|i| i.id));
+            self.level.extend(next[..keep].iter().rev().map(|i| i.id));
+        }
+        &self.pruned[start..]
+    }
 }
 
 impl Frontier {
@@ -127,13 +171,23 @@ impl Frontier {
             Order::DepthFirst => Self::Stack(Vec::new()),
             Order::BreadthFirst => Self::Queue(VecDeque::new()),
             Order::BestFirst => Self::Heap(BinaryHeap::new()),
+            Order::Beam(width) => Self::Beam(Beam { width, level: Vec::new(), next: Vec::new(), pruned: Vec::new() }),
         }
     }
+    /// A newly created node (for the beam: a node of the next depth).
     fn push(&mut self, id: u32, log_reach: f64) {
         match self {
             Self::Stack(s) => s.push(id),
             Self::Queue(q) => q.push_back(id),
             Self::Heap(h) => h.push(HeapItem { log_reach, id }),
+            Self::Beam(b) => b.next.push(HeapItem { log_reach, id }),
+        }
+    }
+    /// A popped node put back after a failed ingestion (for the beam: still of the current depth).
+    fn requeue(&mut self, id: u32, log_reach: f64) {
+        match self {
+            Self::Beam(b) => b.level.push(id),
+            _ => self.push(id, log_reach),
         }
     }
     fn pop(&mut self) -> Option<u32> {
@@ -141,13 +195,31 @@ impl Frontier {
             Self::Stack(s) => s.pop(),
             Self::Queue(q) => q.pop_front(),
             Self::Heap(h) => h.pop().map(|i| i.id),
+            Self::Beam(b) => b.level.pop(),
         }
     }
+    /// Called only with nothing in flight; a beam batch never mixes depths.
+    /// Returns the nodes the beam pruned, which will never need their parent's state.
+    fn start_batch(&mut self) -> &[u32] {
+        match self {
+            Self::Beam(b) => b.advance(),
+            _ => &[],
+        }
+    }
+    /// Nodes that will still be expanded.
+    fn expandable(&self) -> usize {
+        match self {
+            Self::Beam(b) => b.level.len() + b.next.len(),
+            _ => self.len(),
+        }
+    }
+    /// All unexpanded internal nodes, pruned ones included.
     fn len(&self) -> usize {
         match self {
             Self::Stack(s) => s.len(),
             Self::Queue(q) => q.len(),
             Self::Heap(h) => h.len(),
+            Self::Beam(b) => b.level.len() + b.next.len() + b.pruned.len(),
         }
     }
     fn ids(&self) -> Vec<u32> {
@@ -155,6 +227,7 @@ impl Frontier {
             Self::Stack(s) => s.clone(),
             Self::Queue(q) => q.iter().copied().collect(),
             Self::Heap(h) => h.iter().map(|i| i.id).collect(),
+            Self::Beam(b) => b.level.iter().chain(&b.pruned).copied().chain(b.next.iter().map(|i| i.id)).collect(),
         }
     }
 }
@@ -467,8 +540,9 @@ impl Tree {
         id
     }
 
+    /// Nothing left to expand (a beam may leave pruned frontier nodes behind).
     pub fn is_done(&self) -> bool {
-        self.frontier.len() == 0 && self.in_flight.is_empty()
+        self.frontier.expandable() == 0 && self.in_flight.is_empty()
     }
     pub fn num_expanded(&self) -> u64 {
         self.num_expanded
@@ -493,6 +567,13 @@ impl Tree {
         }
         if max_rows == 0 {
             return Err(invalid("batch_size", "must be >= 1"));
+        }
+        for &u in self.frontier.start_batch() {
+            let p = self.nodes[u as usize].parent as usize;
+            self.nodes[p].pending_children -= 1;
+            if self.nodes[p].pending_children == 0 {
+                self.released.push(p as u32);
+            }
         }
         let mut b = Batch::default();
         while self.in_flight.len() < max_rows {
@@ -571,7 +652,7 @@ impl Tree {
     /// A failed ingestion leaves the batch's nodes on the frontier, so bounds stay valid.
     fn requeue_on_error(&mut self, e: CanopyError) -> CanopyError {
         for id in std::mem::take(&mut self.in_flight) {
-            self.frontier.push(id, self.nodes[id as usize].log_reach);
+            self.frontier.requeue(id, self.nodes[id as usize].log_reach);
         }
         e
     }
@@ -742,7 +823,7 @@ impl Tree {
 
     /// Exact values; only once the whole canopy is expanded.
     pub fn stats(&self) -> Result<CanopyStats> {
-        if !self.is_done() {
+        if self.frontier_size() > 0 {
             return Err(CanopyError::Protocol(format!(
                 "the canopy is not fully expanded ({} frontier nodes left); use bounds() for a bracket",
                 self.frontier_size()
@@ -879,6 +960,92 @@ mod tests {
         let b = tree.bounds();
         assert_eq!(b.ce_star_lower, b.ce_star_upper);
         assert!((b.ce_star_lower - exact).abs() < 1e-12);
+    }
+
+    /// Runs a model whose next-token logits depend on the last token and the depth, so reaches differ.
+    fn run_varied(cfg: TreeConfig, batch: usize) -> (Tree, Vec<Vec<u32>>) {
+        let v = cfg.vocab_size;
+        let mut tree = Tree::new(cfg).unwrap();
+        let mut expanded_by_depth: Vec<Vec<u32>> = Vec::new();
+        while !tree.is_done() {
+            let b = tree.next_batch(batch).unwrap();
+            if matches!(tree.cfg.order, Order::Beam(_)) {
+                assert!(b.depths.windows(2).all(|w| w[0] == w[1]), "a beam batch mixes depths");
+            }
+            let mut logits = Vec::new();
+            for (i, (&tok, &d)) in b.tokens.iter().zip(&b.depths).enumerate() {
+                let d_idx = d as usize;
+                if expanded_by_depth.len() <= d_idx {
+                    expanded_by_depth.resize(d_idx + 1, Vec::new());
+                }
+                expanded_by_depth[d_idx].push(b.node_ids[i] as u32);
+                logits.extend((0..v).map(|j| (((tok + 1) as usize * 7 + j * 3 + d_idx) % 5) as f64 * 0.7));
+            }
+            tree.ingest_logits(&logits, b.node_ids.len(), v).unwrap();
+        }
+        (tree, expanded_by_depth)
+    }
+
+    #[test]
+    fn beam_keeps_width_per_depth_and_brackets() {
+        let exact = run_varied(cfg(4, 5, Order::DepthFirst), 3).0.stats().unwrap().ce_star;
+        for width in [1, 2, 3] {
+            let (tree, by_depth) = run_varied(cfg(4, 5, Order::Beam(width)), 2);
+            assert!(by_depth.iter().all(|ids| ids.len() <= width), "width {width}: {by_depth:?}");
+            // The kept nodes are the most probable of their depth.
+            for ids in &by_depth {
+                let min_kept = ids.iter().map(|&u| tree.nodes[u as usize].log_reach).fold(f64::INFINITY, f64::min);
+                let d = tree.nodes[ids[0] as usize].depth;
+                for u in tree.frontier_ids() {
+                    if tree.nodes[u as usize].depth == d {
+                        assert!(tree.nodes[u as usize].log_reach <= min_kept);
+                    }
+                }
+            }
+            let b = tree.bounds();
+            assert!(b.frontier_size > 0 && b.ce_star_lower < b.ce_star_upper);
+            assert!(b.ce_star_lower <= exact + 1e-12 && exact <= b.ce_star_upper + 1e-12, "width {width}");
+            assert!(tree.stats().is_err(), "pruned nodes remain, so no exact value");
+            // Ties go to the older node, so reruns expand the same nodes.
+            assert_eq!(run_varied(cfg(4, 5, Order::Beam(width)), 2).1, by_depth);
+        }
+    }
+
+    #[test]
+    fn beam_wider_than_every_level_is_exact() {
+        let exact = run_varied(cfg(3, 4, Order::DepthFirst), 3).0.stats().unwrap();
+        // 2 internal children per node (token 0 is EOS): at most 2^3 nodes at depth 3.
+        let (tree, _) = run_varied(cfg(3, 4, Order::Beam(8)), 3);
+        let s = tree.stats().unwrap();
+        assert!((s.ce_star - exact.ce_star).abs() < 1e-12);
+        let b = tree.bounds();
+        assert_eq!(b.ce_star_lower, b.ce_star_upper);
+    }
+
+    #[test]
+    fn beam_releases_every_expanded_node_once() {
+        let mut tree = Tree::new(cfg(3, 4, Order::Beam(2))).unwrap();
+        let row = [0.0; 3];
+        let (mut expanded, mut released) = (vec![], vec![]);
+        while !tree.is_done() {
+            let b = tree.next_batch(1).unwrap();
+            expanded.extend(b.node_ids.iter().map(|&u| u as u32));
+            let logits: Vec<f64> = b.node_ids.iter().flat_map(|_| row.iter().copied()).collect();
+            tree.ingest_logits(&logits, b.node_ids.len(), 3).unwrap();
+            released.extend(tree.take_released());
+        }
+        expanded.sort();
+        released.sort();
+        assert_eq!(released, expanded);
+        assert!(tree.frontier_size() > 0);
+    }
+
+    #[test]
+    fn beam_width_is_validated() {
+        assert!(matches!(Order::parse("beam", Some(2)), Ok(Order::Beam(2))));
+        assert!(Order::parse("beam", None).is_err());
+        assert!(Order::parse("beam", Some(0)).is_err());
+        assert!(Order::parse("best-first", Some(2)).is_err());
     }
 
     #[test]

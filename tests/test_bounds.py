@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import canopy_rs
-from reference import RandomModel
+from reference import RandomModel, enumerate_canopy
 
 
 @st.composite
@@ -129,3 +129,52 @@ def test_ctrl_c_returns_the_bracket():
     assert b.stopped_by == "interrupt" and b.num_expanded == 1 + 2 + 2
     truth = canopy_rs.exact(model, **kw).ce_star
     assert b.ce_star_lower <= truth <= b.ce_star_upper
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases(), st.integers(1, 6))
+def test_beam_bracket_contains_brute_force(case, width):
+    kw, seed, levels = case
+    kw = {**kw, "order": "beam", "beam_width": width}
+    model = RandomModel(kw["vocab_size"], seed, levels)
+    pol = {k: kw[k] for k in ("temperature", "top_k", "top_p")}
+    _, ce_star, internal = enumerate_canopy(model.row, kw["eos_token_ids"], kw["max_new_tokens"], **pol)
+    for budget in (1, 3, 10**6):
+        b = canopy_rs.bounded(model, budget=budget, **kw)
+        tol = 1e-12 * max(1.0, ce_star)
+        assert b.ce_star_lower <= ce_star + tol and ce_star <= b.ce_star_upper + tol
+        assert b.num_expanded <= min(budget, width * kw["max_new_tokens"])
+        if b.is_exact:
+            assert b.num_expanded == internal
+        else:
+            assert b.stopped_by == "beam" if b.num_expanded < budget else b.stopped_by in ("nodes", "beam")
+            assert b.explored_mass + b.frontier_mass == pytest.approx(1.0, abs=1e-12)
+
+
+def test_beam_wider_than_every_level_is_exact():
+    # Vocabulary 3 with EOS 0: at most 2^(d) internal nodes at depth d, so width 2^4 never prunes.
+    model = RandomModel(3, 11)
+    kw = dict(vocab_size=3, eos_token_ids=[0], max_new_tokens=5)
+    _, ce_star, internal = enumerate_canopy(model.row, [0], 5)
+    r = canopy_rs.bounded(model, budget=10**6, order="beam", beam_width=16, **kw)
+    assert r.is_exact and r.num_internal_nodes == internal
+    assert r.ce_star == pytest.approx(ce_star, rel=1e-12)
+    b = canopy_rs.bounded(model, budget=10**6, order="beam", beam_width=3, **kw)
+    assert not b.is_exact and b.stopped_by == "beam" and b.frontier_size > 0
+    assert b.info.order == "beam" and b.info.beam_width == 3
+
+
+def test_beam_arguments_are_checked():
+    model = RandomModel(3, 1)
+    kw = dict(vocab_size=3, eos_token_ids=[0], max_new_tokens=3, budget=10)
+    with pytest.raises(ValueError, match="beam_width.*order='beam' needs"):
+        canopy_rs.bounded(model, order="beam", **kw)
+    with pytest.raises(ValueError, match="beam_width.*drop it"):
+        canopy_rs.bounded(model, order="best-first", beam_width=2, **kw)
+    with pytest.raises(ValueError, match="beam_width must be >= 1"):
+        canopy_rs.bounded(model, order="beam", beam_width=0, **kw)
+    with pytest.raises(TypeError, match="beam_width must be an int"):
+        canopy_rs.bounded(model, order="beam", beam_width=2.0, **kw)
+    del kw["budget"]
+    with pytest.raises(ValueError, match="order='beam'.*not exact.*bounded"):
+        canopy_rs.exact(model, order="beam", **kw)

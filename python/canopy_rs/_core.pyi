@@ -70,8 +70,10 @@ def normalize_support(
 class Tree:
     """The canopy of one prompt under one policy, expanded in batches.
 
-    ``order``: ``"depth-first"`` (least live state), ``"breadth-first"`` or ``"best-first"`` (highest reach
-    probability first; what ``bounded`` uses). ``support_cap`` is the largest policy support the certified
+    ``order``: ``"depth-first"`` (least live state), ``"breadth-first"``, ``"best-first"`` (highest reach
+    probability first; what ``bounded`` uses) or ``"beam"`` (depth by depth, expanding only the
+    ``beam_width`` highest-reach nodes of each depth; the rest stay frontier nodes, so ``is_done`` can hold
+    with ``frontier_size > 0``). ``support_cap`` is the largest policy support the certified
     upper bound may assume (default: ``vocab_size``); every expanded node is checked against it."""
 
     def __new__(
@@ -84,6 +86,7 @@ class Tree:
         max_nodes: int = 10_000_000,
         record_nodes: bool = False,
         support_cap: Optional[int] = None,
+        beam_width: Optional[int] = None,
     ) -> Self: ...
     def next_batch(
         self, max_rows: int

@@ -315,6 +315,7 @@ class TreeRun:
         s: Setup,
         *,
         order: str,
+        beam_width: Optional[int] = None,
         max_nodes: int = DEFAULT_MAX_NODES,
         record_nodes: bool = False,
         support_cap: Optional[int] = None,
@@ -324,6 +325,8 @@ class TreeRun:
         self.setup = s
         self.backend = s.backend
         self.order = order
+        # The core says whether order needs or forbids beam_width; this checks the type.
+        self.beam_width = None if beam_width is None else check_positive_int("beam_width", beam_width)
         self.record_nodes = record_nodes
         self.tree = Tree(
             s.vocab_size,
@@ -331,6 +334,7 @@ class TreeRun:
             s.max_new_tokens,
             s.policy,
             order=order,
+            beam_width=self.beam_width,
             max_nodes=check_positive_int("max_nodes", max_nodes),
             record_nodes=record_nodes,
             support_cap=support_cap,
@@ -357,6 +361,7 @@ class TreeRun:
             top_k=s.policy.top_k,
             top_p=s.policy.top_p,
             order=self.order,
+            beam_width=self.beam_width,
             model_calls=int(c.get("model_calls", 0)),
             rows_evaluated=int(c.get("rows_evaluated", 0)),
             tokens_forwarded=int(c.get("tokens_forwarded", 0)),

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from canopy_rs._driver import DEFAULT_MAX_NODES, Budget, TreeRun, check_positive_int, make_policy, setup
-from canopy_rs.errors import ArgumentTypeError, Interrupted
+from canopy_rs.errors import ArgumentTypeError, Interrupted, InvalidArgumentError
 from canopy_rs.results import CanopyBounds, CanopyResult
 
 __all__ = ["exact", "bounded", "Budget", "Interrupted", "make_policy"]
@@ -55,6 +55,10 @@ def exact(
     ``length_rate_kendall`` of (N, r_N) (None without leaves). ``progress=True`` shows a tqdm bar; a callable receives a :class:`CanopyBounds` snapshot
     every ``progress_interval`` seconds. Ctrl-C raises :class:`Interrupted` carrying the bracket reached.
     """
+    if order == "beam":
+        raise InvalidArgumentError("order='beam' prunes the canopy, so it is not exact; use "
+                                   "'depth-first', 'breadth-first' or 'best-first', or canopy_rs.bounded(..., "
+                                   "order='beam', beam_width=B) for a certified bracket")
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     run = TreeRun(s, order=order, max_nodes=max_nodes, record_nodes=return_nodes or return_leaves,
@@ -78,6 +82,7 @@ def bounded(
     top_k: Optional[int] = None,
     top_p: float = 1.0,
     order: str = "best-first",
+    beam_width: Optional[int] = None,
     support_cap: Optional[int] = None,
     batch_size: Optional[int] = None,
     max_nodes: int = DEFAULT_MAX_NODES,
@@ -90,6 +95,10 @@ def bounded(
     ``"breadth-first"`` or ``"depth-first"``) until ``budget`` is spent: an int counts expanded nodes; a
     :class:`Budget` can also limit model tokens, seconds or memory. Returns the exact :class:`CanopyResult`
     (``is_exact=True``, bounds equal) when the whole canopy fits, else a :class:`CanopyBounds`.
+    ``order="beam"`` (with ``beam_width=B``, required there and only there) goes depth by depth and expands
+    only the B highest-pi nodes of each depth (ties to the earlier-created node); the pruned ones stay
+    frontier nodes, so the bracket below still holds (``stopped_by="beam"`` when the beam ran out before the
+    budget).
 
     Why the bracket holds: CE*_max = sum over internal nodes u of pi(u) h(u) with every h(u) >= 0, so the
     sum over expanded nodes is a lower bound. Every unexpanded frontier node u at depth d heads a subtree
@@ -111,13 +120,14 @@ def bounded(
         raise ArgumentTypeError(f"budget must be an int (expanded nodes) or a canopy_rs.Budget, got {budget!r}")
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
-    run = TreeRun(s, order=order, max_nodes=max_nodes, support_cap=support_cap, progress=progress,
-                  progress_interval=progress_interval)
+    run = TreeRun(s, order=order, beam_width=beam_width, max_nodes=max_nodes, support_cap=support_cap,
+                  progress=progress, progress_interval=progress_interval)
     try:
         stopped_by = run.expand(budget)
     except KeyboardInterrupt:
         return run.bounds("interrupt")
-    if run.tree.is_done:
+    if run.tree.frontier_size == 0:
         return run.result()
-    return run.bounds(stopped_by or "budget")
+    # Expansion ended with frontier nodes left: the budget, or a beam that pruned them.
+    return run.bounds(stopped_by or "beam")
 

@@ -66,6 +66,7 @@ class RunInfo:
     dtype: Optional[str] = None  # the model's weights / compute dtype
     logits_dtype: Optional[str] = None  # what the policy was computed from
     strategy: Optional[str] = None
+    beam_width: Optional[int] = None  # nodes kept per depth with order="beam"
 
 
 @dataclass(frozen=True)
