@@ -41,7 +41,7 @@ import numpy as np
 
 import canopy_rs
 from canopy_rs.backends.cached import CachedModel
-from canopy_rs.estimators.study import compare, random_logits_fn
+from canopy_rs.estimators.comparison import compare, random_logits_fn
 from canopy_rs.results import to_plain
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -262,12 +262,12 @@ def main(argv=None):
 
     studies = []
     if args.summarise:
-        from canopy_rs.estimators.study import StudyResult
+        from canopy_rs.estimators.comparison import ComparisonResult
 
         for f in sorted(args.out.glob("estimators_*.json")):
             d = json.loads(f.read_text())
             if "rows" in d and "settings" in d and "case" in d["settings"]:
-                studies.append(StudyResult(d["exact_ce_star"], d["exact"], d["rows"], [], d["settings"]))
+                studies.append(ComparisonResult(d["exact_ce_star"], d["exact"], d["rows"], [], d["settings"]))
         order = {n: i for i, n in enumerate(["smollm2", "callable", "tiny_llama"])}
         studies.sort(key=lambda st: (order.get(st.settings["case"].split("_")[0], 9), st.settings["case"]))
         budgets = sorted({r["budget"] for st in studies for r in st.rows})

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 import canopy_rs  # noqa: E402
 from canopy_rs import plots  # noqa: E402
-from canopy_rs.estimators.study import compare, random_logits_fn  # noqa: E402
+from canopy_rs.estimators.comparison import compare, random_logits_fn  # noqa: E402
 from canopy_rs.sampling import sample  # noqa: E402
 
 V, T, K = 12, 4, 3

@@ -10,7 +10,7 @@ touched); it returns the figure. :func:`save_figure` writes PNG and SVG.
 * :func:`plot_length_rate`: the (N, r_N) joint distribution of sampled rollouts, with the sample rho and (when
   given) the exact rho from the canopy;
 * :func:`plot_bracket_vs_budget`: the certified bracket [lower, upper] on CE* as the budget grows;
-* :func:`plot_rmse_vs_cost`: estimator RMSE against cost, the estimator study's own plot.
+* :func:`plot_rmse_vs_cost`: estimator RMSE against cost, the estimator comparison's own plot.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def plot_bracket_vs_budget(
 def plot_rmse_vs_cost(
     study: Any, path: Union[str, os.PathLike], formats: Sequence[str] = ("png", "svg"), **kwargs: Any
 ) -> list[Path]:
-    """Estimator RMSE against cost for a ``canopy_rs.estimators.study.StudyResult``: the study's own plot
-    (:meth:`StudyResult.plot`, not a copy), written once per format; returns the paths."""
+    """Estimator RMSE against cost for a ``canopy_rs.estimators.comparison.ComparisonResult``: the comparison's own plot
+    (:meth:`ComparisonResult.plot`, not a copy), written once per format; returns the paths."""
     p = Path(path)
     return [Path(study.plot(p.with_suffix("." + fmt), **kwargs)) for fmt in formats]

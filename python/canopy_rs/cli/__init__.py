@@ -5,7 +5,7 @@ Commands mirror the Python API, one module each:
 * ``exact``    the exact CE*_max and its companions (:func:`canopy_rs.exact`)
 * ``bound``    a certified bracket within a budget (:func:`canopy_rs.bounded`)
 * ``sample``   Monte Carlo rollouts and the paper's metrics (``canopy_rs.sampling.sample`` + ``estimate``)
-* ``compare``  estimators against the exact value (``canopy_rs.estimators.study.compare``)
+* ``compare``  estimators against the exact value (``canopy_rs.estimators.comparison.compare``)
 * ``demo``     all of it on the embedded SmolLM2-135M-Instruct: exact canopy, MC estimates, table, plots
 * ``study``    base-vs-fine-tuned study of a TOML/YAML config (:func:`canopy_rs.study`), local or on Ray
 * ``bench``    the benches/ scripts, or a quick engine throughput check

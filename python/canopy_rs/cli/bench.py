@@ -66,7 +66,7 @@ def engine_check(vocab_size: int, max_new_tokens: int, top_k: int, progress: boo
     import numpy as np
 
     import canopy_rs
-    from canopy_rs.estimators.study import random_logits_fn
+    from canopy_rs.estimators.comparison import random_logits_fn
 
     fn = random_logits_fn(vocab_size, seed=0, scale=2.0, eos_bias=-1.0)
     model_s = [0.0]

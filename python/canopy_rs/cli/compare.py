@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
 
 def prepare(args: Any) -> None:
     """Argument checks that need the estimator registry (run before anything is loaded)."""
-    from canopy_rs.estimators.study import BUILTIN_ESTIMATORS
+    from canopy_rs.estimators.comparison import BUILTIN_ESTIMATORS
 
     bad = [e for e in args.estimators if e not in BUILTIN_ESTIMATORS]
     if bad or not args.estimators:
@@ -40,16 +40,16 @@ def prepare(args: Any) -> None:
 
 
 def study_of(rec: dict) -> Any:
-    """The :class:`StudyResult` of a prompt's record (fresh or resumed alike)."""
-    from canopy_rs.estimators.study import StudyResult
+    """The :class:`ComparisonResult` of a prompt's record (fresh or resumed alike)."""
+    from canopy_rs.estimators.comparison import ComparisonResult
 
     d = rec["study"]
-    return StudyResult(exact_ce_star=d["exact_ce_star"], exact=d.get("exact", {}), rows=d["rows"],
+    return ComparisonResult(exact_ce_star=d["exact_ce_star"], exact=d.get("exact", {}), rows=d["rows"],
                        settings=d.get("settings", {}))
 
 
 def run(ctx: RunContext) -> int:
-    from canopy_rs.estimators.study import compare
+    from canopy_rs.estimators.comparison import compare
 
     a = ctx.args
 

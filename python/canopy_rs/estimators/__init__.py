@@ -18,7 +18,7 @@ from .bootstrap import DEFAULT_BOOTSTRAP_METRICS, SEMANTIC_BOOTSTRAP_METRICS, Bo
 from .hybrid import HybridEstimate, estimate_hybrid
 from .montecarlo import PromptEstimate, estimate, estimate_arrays
 from .pooling import PooledEstimate, pool
-from .study import BUILTIN_ESTIMATORS, StudyResult, compare, random_logits_fn
+from .comparison import BUILTIN_ESTIMATORS, ComparisonResult, compare, random_logits_fn
 
 __all__ = [
     "BEST_BY_BUDGET",
@@ -33,7 +33,7 @@ __all__ = [
     "PooledEstimate",
     "PromptEstimate",
     "SEMANTIC_BOOTSTRAP_METRICS",
-    "StudyResult",
+    "ComparisonResult",
     "compare",
     "estimate",
     "estimate_arrays",

@@ -1,4 +1,4 @@
-"""The estimator study: every estimator, repeated, against the exact CE*_max of a small canopy.
+"""The estimator comparison (`canopy_rs.compare`): every estimator, repeated, against the exact CE*_max of a small canopy.
 
 :func:`compare` computes the exact value once (:func:`canopy_rs.exact`), then runs each estimator ``repeats``
 times per budget and reports mean, bias, standard deviation, RMSE, coverage of the nominal interval, the
@@ -22,7 +22,7 @@ is still that of a fresh run. Valid because the model is deterministic: a repeat
 whether they are recomputed or looked up.
 
 Realised costs differ from the target (shared prefixes are forwarded once), so tables and plots use the
-*measured* mean cost, and :meth:`StudyResult.equal_cost_ratios` compares RMSEs at equal measured cost by
+*measured* mean cost, and :meth:`ComparisonResult.equal_cost_ratios` compares RMSEs at equal measured cost by
 interpolating the reference estimator's log-log RMSE curve.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from canopy_rs.results import to_plain
 
-__all__ = ["StudyResult", "compare", "random_logits_fn", "BUILTIN_ESTIMATORS"]
+__all__ = ["ComparisonResult", "compare", "random_logits_fn", "BUILTIN_ESTIMATORS"]
 
 # name -> (family, attribute prefix on the family's result)
 BUILTIN_ESTIMATORS = {
@@ -126,7 +126,7 @@ def random_logits_fn(
 
 
 @dataclass
-class StudyResult:
+class ComparisonResult:
     """Rows (one per estimator and budget) plus the exact reference."""
 
     exact_ce_star: float
@@ -272,7 +272,7 @@ def compare(
     cache: bool = True,
     max_nodes: int = 10_000_000,
     progress: bool = False,
-) -> StudyResult:
+) -> ComparisonResult:
     """Run every estimator ``repeats`` times per budget (target model tokens per estimate) on ``model`` and
     judge it against the exact CE*_max. Estimators are built-in names (:data:`BUILTIN_ESTIMATORS`) or
     ``(name, fn)`` with ``fn(model, budget=..., seed=..., expected_length=..., **model_and_policy_args)``
@@ -349,7 +349,7 @@ def compare(
     families = list(dict.fromkeys(f for _, f, _, _ in specs))
     fam_fn = {f: fn for _, f, _, fn in specs}
     total = len(families) * len(budgets) * repeats
-    bar = ProgressBar(progress, desc="study", unit="run", total=total)
+    bar = ProgressBar(progress, desc="compare", unit="run", total=total)
     runs: list[dict[str, Any]] = []
     for bi, budget in enumerate(budgets):
         for fi, fam in enumerate(families):
@@ -419,4 +419,4 @@ def compare(
         "cache": cache, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_k": top_k, "top_p": top_p, "estimators": [s[0] for s in specs],
     }
-    return StudyResult(truth, exact_info, rows, runs, settings)
+    return ComparisonResult(truth, exact_info, rows, runs, settings)
