@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from canopy_rs import Policy  # noqa: E402
+from canopy_rs import BackendOutputError, Policy  # noqa: E402
 from canopy_rs._core import policy_support  # noqa: E402
 from canopy_rs.backends.torch_policy import policy_support_numpy, policy_support_torch  # noqa: E402
 
@@ -112,15 +112,15 @@ def test_bf16_logits_are_accepted():
 
 
 def test_invalid_rows_raise():
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(BackendOutputError, match="NaN"):
         policy_support_torch(torch.tensor([[0.0, float("nan")]]), Policy())
-    with pytest.raises(ValueError, match="-inf"):
+    with pytest.raises(BackendOutputError, match="-inf"):
         policy_support_torch(torch.tensor([[-float("inf"), -float("inf")]]), Policy())
     # The one-transfer host path (top-k below the vocabulary) flags the row and names the same problem.
     for bad, what in ((float("nan"), "NaN"), (float("inf"), r"\+inf")):
         x = torch.zeros((3, 6))
         x[1, 2] = bad
-        with pytest.raises(ValueError, match=what):
+        with pytest.raises(BackendOutputError, match=what):
             policy_support_numpy(x, Policy(1.0, 2, 1.0))
 
 

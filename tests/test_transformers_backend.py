@@ -349,7 +349,7 @@ def test_sliding_window_tree_within_the_window():
     pol = dict(temperature=1.0, top_k=2, top_p=1.0, max_new_tokens=window - len(PROMPT) + 1)
     ref = canopy_rs.exact(naive_logits_fn(m, PROMPT), vocab_size=12, eos_token_ids=[0, 7], **pol)
     assert_results_equal(canopy_rs.exact(be, batch_size=8, **pol), ref)
-    with pytest.raises(ValueError, match="sliding-window model"):
+    with pytest.raises(canopy_rs.TreeAttentionUnsupported, match="sliding-window model"):
         canopy_rs.exact(be, batch_size=8, **{**pol, "max_new_tokens": pol["max_new_tokens"] + 1})
 
 
@@ -463,7 +463,7 @@ def test_eos_and_vocab_overrides():
     assert be.eos_token_ids == (2, 6)
     be = TransformersModel(m, None, prompt=PROMPT, eos_token_ids=[], strategy="per-row")
     assert be.eos_token_ids == ()
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="outside the vocabulary"):
         TransformersModel(m, None, prompt=PROMPT, eos_token_ids=[50256])
     # A vocab cut: logits restricted to the first 6 columns.
     be = TransformersModel(m, None, prompt=PROMPT, vocab_size=6, eos_token_ids=[2])
@@ -471,14 +471,14 @@ def test_eos_and_vocab_overrides():
     ref = canopy_rs.exact(lambda p: fn(p)[:, :6], vocab_size=6, eos_token_ids=[2], max_new_tokens=3, top_k=3)
     res = canopy_rs.exact(be, max_new_tokens=3, top_k=3)
     assert_results_equal(res, ref)
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="vocab_size"):
         TransformersModel(m, None, prompt=PROMPT, vocab_size=9)
 
 
 def test_default_eos_from_generation_config_must_fit_vocab():
     m = _build("gpt2")
     m.generation_config.eos_token_id = 50256
-    with pytest.raises(ValueError, match="eos_token_ids"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="eos_token_ids"):
         TransformersModel(m, None, prompt=PROMPT)
 
 
@@ -509,13 +509,13 @@ def test_prompt_rendering_base_and_chat():
         m, tok, prompt="hello world", chat=True, strategy="per-row", chat_template_kwargs={"enable_thinking": True}
     )
     assert thinking.prompt_ids == [5, 10, 3, 4, 6, 10]
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="tokenizer"):
         TransformersModel(m, None, prompt="hello")
-    with pytest.raises(ValueError, match="chat=True"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="chat=True"):
         TransformersModel(m, None, prompt=[1, 2], chat=True)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="empty"):
         TransformersModel(m, None, prompt=[])
-    with pytest.raises(ValueError, match="strategy"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="strategy"):
         TransformersModel(m, None, prompt=[1], strategy="magic")
 
 
@@ -537,7 +537,7 @@ def test_with_prompt_and_protocol():
     kid = NodeBatch(np.array([1]), np.array([0]), np.array([int(out.tokens[0])]), np.array([1]), lambda: [[]])
     be.expand(kid, pol)
     be.release(np.array([1]))
-    with pytest.raises(ValueError, match="released"):
+    with pytest.raises(canopy_rs.InvalidArgumentError, match="released"):
         be.expand(NodeBatch(np.array([2]), np.array([1]), np.array([0]), np.array([2]), lambda: [[]]), pol)
 
 

@@ -25,6 +25,8 @@ from typing import Any, Tuple
 import numpy as np
 import torch
 
+from canopy_rs.errors import BackendOutputError, InvalidArgumentError
+
 __all__ = ["policy_support_torch", "policy_support_numpy", "TOP_P_SLACK"]
 
 #: Relative slack on the top-p threshold, identical to the Rust core's.
@@ -38,13 +40,13 @@ def _policy_params(policy: Any) -> Tuple[float, int | None, float]:
     top_k = policy.top_k
     top_p = float(policy.top_p)
     if not (temperature > 0.0) or not np.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        raise InvalidArgumentError(f"temperature must be a positive finite number, got {temperature}")
     if top_k is not None:
         top_k = int(top_k)
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+            raise InvalidArgumentError(f"top_k must be >= 1 or None, got {top_k}")
     if not (top_p > 0.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
     return temperature, top_k, top_p
 
 
@@ -66,7 +68,7 @@ def policy_support_torch(
     (e.g. ``canopy_rs.Policy``).
     """
     if logits.ndim != 2:
-        raise ValueError(f"logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
+        raise InvalidArgumentError(f"logits must be 2-D [B, V], got shape {tuple(logits.shape)}")
     temperature, top_k, top_p = _policy_params(policy)
     x = logits
     if x.dtype not in (torch.float32, torch.float64):
@@ -80,10 +82,10 @@ def policy_support_torch(
     # row make it non-finite.
     if not bool(torch.isfinite(x.amax(dim=1)).all()):
         if torch.isnan(x).any():
-            raise ValueError("logits contain NaN; check the model's numerics (dtype overflow?)")
+            raise BackendOutputError("logits contain NaN; check the model's numerics (dtype overflow?)")
         if torch.isposinf(x).any():
-            raise ValueError("logits contain +inf; logits must be finite or -inf (masked)")
-        raise ValueError("a logits row is entirely -inf: the policy has an empty support")
+            raise BackendOutputError("logits contain +inf; logits must be finite or -inf (masked)")
+        raise BackendOutputError("a logits row is entirely -inf: the policy has an empty support")
 
     width = min(V, top_k + TOP_K_TIE_SLACK) if top_k is not None and top_k < V else V
     ids, logp, valid, overflow = _dense_support(x, temperature, top_k, top_p, width)
@@ -161,7 +163,7 @@ def policy_support_numpy(logits: Any, policy: Any) -> Tuple[np.ndarray, np.ndarr
     row whose ties overflow the slack, or a malformed row, through :func:`policy_support_torch`."""
     t = logits if isinstance(logits, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(logits))
     if t.ndim != 2:
-        raise ValueError(f"logits must be 2-D [B, V], got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"logits must be 2-D [B, V], got shape {tuple(t.shape)}")
     temperature, top_k, top_p = _policy_params(policy)
     x = t if t.dtype in (torch.float32, torch.float64) else t.float()
     B, V = x.shape

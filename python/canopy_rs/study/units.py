@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..errors import StudyConfigError
 from .config import StudyConfig
 
 __all__ = ["Unit", "make_units", "UnitRunner"]
@@ -127,7 +128,7 @@ class UnitRunner:
 
         entry = self.cfg.model(unit.model)
         if entry.use_chat and not getattr(self._tokenizer, "chat_template", None):
-            raise ValueError(
+            raise StudyConfigError(
                 f"models[{entry.name}].chat is true but its tokenizer has no chat template; set chat = false"
             )
         with warnings.catch_warnings():

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from canopy_rs.backends.torch_policy import policy_support_numpy
-from canopy_rs.errors import TreeAttentionUnsupported
+from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, TreeAttentionUnsupported
 from canopy_rs.protocol import NextTokenLogits, NodeBatch, PolicySupport
 
 from ._common import (
@@ -230,12 +230,12 @@ class TransformersModel:
         chat_template_kwargs: Optional[dict] = None,
     ) -> None:
         if prompt is None:
-            raise TypeError("TransformersModel needs a prompt (a string or a list of token ids)")
+            raise ArgumentTypeError("TransformersModel needs a prompt: pass prompt= a string or a list of token ids")
         strategy = _STRATEGY_ALIASES.get(strategy, strategy)
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+            raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if max_live_kv_tokens is not None and int(max_live_kv_tokens) < 1:
-            raise ValueError("max_live_kv_tokens must be a positive int or None")
+            raise InvalidArgumentError(f"max_live_kv_tokens must be a positive int or None, got {max_live_kv_tokens!r}")
         if device is not None:
             model.to(device)
         if dtype is not None:
@@ -254,10 +254,10 @@ class TransformersModel:
         self._vocab_size = resolve_vocab_size(model, vocab_size)
         self._eos = resolve_eos_token_ids(model, tokenizer, eos_token_ids, self._vocab_size)
         if max(self.prompt_ids) >= self._logits_width or min(self.prompt_ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self._logits_width})")
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {self._logits_width}) (the model's logits width)")
         self.debug_logits = bool(debug_logits)
         if policy_on not in ("auto", "device", "host"):
-            raise ValueError(f"policy_on must be 'auto', 'device' or 'host', got {policy_on!r}")
+            raise InvalidArgumentError(f"policy_on must be 'auto', 'device' or 'host', got {policy_on!r}")
         self.policy_on = policy_on
         # On the CPU the logits are host memory already: the Rust core's policy costs no transfer and is
         # faster than torch.topk there.
@@ -403,15 +403,15 @@ class TransformersModel:
         depths = np.asarray(batch.depths, dtype=np.int64)
         B = len(ids)
         if B == 0:
-            raise ValueError("empty batch")
+            raise InvalidArgumentError("expand() got an empty batch: pass at least one node")
         is_root = parents < 0
         gen = tokens[~is_root]
         if (gen < 0).any() or (gen >= self._logits_width).any():
-            raise ValueError(f"node tokens must be in [0, {self._logits_width})")
+            raise InvalidArgumentError(f"node tokens must be in [0, {self._logits_width})")
         with torch.inference_mode():
             if is_root.any():
                 if is_root.sum() > 1:
-                    raise ValueError("a batch can hold at most one root")
+                    raise InvalidArgumentError("a batch can hold at most one root (parent < 0): expand the root alone or with its children")
                 r = int(np.flatnonzero(is_root)[0])
                 root_logits = self.engine.prefill(int(ids[r]), self.prompt_ids)
                 if B == 1:

@@ -12,7 +12,7 @@ import torch
 
 from transformers import cache_utils
 
-from canopy_rs.errors import KVBudgetExceededError
+from canopy_rs.errors import InvalidArgumentError, KVBudgetExceededError
 
 __all__ = [
     "ModelRunner",
@@ -201,7 +201,7 @@ def resolve_vocab_size(model: Any, override: Optional[int]) -> int:
         return width
     override = int(override)
     if not 1 <= override <= width:
-        raise ValueError(f"vocab_size={override} must be in [1, {width}] (the model's logits width)")
+        raise InvalidArgumentError(f"vocab_size={override} must be in [1, {width}] (the model's logits width)")
     return override
 
 
@@ -237,14 +237,14 @@ def resolve_eos_token_ids(
             ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
             source = "tokenizer.eos_token_id"
         if not ids:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "could not find EOS token ids in the generation config, the model config or the tokenizer; "
                 "pass eos_token_ids=[...] (or eos_token_ids=[] for a canopy with no EOS)"
             )
     out = sorted(set(ids))
     bad = [i for i in out if not 0 <= i < vocab_size]
     if bad:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"EOS ids {bad} (from {source}) are outside the vocabulary [0, {vocab_size}); "
             "pass eos_token_ids=[...] explicitly"
         )
@@ -340,10 +340,10 @@ def render_prompt(
     ``enable_thinking=False``). A list of token ids is used as is."""
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("a string prompt needs a tokenizer; pass tokenizer=... or a list of token ids")
+            raise InvalidArgumentError("a string prompt needs a tokenizer; pass tokenizer=... or a list of token ids")
         if chat:
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("chat=True but the tokenizer has no chat_template")
+                raise InvalidArgumentError("chat=True but the tokenizer has no chat_template: pass chat=False or a tokenizer with one")
             kwargs = dict(chat_template_kwargs or {})
             if "enable_thinking" not in kwargs and _wants_enable_thinking_false(model, tokenizer):
                 kwargs["enable_thinking"] = False
@@ -355,13 +355,13 @@ def render_prompt(
             ids = tokenizer(prompt)["input_ids"]
     else:
         if chat:
-            raise ValueError("chat=True needs a string prompt (token ids are used as is)")
+            raise InvalidArgumentError("chat=True needs a string prompt (token ids are used as is)")
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
         ids = prompt
     ids = [int(t) for t in ids]
     if not ids:
-        raise ValueError("the prompt is empty: the model needs at least one token to predict the next one")
+        raise InvalidArgumentError("the prompt is empty: the model needs at least one token to predict the next one")
     return ids
 
 

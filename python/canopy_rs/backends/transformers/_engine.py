@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from canopy_rs.errors import EngineStateError, InvalidArgumentError
+
 from ._common import KVBudgetExceededError, ModelRunner
 
 __all__ = ["KVEngine", "HostToDevice", "tensor_bytes"]
@@ -134,10 +136,10 @@ class KVEngine(abc.ABC):
 
     def _check_batch(self, node_ids: np.ndarray, started: bool) -> int:
         if not started:
-            raise RuntimeError("expand() before the root (the prompt) was expanded")
+            raise EngineStateError("expand() before the root (the prompt) was expanded: expand the root first")
         F = int(len(node_ids))
         if F == 0:
-            raise ValueError("empty batch")
+            raise InvalidArgumentError("expand() got an empty batch: pass at least one node")
         return F
 
     def _check_budget(self, needed: int, detail: str) -> None:

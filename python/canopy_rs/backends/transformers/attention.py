@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from transformers import AttentionInterface
 
+from canopy_rs.errors import EngineStateError, InvalidArgumentError
+
 __all__ = ["CASCADE_ATTENTION", "CascadeKV", "CascadeStep", "cascade_attention_forward", "cascade_forward"]
 
 CASCADE_ATTENTION = "canopy_cascade"
@@ -147,14 +149,14 @@ def cascade_attention_forward(
     Returns ``([1, F, H, d], None)``."""
     step: Optional[CascadeStep] = kwargs.get(STEP_KWARG)
     if step is None:
-        raise RuntimeError(
+        raise EngineStateError(
             f"attn_implementation={CASCADE_ATTENTION!r} runs only inside canopy_rs' cascade expansion "
             "(it needs the step's ancestor indices); load the model with 'sdpa' or 'eager' for other uses"
         )
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise NotImplementedError("cascade attention does not support attention sinks")
     if query.shape[0] != 1:
-        raise ValueError("cascade attention expects one flattened row (batch size 1)")
+        raise InvalidArgumentError(f"cascade attention expects one flattened row (batch size 1), got {query.shape[0]}")
     step.calls += 1
     li = module.layer_idx
     kv = step.kv

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from canopy_rs.errors import InvalidArgumentError
+
 from ._common import ModelRunner, new_tree_cache
 from ._engine import HostToDevice, KVEngine
 from .attention import STEP_KWARG, CascadeKV, CascadeStep, cascade_forward
@@ -123,24 +125,24 @@ class CascadeEngine(KVEngine):
         bad = (pslots < 0) & ~is_root
         pslots[is_root] = -1
         if bad.any():
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"parents {parent_ids[bad][:5].tolist()} were never expanded in this run or were already released "
                 "(cascade)"
             )
         has = pslots >= 0
         if (depths[~has] != 1).any() or (self.slot_depth[pslots[has]] != depths[has] - 1).any():
-            raise ValueError("node depths are inconsistent with their parents' depths")
+            raise InvalidArgumentError("node depths are inconsistent with their parents' depths")
         return pslots
 
     def expand(self, node_ids: np.ndarray, parent_ids: np.ndarray, tokens: np.ndarray, depths: np.ndarray) -> torch.Tensor:
         F = self._check_batch(node_ids, self.kv is not None)
         if (node_ids < 0).any():
-            raise ValueError("node ids must be >= 0")
+            raise InvalidArgumentError("node ids must be >= 0")
         nmax = int(node_ids.max()) + 1
         if nmax > len(self.slot_of):
             self.slot_of = _grown(self.slot_of, max(nmax, 2 * len(self.slot_of), 1024), -1)
         if (self.slot_of[node_ids] >= 0).any() or len(np.unique(node_ids)) != F:
-            raise ValueError("node ids in the batch were already expanded in this run (or repeat)")
+            raise InvalidArgumentError("node ids in the batch were already expanded in this run (or repeat)")
         pslots = self._slots_of_parents(parent_ids, depths)
         live = self.cap - self.n_free
         self._check_budget(self.P + live + F, f"prompt {self.P}, live node columns {live}, batch {F}")

@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from canopy_rs.errors import InvalidArgumentError
+
 from ._common import (
     ModelRunner,
     can_concat_cache,
@@ -112,18 +114,18 @@ class PerRowEngine(KVEngine):
         be concatenated); returns logits ``[F, V]`` in input order."""
         F = self._check_batch(node_ids, bool(self.chunks))
         if len(set(node_ids.tolist()) & self.loc.keys()):
-            raise ValueError("node ids in the batch were already expanded in this run")
+            raise InvalidArgumentError("node ids in the batch were already expanded in this run")
         locs = []
         for p in parent_ids.tolist():
             loc = self.loc.get(p)
             if loc is None:
-                raise ValueError(f"parent {p} was never expanded in this run or was already released (per-row)")
+                raise InvalidArgumentError(f"parent {p} was never expanded in this run or was already released (per-row)")
             locs.append(loc)
         pchunk = np.array([c for c, _ in locs], dtype=np.int64)
         prow = np.array([r for _, r in locs], dtype=np.int64)
         for c, d in zip(pchunk.tolist(), depths.tolist()):
             if self.chunks[c].depth != d - 1:
-                raise ValueError("node depths are inconsistent with their parents' depths")
+                raise InvalidArgumentError("node depths are inconsistent with their parents' depths")
 
         out: Optional[torch.Tensor] = None
         for d in np.unique(depths).tolist():

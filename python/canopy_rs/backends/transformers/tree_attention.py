@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from canopy_rs.errors import InvalidArgumentError, TreeAttentionUnsupported
+
 from ._common import ModelRunner, new_tree_cache
 from ._engine import KVEngine, tensor_bytes
 
@@ -55,7 +57,7 @@ class TreeAttentionEngine(KVEngine):
         sliding_window: Optional[int] = None,
     ):
         if mask_kind not in ("float", "bool"):
-            raise ValueError(f"mask_kind must be 'float' or 'bool', got {mask_kind!r}")
+            raise InvalidArgumentError(f"mask_kind must be 'float' or 'bool', got {mask_kind!r}")
         super().__init__(runner, device, max_live_kv_tokens=max_live_kv_tokens)
         self.dtype = dtype
         self.mask_kind = mask_kind
@@ -129,7 +131,7 @@ class TreeAttentionEngine(KVEngine):
     def _check_window(self, prompt_len: int, depth: int) -> None:
         w = self.sliding_window
         if w is not None and prompt_len + depth > w:
-            raise ValueError(
+            raise TreeAttentionUnsupported(
                 f"tree attention on a sliding-window model (window {w}) is exact only while prompt + depth <= {w}; "
                 f"this batch reaches depth {depth} with a {prompt_len}-token prompt: use strategy='per-row' "
                 "(or a smaller max_new_tokens)"
@@ -143,12 +145,12 @@ class TreeAttentionEngine(KVEngine):
         )
         if (pcols == -2).any():
             bad = parent_ids[pcols == -2][:5].tolist()
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"parents {bad} were never expanded in this run or were already released (tree attention)"
             )
         is_root = pcols < 0
         if (depths[is_root] != 1).any() or (self.col_depth[pcols[~is_root]] != depths[~is_root] - 1).any():
-            raise ValueError("node depths are inconsistent with their parents' depths")
+            raise InvalidArgumentError("node depths are inconsistent with their parents' depths")
         return pcols
 
     def expand(
@@ -158,7 +160,7 @@ class TreeAttentionEngine(KVEngine):
         F = self._check_batch(node_ids, self.cache is not None)
         dup = len(set(node_ids.tolist()) & self.node_col.keys())
         if dup:
-            raise ValueError("node ids in the batch were already expanded in this run")
+            raise InvalidArgumentError("node ids in the batch were already expanded in this run")
         pcols = self._parent_columns(parent_ids, depths)
         self._check_window(self.P, int(depths.max()))
 
