@@ -167,3 +167,23 @@ def test_no_module_imports_another_modules_private_names():
                     if alias.name.startswith("_") and not alias.name.startswith("__") and not is_module:
                         offenders.append(f"{path.relative_to(root)}: {node.module}.{alias.name}")
     assert not offenders, offenders
+
+
+def test_backends_never_import_the_layers_above_them():
+    # One-way layering: cli -> study/api -> _driver -> backends -> model. A backend that needs shared driver
+    # code gets it from a module in the backend layer (backends._output), never from the driver.
+    root = pathlib.Path(canopy_rs.__file__).parent
+    above = ("canopy_rs._driver", "canopy_rs.api", "canopy_rs.sampling", "canopy_rs.estimators", "canopy_rs.study",
+             "canopy_rs.cli")
+    offenders = []
+    for path in (root / "backends").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+                names += [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith(above)]
+    assert not offenders, offenders

@@ -20,8 +20,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from canopy_rs._core import Policy, policy_support
-from canopy_rs._driver import Support, counters, expand_support
+from canopy_rs._driver import counters
 from canopy_rs.backends import as_backend
+from canopy_rs.backends._output import Support, expand_support
 from canopy_rs.errors import CanopyError
 from canopy_rs.protocol import Backend, check_eos_token_ids, check_vocab_size
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from canopy_rs.backends._output import expand_support
 from canopy_rs.protocol import NodeBatch, PolicySupport
 
 __all__ = ["CachedModel"]
@@ -74,8 +75,6 @@ class CachedModel:
 
     # --- the inner backend ----------------------------------------------------------------------
     def _inner_expand(self, ids: np.ndarray, policy: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        from canopy_rs._driver import expand_support
-
         pre = [self._prefix[int(i)] for i in ids]
         parents = np.array([self._parent[int(i)] for i in ids], dtype=np.int64)
         toks = np.array([p[-1] if p else -1 for p in pre], dtype=np.int64)
