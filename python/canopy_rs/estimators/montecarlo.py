@@ -23,6 +23,7 @@ from canopy_rs.results import to_plain
 from canopy_rs.sampling import check_rollout_steps
 
 from . import _stats
+from ._buckets import BucketDiversityView
 
 __all__ = ["PromptEstimate", "estimate", "estimate_arrays"]
 
@@ -30,7 +31,7 @@ _Interval = tuple[float, float]
 
 
 @dataclass(frozen=True)
-class PromptEstimate:
+class PromptEstimate(BucketDiversityView):
     """Per-prompt estimates. Names match :class:`canopy_rs.CanopyResult` where the quantity is the same
     (``ce_star``, ``expected_length``, ``entropy_rate``, ``gen_ppl``, ``branching_factor``,
     ``length_rate_cov``, ``length_var``, ``rate_var``, ``truncation_prob``, ``length_pmf``)."""
@@ -100,15 +101,6 @@ class PromptEstimate:
     bucket_diversity_short: float = math.nan
     bucket_diversity_medium: float = math.nan
     bucket_diversity_long: float = math.nan
-
-    @property
-    def bucket_diversity(self) -> dict[str, float]:
-        """D inside the length buckets: {"short", "medium", "long"}."""
-        return {
-            "short": self.bucket_diversity_short,
-            "medium": self.bucket_diversity_medium,
-            "long": self.bucket_diversity_long,
-        }
 
     @property
     def length_rate_corr(self) -> float:

@@ -28,6 +28,8 @@ import numpy as np
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
+from ._buckets import BucketDiversityView
+
 __all__ = [
     "PooledEstimate",
     "pool",
@@ -191,7 +193,7 @@ def pooled_columns(cols: Mapping[str, np.ndarray], idx: Optional[np.ndarray] = N
 
 
 @dataclass(frozen=True)
-class PooledEstimate:
+class PooledEstimate(BucketDiversityView):
     """Pooled metrics of one (model, task) cell. ``length_rate_cov`` is the pooled within-prompt covariance
     (the reference ``entropy_rate_vs_length.covariance``); ``length_rate_cov_residual`` is the decomposition's
     residual CE - E[N] E[r]. They are different numbers (spec 2.7)."""
@@ -229,15 +231,6 @@ class PooledEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dict(self.__dict__))
-
-    @property
-    def bucket_diversity(self) -> dict[str, float]:
-        """Pooled D inside the length buckets: {"short", "medium", "long"}."""
-        return {
-            "short": self.bucket_diversity_short,
-            "medium": self.bucket_diversity_medium,
-            "long": self.bucket_diversity_long,
-        }
 
     def to_pooled_metrics(self) -> dict[str, Any]:
         """The reference ``pooled_metrics.json`` "raw" section layout."""
