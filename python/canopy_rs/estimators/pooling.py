@@ -303,17 +303,9 @@ def pool(estimates: Sequence[Any]) -> PooledEstimate:
 
 
 # Exact values that only some results carry (leaf-based rank correlations, exact semantics).
-_EXACT_OPTIONAL = (
-    "length_rate_spearman",
-    "length_rate_kendall",
-    "semantic_diversity",
-    "vendi_score",
-    "length_diversity_pearson",
-    "length_diversity_spearman",
-    "length_diversity_kendall",
-    "rate_diversity_pearson",
-    "rate_diversity_spearman",
-    "rate_diversity_kendall",
+# The semantic metrics come from SEMANTIC_METRICS (less the buckets, which exact results do not carry).
+_EXACT_OPTIONAL = ("length_rate_spearman", "length_rate_kendall") + tuple(
+    m for m in SEMANTIC_METRICS if not m.startswith("bucket_diversity")
 )
 
 
