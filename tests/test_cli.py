@@ -188,6 +188,22 @@ def test_bound_and_bracket_plot(tiny: str, tmp_path: Path, capsys: pytest.Captur
     assert "CE* lower" in stdout
 
 
+def test_bound_beam(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["bound", "--model", tiny, "--prompt", "a b c", "--max-new-tokens", "4", "--top-k", "3", "-q"]
+    rc, _, err = _run(capsys, *args, "--order", "beam")
+    assert rc == 2 and "--beam-width" in err
+    rc, _, err = _run(capsys, *args, "--beam-width", "2")
+    assert rc == 2 and "--order beam" in err
+    out = tmp_path / "beam"
+    rc, stdout, err = _run(capsys, *args, "--order", "beam", "--beam-width", "2", "--out", str(out))
+    assert rc == 0, err
+    rec = json.loads((out / "result.json").read_text())["prompts"][0]
+    b = rec["bounds"]
+    # Two nodes per depth over four depths: at most 8 expanded, and the rest stay in the certified bracket.
+    assert b["stopped_by"] == "beam" and b["num_expanded"] <= 8
+    assert 0 < b["ce_star_lower"] < b["ce_star_upper"]
+
+
 def test_demo_and_compare_on_tiny(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     rc, stdout, err = _run(capsys, "demo", "--model", tiny, "--prompt", "a b c", "--quick", "--out", str(out), "-q")

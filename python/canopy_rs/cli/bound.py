@@ -9,6 +9,7 @@ from typing import Any
 from canopy_rs.cli._args import add_output_args, add_run_args, positive_float, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import format_table, num, short
+from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.cli.exact import exact_record
 
 HELP = "certified bracket on CE*_max within a budget"
@@ -29,7 +30,10 @@ def add_parser(sub: Any) -> None:
                    help="largest policy support the upper bound may assume (default: the vocabulary size, which "
                    "needs no assumption; --support-cap K with top-k K is tighter but assumes no ties at the "
                    "k-th logit in the unexpanded nodes; expanded nodes are checked)")
-    p.add_argument("--order", choices=["best-first", "breadth-first", "depth-first"], default="best-first")
+    p.add_argument("--order", choices=["best-first", "breadth-first", "depth-first", "beam"], default="best-first")
+    p.add_argument("--beam-width", type=positive_int, metavar="B",
+                   help="with --order beam: expand only the B most probable nodes of each depth (the bracket "
+                   "stays certified; pruned nodes count as unexpanded)")
     p.add_argument("--max-nodes", type=positive_int, default=10_000_000)
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
@@ -47,12 +51,14 @@ def run(ctx: RunContext) -> int:
     # The library's default (the vocabulary size) keeps the bracket a proof; a smaller cap is an assumption
     # about the unexpanded nodes (top-k ties can exceed k), so it is only used when asked for.
     cap = a.support_cap
+    if (a.order == "beam") != (a.beam_width is not None):
+        raise InvalidArgumentError("--beam-width B goes with --order beam (and only with it): give both or neither")
 
     def one(job: PromptJob) -> tuple[dict, dict]:
         prog = BracketProgress(not ctx.show_progress, "bracket", record=True)
         try:
             res = canopy_rs.bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
-                                    batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
+                                    beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
                                     progress_interval=0.0)
         finally:
             prog.close()
@@ -63,7 +69,7 @@ def run(ctx: RunContext) -> int:
         return rec, {}
 
     records = ctx.run_prompts(one, budget=[nodes, a.budget_tokens, a.budget_seconds, a.budget_memory],
-                              support_cap=cap, order=a.order)
+                              support_cap=cap, order=a.order, beam_width=a.beam_width)
     rows = []
     for r in records:
         b = r["bounds"]
