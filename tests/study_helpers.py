@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-LETTERS = "abcdefghijklm"
+from tiny_models import LETTERS, tiny_llama, tiny_tokenizer
 
 
 class LetterEncoder:
@@ -25,35 +25,14 @@ class LetterEncoder:
         return out
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<unk>": 1, "<bos>": 2}
-    for i, c in enumerate(LETTERS):
-        vocab[c] = 3 + i
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", bos_token="<bos>",
-                                   pad_token="<eos>")
-
-
 def make_tiny_pair(root: Path) -> tuple[Path, Path]:
     """Two variants of one random 2-layer Llama (16-token vocabulary, 0 = <eos>): ``base`` as initialised and
     ``tuned`` after a few SGD steps toward a target distribution (short sequences over a, b, c ending in EOS),
     each saved with its tokenizer."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=2, eos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)
-    model.generation_config = GenerationConfig(eos_token_id=0, bos_token_id=2, pad_token_id=0)
+    tok = tiny_tokenizer()
+    model = tiny_llama(lm_head_scale=4.0)
     base = root / "base"
     model.save_pretrained(base)
     tok.save_pretrained(base)

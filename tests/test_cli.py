@@ -18,32 +18,7 @@ pytest.importorskip("matplotlib")
 from canopy_rs.cli import main  # noqa: E402
 from canopy_rs.io import read_prompts  # noqa: E402
 from canopy_rs.models import find_embedded_gguf  # noqa: E402
-
-
-def make_tiny_model(path: Path) -> Path:
-    """A random 2-layer Llama with a 16-token vocabulary (0 = <eos>) and a whitespace word-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<unk>": 1, "<bos>": 2}
-    for i, c in enumerate("abcdefghijklm"):
-        vocab[c] = 3 + i
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", bos_token="<bos>",
-                                  pad_token="<eos>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=2, eos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # peakier next-token distributions
-    model.generation_config = GenerationConfig(eos_token_id=0, bos_token_id=2, pad_token_id=0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from tiny_models import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,7 @@ def test_load_tiny_directory(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     import torch
 
-    from test_cli import make_tiny_model
+    from tiny_models import make_tiny_model
 
     d = make_tiny_model(tmp_path / "tiny")
     hf, tok = models.load_model(d, device="cpu", dtype="float32")

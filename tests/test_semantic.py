@@ -561,7 +561,7 @@ def test_end_to_end_on_a_transformers_model(tmp_path):
     """A real (tiny, random) Llama and tokenizer: leaves decoded without the EOS, exact semantics, and
     sampled rollouts whose texts are leaves' texts."""
     pytest.importorskip("transformers")
-    from test_cli import make_tiny_model
+    from tiny_models import make_tiny_model
 
     from canopy_rs.backends.transformers import TransformersModel
     from canopy_rs.models import load_model
