@@ -114,6 +114,9 @@ def setup(
         batch_size = check_positive_int("batch_size", batch_size)
     policy = make_policy(temperature, top_k, top_p)
     backend = as_backend(model, vocab_size, eos_token_ids)
+    check_depth = getattr(backend, "check_max_new_tokens", None)  # optional (see canopy_rs.protocol)
+    if check_depth is not None:
+        check_depth(max_new_tokens)  # e.g. the model's context window, before any forward
     eos = check_eos_token_ids(backend.eos_token_ids, backend.vocab_size, source=f"{type(backend).__name__}.eos_token_ids")
     if batch_size is None:
         preferred = getattr(backend, "preferred_batch_size", None)  # optional (see canopy_rs.protocol)

@@ -19,6 +19,9 @@ asks the backend to **expand** batches of nodes and tells it which nodes' state 
   use it when the caller passes no ``batch_size``. A backend that sizes it from memory also exposes
   ``memory_per_row_bytes`` (device bytes one more row of a call needs: its logits and temporaries plus the
   live state one more expanded node keeps), for callers that budget memory themselves.
+* optional ``check_max_new_tokens(max_new_tokens)``: raises :class:`canopy_rs.errors.InvalidArgumentError`
+  when the backend cannot serve canopies that deep (a transformers model: prompt + ``max_new_tokens`` beyond
+  its context window). Every driver calls it before the first ``expand()``.
 * optional ``describe() -> dict`` with ``dtype`` (the model's compute dtype), ``logits_dtype`` (what the
   policy is computed from) and ``strategy`` (strings); drivers copy them into every result's record.
 
