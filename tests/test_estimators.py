@@ -12,7 +12,7 @@ from scipy import stats
 
 import canopy_rs
 from canopy_rs.estimators import estimate, estimate_arrays
-from canopy_rs.estimators._stats import (
+from canopy_rs.stats import (
     collapsed_strata_var,
     kendall_tau_b,
     pearson,

@@ -14,7 +14,7 @@ import pytest
 
 import canopy_rs
 from canopy_rs.estimators import estimate_arrays, pool
-from canopy_rs.estimators._stats import kendall_tau_b, pearson, spearman
+from canopy_rs.stats import kendall_tau_b, pearson, spearman
 from canopy_rs.sampling import Rollouts
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "pooling-parity.md"

@@ -12,7 +12,8 @@ import pytest
 from scipy import stats as sps
 
 import canopy_rs
-from canopy_rs.estimators import _stats, paired_bootstrap, pool
+from canopy_rs import stats as _stats
+from canopy_rs.estimators import paired_bootstrap, pool
 from canopy_rs.semantic import bucket_diversity, prompt_semantics, vendi_entropy
 
 from reference import RandomModel, enumerate_canopy

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
-from canopy_rs.estimators._stats import pearson
+from canopy_rs.stats import pearson
 
 __all__ = [
     "plot_length_distribution",

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from canopy_rs import stats
 from canopy_rs.errors import InvalidArgumentError
 
 
@@ -195,8 +196,6 @@ class CanopyResult:
         (N, r_N), derived from the recorded node arrays (``exact(..., return_nodes=True)``)."""
         if self.nodes is None:
             raise InvalidArgumentError("with_leaves() needs the node arrays: run exact(..., return_nodes=True)")
-        from canopy_rs.estimators import _stats
-
         tokens, probs, lengths, rates = leaf_arrays(self.nodes)
         n = lengths.astype(np.float64)
         return dataclasses.replace(
@@ -206,8 +205,8 @@ class CanopyResult:
             leaf_probs=probs,
             leaf_lengths=lengths,
             leaf_rates=rates,
-            length_rate_spearman=_stats.weighted_spearman(n, rates, probs),
-            length_rate_kendall=_stats.weighted_kendall_tau_b(n, rates, probs),
+            length_rate_spearman=stats.weighted_spearman(n, rates, probs),
+            length_rate_kendall=stats.weighted_kendall_tau_b(n, rates, probs),
         )
 
     @property

@@ -26,7 +26,7 @@ import numpy as np
 
 from canopy_rs._driver import ProgressBar, check_positive_int
 from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, ModelNotFoundError
-from canopy_rs.estimators import _stats
+from canopy_rs import stats
 from canopy_rs.results import to_plain
 
 __all__ = [
@@ -249,7 +249,7 @@ def semantic_diversity(E: Any, weights: Any = None) -> float:
         # sum over i != j of <e_i, e_j> = ||sum e||^2 - sum ||e_i||^2 (= M with unit rows).
         off = float(s @ s) - float(np.einsum("ij,ij->", e, e))
         return 1.0 - off / (m * (m - 1))
-    mean = _stats.unit_weights(weights, m) @ e
+    mean = stats.unit_weights(weights, m) @ e
     return 1.0 - float(mean @ mean)
 
 
@@ -264,7 +264,7 @@ def rollout_diversity(E: Any, weights: Any = None) -> np.ndarray:
             return np.full(m, math.nan)
         s = e.sum(axis=0)
         return 1.0 - (e @ s - np.einsum("ij,ij->i", e, e)) / (m - 1)
-    return 1.0 - e @ (_stats.unit_weights(weights, m) @ e)
+    return 1.0 - e @ (stats.unit_weights(weights, m) @ e)
 
 
 def vendi_entropy(E: Any, weights: Any = None) -> float:
@@ -273,7 +273,7 @@ def vendi_entropy(E: Any, weights: Any = None) -> float:
     the n x n and d x d forms is diagonalised (they share their non-zero eigenvalues)."""
     e = _unit_rows(E)
     n, d = e.shape
-    w = np.full(n, 1.0 / n) if weights is None else _stats.unit_weights(weights, n)
+    w = np.full(n, 1.0 / n) if weights is None else stats.unit_weights(weights, n)
     a = e * np.sqrt(w)[:, None]
     k = a @ a.T if n <= d else a.T @ a
     lam = np.clip(np.linalg.eigvalsh(k), 0.0, None)
@@ -308,17 +308,17 @@ def bucket_diversity(E: Any, lengths: Any) -> dict[str, float]:
 
 def _sample_corrs(prefix: str, x: np.ndarray, d: np.ndarray) -> dict[str, float]:
     return {
-        f"{prefix}_pearson": _stats.pearson(x, d),
-        f"{prefix}_spearman": _stats.spearman(x, d),
-        f"{prefix}_kendall": _stats.kendall_tau_b(x, d),
+        f"{prefix}_pearson": stats.pearson(x, d),
+        f"{prefix}_spearman": stats.spearman(x, d),
+        f"{prefix}_kendall": stats.kendall_tau_b(x, d),
     }
 
 
 def _weighted_corrs(prefix: str, x: np.ndarray, d: np.ndarray, w: np.ndarray) -> dict[str, float]:
     return {
-        f"{prefix}_pearson": _stats.weighted_pearson(x, d, w),
-        f"{prefix}_spearman": _stats.weighted_spearman(x, d, w),
-        f"{prefix}_kendall": _stats.weighted_kendall_tau_b(x, d, w),
+        f"{prefix}_pearson": stats.weighted_pearson(x, d, w),
+        f"{prefix}_spearman": stats.weighted_spearman(x, d, w),
+        f"{prefix}_kendall": stats.weighted_kendall_tau_b(x, d, w),
     }
 
 
@@ -370,7 +370,7 @@ def exact_semantics(res: Any, E: Any) -> ExactSemantics:
         raise InvalidArgumentError("res has no leaves: compute it with canopy_rs.exact(..., return_leaves=True)")
     w = np.asarray(res.leaf_probs, dtype=np.float64)
     e = _unit_rows(E, "E", w.shape[0])
-    w = _stats.unit_weights(w, w.shape[0])
+    w = stats.unit_weights(w, w.shape[0])
     n = np.asarray(res.leaf_lengths, dtype=np.float64)
     r = np.asarray(res.leaf_rates, dtype=np.float64)
     d = rollout_diversity(e, w)

@@ -39,7 +39,7 @@ import numpy as np
 from canopy_rs._driver import check_positive_int, cost, expand_support, make_rng, setup
 from canopy_rs.results import to_plain
 
-from . import _stats
+from canopy_rs import stats
 
 __all__ = ["BeamSearchEstimate", "stochastic_beam_search"]
 
@@ -142,7 +142,7 @@ def stochastic_beam_search(
     counters plus ``nodes_expanded`` and ``seconds``; model calls grow with depth, rows with
     ``beam_size x depth``."""
     beam_size = check_positive_int("beam_size", beam_size)
-    crit = _stats.critical_value(confidence)
+    crit = stats.critical_value(confidence)
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     backend, policy, max_new_tokens, batch_size = s.backend, s.policy, s.max_new_tokens, s.batch_size

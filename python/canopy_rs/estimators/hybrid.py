@@ -50,7 +50,7 @@ from canopy_rs._driver import (
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
-from . import _stats
+from canopy_rs import stats
 
 __all__ = ["HybridEstimate", "estimate_hybrid"]
 
@@ -154,7 +154,7 @@ def estimate_hybrid(
         stop = _HeadStop(budget, tree, s.max_new_tokens)
         head.expand(Budget(nodes=budget_nodes if budget_nodes is not None else max(1, budget // 2)), stop=stop)
     b = tree.bounds()
-    crit_n = _stats.critical_value(confidence)
+    crit_n = stats.critical_value(confidence)
     if tree.is_done:
         ce = float(tree.result()["ce_star"])
         return HybridEstimate(ce, 0.0, (ce, ce), ce, ce, 0.0, 0, int(tree.num_expanded), 0, math.nan, True,
@@ -212,11 +212,11 @@ def estimate_hybrid(
         dof = n - 1
     se = m_f * math.sqrt(var) if math.isfinite(var) else math.nan
     ce = head_sum + m_f * tail
-    crit = _stats.critical_value(confidence, dof) if n >= 2 else crit_n
+    crit = stats.critical_value(confidence, dof) if n >= 2 else crit_n
     return HybridEstimate(
         ce_star=ce,
         ce_star_se=se,
-        ce_star_ci=_stats.mean_ci(ce, se, crit),
+        ce_star_ci=stats.mean_ci(ce, se, crit),
         head_sum=head_sum,
         ce_star_upper=float(b["ce_star_upper"]),
         frontier_mass=m_f,

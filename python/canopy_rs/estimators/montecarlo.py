@@ -22,7 +22,7 @@ from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 from canopy_rs.sampling import check_rollout_steps
 
-from . import _stats
+from canopy_rs import stats
 from ._buckets import BucketDiversityView
 
 __all__ = ["PromptEstimate", "estimate", "estimate_arrays"]
@@ -150,14 +150,14 @@ def estimate_arrays(
     check_rollout_steps(ent, None if logq is None else np.asarray(logq, dtype=np.float64),
                         np.arange(ent.shape[1])[None, :] < lengths[:, None])
     if stratified:
-        crit_dof = _stats.critical_value(confidence, max(1, m // 2))
+        crit_dof = stats.critical_value(confidence, max(1, m // 2))
 
         def mean_se(v):
             v = np.asarray(v, dtype=np.float64)
-            return float(v.mean()), math.sqrt(_stats.collapsed_strata_var(v))
+            return float(v.mean()), math.sqrt(stats.collapsed_strata_var(v))
     else:
-        crit_dof = _stats.critical_value(confidence, m - 1)
-        mean_se = _stats.mean_se
+        crit_dof = stats.critical_value(confidence, m - 1)
+        mean_se = stats.mean_se
 
     n = lengths.astype(np.float64)
     h_sum = ent.sum(axis=1)
@@ -176,14 +176,14 @@ def estimate_arrays(
     ratio = ce / nbar
     gen_ppl = math.exp(ratio)
     ratio_se = mean_se((h_sum - ratio * n) / nbar)[1] if m >= 2 else math.nan
-    ratio_ci = _stats.mean_ci(ratio, ratio_se, crit_dof)
-    rate_ci = _stats.mean_ci(rbar, rbar_se, crit_dof)
+    ratio_ci = stats.mean_ci(ratio, ratio_se, crit_dof)
+    rate_ci = stats.mean_ci(rbar, rbar_se, crit_dof)
 
     length_var = float(np.var(n, ddof=1)) if m >= 2 else math.nan
     rate_var = float(np.var(rate, ddof=1)) if m >= 2 else math.nan
-    pearson = _stats.pearson(n, rate)
-    spearman = _stats.spearman(n, rate)
-    kendall = _stats.kendall_tau_b(n, rate)
+    pearson = stats.pearson(n, rate)
+    spearman = stats.spearman(n, rate)
+    kendall = stats.kendall_tau_b(n, rate)
     if m >= 2:
         cov = float(np.cov(n, rate, ddof=1)[0, 1])
         # Influence terms of the sample covariance give its asymptotic standard error.
@@ -218,13 +218,13 @@ def estimate_arrays(
         confidence=float(confidence),
         ce_star=ce,
         ce_star_se=ce_se,
-        ce_star_ci=_stats.mean_ci(ce, ce_se, crit_dof),
+        ce_star_ci=stats.mean_ci(ce, ce_se, crit_dof),
         ce_star_surprisal=ces,
         ce_star_surprisal_se=ces_se,
-        ce_star_surprisal_ci=_stats.mean_ci(ces, ces_se, crit_dof),
+        ce_star_surprisal_ci=stats.mean_ci(ces, ces_se, crit_dof),
         expected_length=nbar,
         expected_length_se=nbar_se,
-        expected_length_ci=_stats.mean_ci(nbar, nbar_se, crit_dof),
+        expected_length_ci=stats.mean_ci(nbar, nbar_se, crit_dof),
         gen_ppl=gen_ppl,
         gen_ppl_se=gen_ppl * ratio_se,
         gen_ppl_ci=(math.exp(ratio_ci[0]), math.exp(ratio_ci[1])) if math.isfinite(ratio_se) else _nan_ci(),
@@ -237,14 +237,14 @@ def estimate_arrays(
         length_var=length_var,
         rate_var=rate_var,
         length_rate_pearson=pearson,
-        length_rate_pearson_ci=_stats.fisher_ci(pearson, m, confidence),
+        length_rate_pearson_ci=stats.fisher_ci(pearson, m, confidence),
         length_rate_spearman=spearman,
-        length_rate_spearman_ci=_stats.fisher_ci(spearman, m, confidence, var_factor=1.06),
+        length_rate_spearman_ci=stats.fisher_ci(spearman, m, confidence, var_factor=1.06),
         length_rate_kendall=kendall,
-        length_rate_kendall_ci=_stats.fisher_ci(kendall, m, confidence, var_factor=0.437, dof_shift=4),
+        length_rate_kendall_ci=stats.fisher_ci(kendall, m, confidence, var_factor=0.437, dof_shift=4),
         length_rate_cov=cov,
         length_rate_cov_se=cov_se,
-        length_rate_cov_ci=_stats.mean_ci(cov, cov_se, crit_dof),
+        length_rate_cov_ci=stats.mean_ci(cov, cov_se, crit_dof),
         length_driven=length_driven,
         length_rate_cov_pop=cov_pop,
         length_driven_share=length_driven / ce if ce != 0 else math.nan,

@@ -1,4 +1,5 @@
-"""Small numpy statistics helpers shared by the estimators (no scipy at import time).
+"""Statistics helpers (numpy; no scipy at import time): weighted moments and rank correlations, Student-t
+critical values, Fisher-z intervals. Shared by the results, the estimators, the semantic metrics and the plots.
 
 Correlations follow the reference code (paper-spec 2.8): Pearson, Spearman on mid-ranks, Kendall tau-b, all
 NaN when undefined: fewer than two points, a constant variable, or a non-finite value (never clipped into
@@ -26,6 +27,11 @@ __all__ = [
     "fisher_ci",
     "mean_ci",
     "collapsed_strata_var",
+    "snap_ties",
+    "unit_weights",
+    "weighted_pearson",
+    "weighted_spearman",
+    "weighted_kendall_tau_b",
 ]
 
 
