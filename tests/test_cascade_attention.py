@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import canopy_rs  # noqa: E402
 from canopy_rs.backends.transformers import KVBudgetExceededError, TransformersModel, TreeAttentionUnsupported  # noqa: E402
-from canopy_rs.backends.transformers._common import ModelRunner  # noqa: E402
+from canopy_rs.backends.transformers.runner import ModelRunner  # noqa: E402
 from canopy_rs.backends.transformers.attention import CASCADE_ATTENTION, cascade_forward  # noqa: E402
 from canopy_rs.backends.transformers.cascade import CascadeEngine  # noqa: E402
 from canopy_rs.backends.transformers.tree_attention import TreeAttentionEngine  # noqa: E402

@@ -15,6 +15,8 @@ BUILTIN = {
     "BackendOutputError": ValueError,
     "TreeTooLargeError": ValueError,
     "TreeAttentionUnsupported": ValueError,
+    "StrategyUnsupportedError": ValueError,
+    "CacheLayoutUnsupported": ValueError,
     "KVBudgetExceededError": MemoryError,
     "ModelNotFoundError": FileNotFoundError,
     "StudyConfigError": ValueError,

@@ -29,6 +29,8 @@ from canopy_rs.errors import (
     ModelNotFoundError,
     StudyConfigError,
     TreeAttentionUnsupported,
+    StrategyUnsupportedError,
+    CacheLayoutUnsupported,
     TreeTooLargeError,
 )
 from canopy_rs.estimators import (
@@ -94,6 +96,8 @@ __all__ = [
     "TransformersModel",
     "KVBudgetExceededError",
     "TreeAttentionUnsupported",
+    "StrategyUnsupportedError",
+    "CacheLayoutUnsupported",
     "sample",
     "Rollouts",
     "estimate",

@@ -10,7 +10,9 @@ exception a caller would expect, so ``except ValueError`` / ``TypeError`` / ``Me
     ├── ArgumentTypeError         (TypeError)    an argument of the wrong type
     ├── BackendOutputError        (ValueError)   a backend's expand() broke the protocol (shape, dtype, CSR)
     ├── TreeTooLargeError         (ValueError)   the canopy would exceed max_nodes
-    ├── TreeAttentionUnsupported  (ValueError)   the model cannot run the tree-attention strategy
+    ├── StrategyUnsupportedError  (ValueError)   no expansion strategy is proven exact on the model (why, by how much)
+    │   ├── TreeAttentionUnsupported             the model cannot run a tree-attention strategy
+    │   └── CacheLayoutUnsupported               a cache layer whose state per-row caches cannot copy
     ├── KVBudgetExceededError     (MemoryError)  the live KV cache would exceed max_live_kv_tokens
     ├── ModelNotFoundError        (FileNotFoundError)  no local model where one was named
     ├── StudyConfigError          (ValueError)   a study config that cannot run; the message names the field
@@ -32,7 +34,9 @@ __all__ = [
     "ArgumentTypeError",
     "BackendOutputError",
     "TreeTooLargeError",
+    "StrategyUnsupportedError",
     "TreeAttentionUnsupported",
+    "CacheLayoutUnsupported",
     "KVBudgetExceededError",
     "ModelNotFoundError",
     "StudyConfigError",
@@ -62,9 +66,22 @@ class TreeTooLargeError(CanopyError, ValueError):
     """The canopy would exceed ``max_nodes``: raise it, shrink the policy, or use ``canopy_rs.bounded``."""
 
 
-class TreeAttentionUnsupported(CanopyError, ValueError):
+class StrategyUnsupportedError(CanopyError, ValueError):
+    """The transformers backend cannot prove an expansion strategy exact on this model: its startup self-check
+    deviated from full recomputation (the message says by how much), its cache holds state that cannot be
+    copied per branch, or it keeps state outside transformers' cache. Raised for the requested strategy, or
+    by ``strategy="auto"`` when none is left; a plain ``logits_fn`` callable that recomputes every prefix
+    always works."""
+
+
+class TreeAttentionUnsupported(StrategyUnsupportedError):
     """The model cannot run the requested tree-attention strategy (``"cascade"`` or ``"tree"``; the message says
     why); use ``strategy="auto"`` or ``"per-row"``."""
+
+
+class CacheLayoutUnsupported(StrategyUnsupportedError):
+    """A cache layer type, or an attribute of one, that per-row caches do not know how to copy per branch:
+    refused rather than shared between branches."""
 
 
 class KVBudgetExceededError(CanopyError, MemoryError):

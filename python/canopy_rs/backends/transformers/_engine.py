@@ -23,9 +23,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from canopy_rs.errors import EngineStateError, InvalidArgumentError
+from canopy_rs.errors import EngineStateError, InvalidArgumentError, KVBudgetExceededError
 
-from ._common import KVBudgetExceededError, ModelRunner
+from .runner import ModelRunner
 
 __all__ = ["KVEngine", "HostToDevice", "tensor_bytes"]
 

@@ -20,7 +20,8 @@ import torch
 
 from canopy_rs.errors import InvalidArgumentError
 
-from ._common import ModelRunner, new_tree_cache
+from .cache_ops import new_tree_cache
+from .runner import ModelRunner
 from ._engine import HostToDevice, KVEngine
 from .attention import STEP_KWARG, CascadeKV, CascadeStep, cascade_forward
 

@@ -1,11 +1,12 @@
 """Per-row caches: one cache row per expanded node, holding the model's whole state after that node.
 
 A forward takes the nodes of one depth (all rows then have the same length, so no padding and no custom mask
-are needed: it works for every model, including sliding-window, linear-attention and hybrid ones). The
-parents' rows are gathered with each layer's ``reorder_cache`` (an ``index_select`` on the batch dimension,
-repeats allowed: k children of one parent take k copies of its row) into a new cache, the F children's
-tokens are forwarded as ``[F, 1]``, and the resulting cache becomes a *chunk* whose rows are the children's
-states. A chunk lives while one of its rows is unreleased; chunks with many released rows are compacted.
+are needed: it works for every model whose whole state is in a transformers ``DynamicCache`` of known layer
+types, including sliding-window, linear-attention, state-space and hybrid ones). The parents' rows are
+gathered into a new cache by :func:`.cache_ops.select_cache_rows` (every attribute of every layer copied by
+its declared rule, repeats allowed: k children of one parent take k copies of its row; rows of several chunks
+joined by :func:`.cache_ops.concat_caches`), the F children's tokens are forwarded as ``[F, 1]`` at their
+explicit positions, and the resulting cache becomes a *chunk* whose rows are the children's states. A chunk lives while one of its rows is unreleased; chunks with many released rows are compacted.
 
 Cost: one token per node after the prompt, but the prompt KV is replicated in every row, so the live KV is
 ``rows x (P + depth)`` tokens and each forward copies its parents' rows.
@@ -21,14 +22,9 @@ import torch
 
 from canopy_rs.errors import InvalidArgumentError
 
-from ._common import (
-    ModelRunner,
-    can_concat_cache,
-    concat_caches,
-    new_cache,
-    select_cache_rows,
-)
 from ._engine import KVEngine, tensor_bytes
+from .cache_ops import concat_caches, new_cache, select_cache_rows
+from .runner import ModelRunner
 
 __all__ = ["PerRowEngine"]
 
@@ -103,15 +99,16 @@ class PerRowEngine(KVEngine):
         self._start(root_id, prompt_ids)
         cache = new_cache(self.runner.model)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        logits = self.runner(ids, cache, last_only=True)[:, -1, :]
+        positions = torch.arange(len(prompt_ids), device=self.device)[None, :]
+        logits = self.runner(ids, cache, position_ids=positions, last_only=True)[:, -1, :]
         self._add_chunk(cache, 0, np.array([root_id], dtype=np.int64))
         return logits
 
     def expand(
         self, node_ids: np.ndarray, parent_ids: np.ndarray, tokens: np.ndarray, depths: np.ndarray
     ) -> torch.Tensor:
-        """Nodes grouped by depth, one forward per group (and per source chunk when the cache layout cannot
-        be concatenated); returns logits ``[F, V]`` in input order."""
+        """Nodes grouped by depth, one forward per depth (parents' rows from every chunk joined); returns
+        logits ``[F, V]`` in input order."""
         F = self._check_batch(node_ids, bool(self.chunks))
         if len(set(node_ids.tolist()) & self.loc.keys()):
             raise InvalidArgumentError("node ids in the batch were already expanded in this run")
@@ -129,19 +126,11 @@ class PerRowEngine(KVEngine):
 
         out: Optional[torch.Tensor] = None
         for d in np.unique(depths).tolist():
-            sel = np.flatnonzero(depths == d)
-            groups: list[np.ndarray]
-            cids = np.unique(pchunk[sel])
-            first = self.chunks[int(cids[0])].cache
-            if len(cids) == 1 or can_concat_cache(first):
-                groups = [sel]
-            else:
-                groups = [sel[pchunk[sel] == c] for c in cids.tolist()]
-            for g in groups:
-                logits = self._forward_group(g, node_ids, pchunk, prow, tokens, int(d))
-                if out is None:
-                    out = torch.empty((F, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-                out[torch.as_tensor(g).to(logits.device)] = logits
+            g = np.flatnonzero(depths == d)
+            logits = self._forward_group(g, node_ids, pchunk, prow, tokens, int(d))
+            if out is None:
+                out = torch.empty((F, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+            out[torch.as_tensor(g).to(logits.device)] = logits
         assert out is not None
         return out
 
@@ -166,9 +155,12 @@ class PerRowEngine(KVEngine):
             rows = torch.as_tensor(prow[members]).to(self.device)
             parts.append(select_cache_rows(self.chunks[c].cache, rows))
         members = np.concatenate(order)
-        cache = concat_caches(parts, [len(o) for o in order])
+        cache = concat_caches(parts)
         input_ids = torch.as_tensor(tokens[members], dtype=torch.long).to(self.device)[:, None]
-        logits = self.runner(input_ids, cache)[:, -1, :]
+        # Explicit positions: hybrid models otherwise derive them from the cache's first layer, which for a
+        # linear-attention layer has no sequence length (positions would restart at 0).
+        positions = torch.full((B, 1), self.P + depth - 1, dtype=torch.long, device=self.device)
+        logits = self.runner(input_ids, cache, position_ids=positions)[:, -1, :]
         self._add_chunk(cache, depth, node_ids[members])
         # Return rows in the order of g.
         pos = {int(m): i for i, m in enumerate(members.tolist())}

@@ -1,5 +1,5 @@
-"""Helpers shared by the transformers expansion strategies: the forward call, model introspection, prompt
-rendering and cache-row surgery. Nothing here imports the Rust core."""
+"""Running the model: the forward call as the installed transformers expects it, and a reduced-precision
+model's final norm and LM head in float32."""
 
 from __future__ import annotations
 
@@ -10,39 +10,25 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from transformers import cache_utils
+from canopy_rs.errors import CacheLayoutUnsupported
 
-from canopy_rs.errors import InvalidArgumentError, KVBudgetExceededError
-
-__all__ = [
-    "ModelRunner",
-    "KVBudgetExceededError",
-    "render_prompt",
-    "resolve_vocab_size",
-    "resolve_eos_token_ids",
-    "tree_attention_support",
-    "kv_layers_support",
-    "sliding_window_reason",
-    "new_tree_cache",
-    "select_cache_rows",
-    "concat_caches",
-    "can_concat_cache",
-    "new_cache",
-]
+__all__ = ["ModelRunner", "Float32Head"]
 
 
 class ModelRunner:
     """Calls a transformers causal LM the way the installed transformers version expects.
 
     transformers 5.x names the cache argument ``cache`` (``past_key_values`` is a deprecated alias, removed in
-    5.40); 4.x names it ``past_key_values``. The name is read from the forward signature once.
+    5.40); 4.x names it ``past_key_values``. The name is read from the forward signature once; ``cache_kw`` is
+    ``None`` for a model whose forward takes neither (it keeps its recurrent state elsewhere, e.g. RWKV's
+    ``state``), which no strategy that hands it a cache can drive.
     """
 
     def __init__(self, model: Any, *, float32_head: bool = True):
         self.model = model
         self.head = Float32Head(model) if float32_head else None
         params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw: Optional[str] = next((k for k in ("cache", "past_key_values") if k in params), None)
         if "logits_to_keep" in params:
             self.keep_kw: Optional[str] = "logits_to_keep"
         elif "num_logits_to_keep" in params:
@@ -70,6 +56,11 @@ class ModelRunner:
         """Forward ``input_ids`` ``[B, q]`` on top of ``cache`` (updated in place; ``None``: no cache, the
         attention function keeps the state); returns the logits ``[B, q or 1, V]``. ``extra`` keyword
         arguments travel through the forward to the attention functions."""
+        if cache is not None and self.cache_kw is None:
+            raise CacheLayoutUnsupported(
+                f"{type(self.model).__name__}.forward takes no cache argument: its state lives outside transformers' "
+                "Cache, so canopy_rs cannot branch it"
+            )
         kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
@@ -91,10 +82,14 @@ class ModelRunner:
 
     def full_logits(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
         """Next-token logits of one full sequence with no cache (the reference path): ``[V]``."""
-        t = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        return self.full_logits_batch([ids], device)[0]
+
+    def full_logits_batch(self, seqs: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+        """Next-token logits of sequences of one length, each recomputed in full with no cache: ``[B, V]``."""
+        t = torch.tensor([list(s) for s in seqs], dtype=torch.long, device=device)
         with self.head_context():
             out = self.model(input_ids=t, use_cache=False)
-        return out.logits[0, -1, :]
+        return out.logits[:, -1, :]
 
     def head_context(self) -> Any:
         return self.head if self.head is not None and self.head.active else contextlib.nullcontext()
@@ -165,271 +160,3 @@ class Float32Head:
     def __exit__(self, *exc: Any) -> None:
         for parent, name, orig, _ in self.swaps:
             setattr(parent, name, orig)
-
-
-def new_cache(model: Any) -> Any:
-    """A fresh ``DynamicCache`` laid out for ``model`` (sliding-window / linear-attention layers included)."""
-    return cache_utils.DynamicCache(config=model.config)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model introspection
-
-
-def text_config(model: Any) -> Any:
-    """The decoder's config (the text config of a multimodal model)."""
-    cfg = model.config
-    get = getattr(cfg, "get_text_config", None)
-    if get is not None:
-        try:
-            return get(decoder=True)
-        except TypeError:
-            return get()
-    return cfg
-
-
-def resolve_vocab_size(model: Any, override: Optional[int]) -> int:
-    """The width of the model's logits rows (the policy's vocabulary), or ``override`` (which must not exceed
-    it; the logits are then cut to the first ``override`` columns)."""
-    width = None
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        width = int(emb.weight.shape[0])
-    if width is None:
-        width = int(getattr(text_config(model), "vocab_size"))
-    if override is None:
-        return width
-    override = int(override)
-    if not 1 <= override <= width:
-        raise InvalidArgumentError(f"vocab_size={override} must be in [1, {width}] (the model's logits width)")
-    return override
-
-
-def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (int,)):
-        return [int(value)]
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    return [int(v) for v in value]
-
-
-def resolve_eos_token_ids(
-    model: Any, tokenizer: Any, override: Optional[Sequence[int]], vocab_size: int
-) -> tuple[int, ...]:
-    """EOS ids: ``override`` if given (``[]`` means no EOS); else the generation config's ``eos_token_id``
-    (all of them), else the model config's, else the tokenizer's. Each id is its own outcome."""
-    if override is not None:
-        ids = _as_id_list(override)
-        source = "eos_token_ids="
-    else:
-        ids = []
-        source = ""
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            ids = _as_id_list(getattr(gen, "eos_token_id", None))
-            source = "generation_config.eos_token_id"
-        if not ids:
-            ids = _as_id_list(getattr(text_config(model), "eos_token_id", None))
-            source = "config.eos_token_id"
-        if not ids and tokenizer is not None:
-            ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
-            source = "tokenizer.eos_token_id"
-        if not ids:
-            raise InvalidArgumentError(
-                "could not find EOS token ids in the generation config, the model config or the tokenizer; "
-                "pass eos_token_ids=[...] (or eos_token_ids=[] for a canopy with no EOS)"
-            )
-    out = sorted(set(ids))
-    bad = [i for i in out if not 0 <= i < vocab_size]
-    if bad:
-        raise InvalidArgumentError(
-            f"EOS ids {bad} (from {source}) are outside the vocabulary [0, {vocab_size}); "
-            "pass eos_token_ids=[...] explicitly"
-        )
-    return tuple(out)
-
-
-_TREE_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-
-
-def tree_attention_support(model: Any) -> tuple[Optional[str], Optional[int]]:
-    """``(reason, sliding_window)``: ``reason`` says why tree attention cannot run on ``model`` at all
-    (``None`` if it can, pending the startup self-check); ``sliding_window`` is the smallest attention window
-    of the model's sliding-window layers (``None`` if it has none). A sliding-window model is exact under tree
-    attention only while prompt + depth <= window (then every window covers the whole sequence)."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in _TREE_ATTN_IMPLEMENTATIONS:
-        hint = ""
-        if "flash" in str(impl):
-            hint = " (flash-attention kernels take no arbitrary 4D mask)"
-        return (
-            f"attn_implementation={impl!r} cannot take a custom 4D tree mask{hint}; tree attention needs "
-            "'sdpa' or 'eager' (load the model with attn_implementation='sdpa')"
-        ), None
-    return kv_layers_support(model)
-
-
-def kv_layers_support(model: Any) -> tuple[Optional[str], Optional[int]]:
-    """``(reason, sliding_window)`` from the model's cache layout alone: ``reason`` is set when a layer is not
-    a plain full- or sliding-window-attention KV cache (linear attention, recurrent or indexed state), which
-    no flattened tree layout can hold; ``sliding_window`` is the smallest window (``None``: no such layer)."""
-    try:
-        cache = new_cache(model)
-    except Exception as exc:  # pragma: no cover - exotic configs
-        return f"cannot build a DynamicCache for this model ({type(exc).__name__}: {exc})", None
-    kinds = set()
-    windows = []
-    for layer in cache.layers:
-        if type(layer) is cache_utils.DynamicLayer or type(layer).__name__ == "DummyLayer":
-            continue
-        if type(layer) is cache_utils.DynamicSlidingWindowLayer:
-            windows.append(int(layer.sliding_window))
-            continue
-        kinds.add(type(layer).__name__)
-    if kinds:
-        names = ", ".join(sorted(kinds))
-        if any("Linear" in k for k in kinds):
-            why = "linear-attention / recurrent state cannot be masked per branch"
-        else:
-            why = "these cache layers are not plain full- or sliding-window-attention KV caches"
-        return f"the model's cache layers ({names}) do not support tree attention: {why}", None
-    return None, (min(windows) if windows else None)
-
-
-def sliding_window_reason(window: int) -> str:
-    return (
-        f"sliding-window attention (window {window}): a flattened tree cache is exact only while prompt + depth "
-        f"<= {window}; pass strategy='tree' to use tree attention within that limit"
-    )
-
-
-def new_tree_cache(model: Any) -> Any:
-    """A ``DynamicCache`` whose sliding-window layers are replaced by full ``DynamicLayer``s (tree attention
-    keeps every column and enforces the window limit itself)."""
-    cache = new_cache(model)
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is cache_utils.DynamicSlidingWindowLayer:
-            cache.layers[i] = cache_utils.DynamicLayer()
-    return cache
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Prompt rendering
-
-
-def _wants_enable_thinking_false(model: Any, tokenizer: Any) -> bool:
-    model_type = str(getattr(text_config(model), "model_type", "") or getattr(model.config, "model_type", ""))
-    if model_type.startswith("qwen3"):
-        return True
-    template = getattr(tokenizer, "chat_template", None)
-    return "enable_thinking" in str(template or "")
-
-
-def render_prompt(
-    model: Any,
-    tokenizer: Any,
-    prompt: Any,
-    chat: bool,
-    chat_template_kwargs: Optional[dict] = None,
-) -> list[int]:
-    """The prompt token ids, following the spec: base models get the raw prompt (tokenised with the
-    tokenizer's special tokens, e.g. BOS); ``chat=True`` renders ``[{"role": "user", "content": prompt}]``
-    with the chat template and ``add_generation_prompt=True`` (Qwen3-style templates get
-    ``enable_thinking=False``). A list of token ids is used as is."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise InvalidArgumentError("a string prompt needs a tokenizer; pass tokenizer=... or a list of token ids")
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise InvalidArgumentError("chat=True but the tokenizer has no chat_template: pass chat=False or a tokenizer with one")
-            kwargs = dict(chat_template_kwargs or {})
-            if "enable_thinking" not in kwargs and _wants_enable_thinking_false(model, tokenizer):
-                kwargs["enable_thinking"] = False
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False, **kwargs
-            )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(prompt)["input_ids"]
-    else:
-        if chat:
-            raise InvalidArgumentError("chat=True needs a string prompt (token ids are used as is)")
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        ids = prompt
-    ids = [int(t) for t in ids]
-    if not ids:
-        raise InvalidArgumentError("the prompt is empty: the model needs at least one token to predict the next one")
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Cache-row surgery (per-row strategy). Rows are the batch dimension of every layer's state.
-
-
-def _copy_layer(layer: Any) -> Any:
-    """A shallow copy whose dict attributes (linear-attention state dicts) are fresh, so that reassigning
-    state on the copy never touches the original."""
-    c = copy.copy(layer)
-    for k, v in list(vars(c).items()):
-        if isinstance(v, dict):
-            setattr(c, k, dict(v))
-    return c
-
-
-def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
-    """A new cache holding ``rows`` (repeats allowed) of ``cache``; ``cache`` is left untouched.
-
-    Uses each layer's ``reorder_cache`` (an ``index_select`` on the batch dimension that exists for every
-    layer type: full, sliding-window, indexed, linear-attention and hybrid layers), applied to copies."""
-    new = copy.copy(cache)
-    new.layers = [_copy_layer(layer) for layer in cache.layers]
-    for layer in new.layers:
-        layer.reorder_cache(rows)
-    return new
-
-
-def _concat_layer_names() -> tuple[str, ...]:
-    return (
-        "DynamicLayer",
-        "DynamicSlidingWindowLayer",
-        "DummyLayer",
-        "LinearAttentionLayer",
-        "LinearAttentionAndFullAttentionLayer",
-        "LinearAttentionAndSlidingWindowAttentionLayer",
-    )
-
-
-def can_concat_cache(cache: Any) -> bool:
-    """Whether :func:`concat_caches` knows every layer type of ``cache`` (batch-first state only)."""
-    names = _concat_layer_names()
-    return all(type(layer).__name__ in names for layer in cache.layers)
-
-
-def _cat_value(values: list, rows: list[int]) -> Any:
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        if first.ndim >= 1 and all(v.shape[0] == r for v, r in zip(values, rows)):
-            return torch.cat(values, dim=0)
-        return first
-    if isinstance(first, dict):
-        return {k: _cat_value([v[k] for v in values], rows) for k in first}
-    return first
-
-
-def concat_caches(caches: list, rows: list[int]) -> Any:
-    """Concatenate caches of the same layout along the batch dimension (``rows[i]`` rows each). Only for
-    layouts accepted by :func:`can_concat_cache`."""
-    if len(caches) == 1:
-        return caches[0]
-    new = copy.copy(caches[0])
-    layers = []
-    for per_layer in zip(*(c.layers for c in caches)):
-        out = _copy_layer(per_layer[0])
-        for k in list(vars(per_layer[0]).keys()):
-            setattr(out, k, _cat_value([vars(layer)[k] for layer in per_layer], rows))
-        layers.append(out)
-    new.layers = layers
-    return new

@@ -30,7 +30,8 @@ import torch
 
 from canopy_rs.errors import InvalidArgumentError, TreeAttentionUnsupported
 
-from ._common import ModelRunner, new_tree_cache
+from .cache_ops import new_tree_cache
+from .runner import ModelRunner
 from ._engine import KVEngine, tensor_bytes
 
 __all__ = ["TreeAttentionEngine"]
