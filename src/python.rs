@@ -147,7 +147,7 @@ fn csr_to_py(py: Python<'_>, csr: RowsOut) -> PyResult<Bound<'_, PyAny>> {
 }
 
 #[pyfunction]
-fn normalize_support<'py>(
+fn normalise_support<'py>(
     py: Python<'py>,
     offsets: PyReadonlyArray1<'py, i64>,
     tokens: PyReadonlyArray1<'py, i64>,
@@ -360,6 +360,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPolicy>()?;
     m.add_class::<PyTree>()?;
     m.add_function(wrap_pyfunction!(policy_support, m)?)?;
-    m.add_function(wrap_pyfunction!(normalize_support, m)?)?;
+    m.add_function(wrap_pyfunction!(normalise_support, m)?)?;
     Ok(())
 }

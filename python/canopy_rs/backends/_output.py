@@ -15,7 +15,7 @@ from typing import Callable, Iterator, NamedTuple, Union
 
 import numpy as np
 
-from canopy_rs._core import Policy, normalize_support, policy_support
+from canopy_rs._core import Policy, normalise_support, policy_support
 from canopy_rs.backends.callable import CallableModel
 from canopy_rs.errors import BackendOutputError
 from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
@@ -92,7 +92,7 @@ def as_support(backend: Backend, out: Union[NextTokenLogits, PolicySupport], pol
     with blame_backend(backend):
         if isinstance(out, NextTokenLogits):
             return Support(*policy_support(out.logits, policy))
-        return Support(*normalize_support(out.offsets, out.tokens, out.logprobs, backend.vocab_size))
+        return Support(*normalise_support(out.offsets, out.tokens, out.logprobs, backend.vocab_size))
 
 
 def expand_support(
