@@ -1,4 +1,4 @@
-"""The shared driver (canopy_rs._driver): every entry point checks the same arguments, validates a backend's
+"""The shared drivers (canopy_rs.drivers): every entry point checks the same arguments, validates a backend's
 output the same way (one error type, one message), reads counters without swallowing errors, and uses the
 backend's preferred batch size."""
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import canopy_rs
-from canopy_rs import _driver
+from canopy_rs.backends._output import expand_support
+from canopy_rs.drivers import setup as _setup
 from canopy_rs.protocol import NextTokenLogits, PolicySupport
 
 V, EOS = 5, (0,)
@@ -133,11 +134,11 @@ def test_bad_preferred_batch_size_names_the_backend():
 def test_chunked_expansion_matches_one_call():
     b = ScriptedBackend(lambda batch: NextTokenLogits(
         np.stack([np.roll(np.arange(V, dtype=np.float64), int(i)) for i in batch.node_ids])))
-    pol = canopy_rs.make_policy(top_k=2)
+    pol = _setup.make_policy(top_k=2)
     ids = np.arange(7, dtype=np.int64)
     args = (ids, np.full(7, -1), np.full(7, -1), np.zeros(7, dtype=np.int64), lambda sl: [[]] * len(ids[sl]))
-    one = _driver.expand_support(b, pol, *args, batch_size=7)
-    chunked = _driver.expand_support(b, pol, *args, batch_size=3)
+    one = expand_support(b, pol, *args, batch_size=7)
+    chunked = expand_support(b, pol, *args, batch_size=3)
     assert b.rows == [7, 3, 3, 1]
     for x, y in zip(one, chunked):
         np.testing.assert_array_equal(x, y)
@@ -145,13 +146,13 @@ def test_chunked_expansion_matches_one_call():
 
 def test_setup_checks_shared_arguments():
     with pytest.raises(canopy_rs.ArgumentTypeError, match="max_new_tokens"):
-        _driver.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2.5,
+        _setup.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2.5,
                       temperature=1.0, top_k=None, top_p=1.0, batch_size=None)
     with pytest.raises(canopy_rs.InvalidArgumentError, match="seed"):
-        _driver.make_rng("seven")
-    s = _driver.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2,
+        _setup.make_rng("seven")
+    s = _setup.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2,
                       temperature=1.0, top_k=2, top_p=1.0, batch_size=None)
-    assert s.batch_size == _driver.default_batch_size(V) and s.eos_token_ids == EOS
+    assert s.batch_size == _setup.default_batch_size(V) and s.eos_token_ids == EOS
 
 
 def test_no_module_imports_another_modules_private_names():

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from canopy_rs._core import Policy, __version__
-from canopy_rs.api import Budget, bounded, exact, make_policy
+from canopy_rs.api import Budget, bounded, exact
+from canopy_rs.drivers.setup import make_policy
 from canopy_rs.backends import CallableModel, as_backend
 from canopy_rs.errors import (
     ArgumentTypeError,

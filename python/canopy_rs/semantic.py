@@ -24,7 +24,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import ProgressBar, check_positive_int
+from canopy_rs.drivers.progress import ProgressBar
+from canopy_rs.drivers.setup import check_positive_int
 from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, ModelNotFoundError
 from canopy_rs import stats
 from canopy_rs.results import to_plain

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from canopy_rs._core import Policy, policy_support
-from canopy_rs._driver import counters
+from canopy_rs.drivers.setup import counters
 from canopy_rs.backends import as_backend
 from canopy_rs.backends._output import Support, expand_support
 from canopy_rs.errors import CanopyError

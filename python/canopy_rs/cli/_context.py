@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from canopy_rs._driver import ProgressBar
+from canopy_rs.drivers.progress import ProgressBar
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._format import header, short
 

@@ -36,10 +36,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import check_positive_int, cost, expand_support, make_rng, setup
-from canopy_rs.results import to_plain
-
 from canopy_rs import stats
+from canopy_rs.backends._output import expand_support
+from canopy_rs.drivers.setup import check_positive_int, cost, make_rng, setup
+from canopy_rs.results import to_plain
 
 __all__ = ["BeamSearchEstimate", "stochastic_beam_search"]
 

@@ -282,7 +282,8 @@ def compare(
     bracket's midpoint and each row says whether the bracket is narrow enough to judge it (``judged``).
     ``cache=False`` recomputes every repeat."""
     from canopy_rs.api import exact
-    from canopy_rs._driver import ProgressBar, check_positive_int
+    from canopy_rs.drivers.progress import ProgressBar
+    from canopy_rs.drivers.setup import check_positive_int
     from canopy_rs.sampling import sample
 
     from .beam import stochastic_beam_search

@@ -36,21 +36,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import (
-    Budget,
-    Strata,
-    TreeRun,
-    check_positive_int,
-    cost,
-    make_rng,
-    run_rollouts,
-    setup,
-    stratified_uniforms,
-)
+from canopy_rs import stats
+from canopy_rs.drivers.canopy import Budget, TreeRun
+from canopy_rs.drivers.rollouts import Strata, run_rollouts, stratified_uniforms
+from canopy_rs.drivers.setup import check_positive_int, cost, make_rng, setup
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
-
-from canopy_rs import stats
 
 __all__ = ["HybridEstimate", "estimate_hybrid"]
 

@@ -18,11 +18,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from canopy_rs import stats
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 from canopy_rs.sampling import check_rollout_steps
+from canopy_rs.semantic import prompt_semantics
 
-from canopy_rs import stats
 from ._buckets import BucketDiversityView
 
 __all__ = ["PromptEstimate", "estimate", "estimate_arrays"]
@@ -284,6 +285,4 @@ def estimate(rollouts, *, embeddings=None, confidence: float = 0.95, bin_step: i
     )
     if embeddings is None:
         return est
-    from canopy_rs.semantic import prompt_semantics
-
     return replace(est, **prompt_semantics(embeddings, rollouts.lengths, rollouts.entropy_rates))
