@@ -1,4 +1,4 @@
-"""The exact engine against brute-force enumeration, closed forms and the spec's identities."""
+"""The exact engine against brute-force enumeration, closed forms and the identities of docs/definitions.md."""
 
 from __future__ import annotations
 

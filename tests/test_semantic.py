@@ -1,4 +1,4 @@
-"""Semantic diversity (semantics spec 1-4): every metric against a direct numpy/scipy computation, the exact
+"""Semantic diversity (docs/definitions.md): every metric against a direct numpy/scipy computation, the exact
 values against brute force over the leaves of small canopies (tests/reference.py), the sampled D against the
 exact D*, pooling and the bootstrap by hand, and bad input."""
 

@@ -1,4 +1,4 @@
-"""The base-vs-fine-tuned study (semantics-and-study.md section 5): model pairs over prompt sets, sampled (and
+"""The base-vs-fine-tuned study (docs/study.md): model pairs over prompt sets, sampled (and
 optionally exact) canopy metrics with semantic diversity, the paired bootstrap, the mixed-model interaction
 of D on entropy rate, and a report.
 

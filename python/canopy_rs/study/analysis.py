@@ -1,5 +1,5 @@
 """From finished units to the study's tables: per prompt, pooled per (model, task), the paired bootstrap per
-(family, task), the panel and the interaction model of semantics-and-study.md section 5.
+(family, task), the panel and the interaction model of docs/definitions.md#interaction-model.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _has_semantics(cfg: StudyConfig) -> bool:
 
 
 def panel_rows(cfg: StudyConfig, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The panel of section 5: one row per (model, task, prompt) with D, R_bar = mean r_N, N_bar = mean N
+    """The panel (docs/definitions.md): one row per (model, task, prompt) with D, R_bar = mean r_N, N_bar = mean N
     (and VS, CE*), ``prompt_uid = task/prompt_id`` shared by all models."""
     rows = []
     for r in records:
@@ -155,7 +155,7 @@ def _fit(df: Any, formula: str) -> tuple[float, float, Any]:
 
 
 def interaction_model(cfg: StudyConfig, panel: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The interaction model of section 5 with statsmodels' MixedLM:
+    """The interaction model (docs/definitions.md#interaction-model) with statsmodels' MixedLM:
 
         D ~ R_sc * variant + invN_sc * variant [+ C(task)] [+ C(family)],  random intercept per prompt_uid
 
