@@ -1,5 +1,5 @@
 """Semantic diversity of generations: sentence embeddings, the paper's cosine diversity and the Vendi score,
-per prompt from sampled rollouts and *exactly* over a canopy's leaves (spec semantics-and-study.md 1-3).
+per prompt from sampled rollouts and *exactly* over a canopy's leaves (docs/definitions.md#semantic-metrics).
 
     E = canopy_rs.embed(canopy_rs.rollout_texts(rollouts, tokenizer))   # [M, d] float32, unit rows
     est = canopy_rs.estimate(rollouts, embeddings=E)                      # adds semantic_diversity, ...
@@ -57,7 +57,7 @@ BUCKETS = ("short", "medium", "long")
 
 
 def rollout_texts(tokens: Any, tokenizer: Any, *, eos_token_ids: Optional[Sequence[int]] = None) -> list[str]:
-    """The generated text of each rollout (spec 1): its generated token ids, decoded with special tokens
+    """The generated text of each rollout (docs/definitions.md): its generated token ids, decoded with special tokens
     skipped, the prompt excluded. ``tokens`` is a :class:`canopy_rs.Rollouts` (its token rows), a
     :class:`canopy_rs.CanopyResult` with leaves (``leaf_tokens``) or a list of token-id lists.
 
@@ -342,7 +342,7 @@ def prompt_semantics(E: Any, lengths: Any, rates: Any, *, name: str = "embedding
 
 @dataclass(frozen=True)
 class ExactSemantics:
-    """Exact semantic values of a canopy (spec 3), field names as in :class:`canopy_rs.PromptEstimate`:
+    """Exact semantic values of a canopy (docs/definitions.md), field names as in :class:`canopy_rs.PromptEstimate`:
     ``semantic_diversity`` D* = 1 - ||e_bar||^2, ``vendi_score`` VS* (``vendi_entropy`` its log), the
     pi-weighted corr(N, d*) and corr(r_N, d*) (Pearson, Spearman, Kendall tau-b) and the per-leaf
     ``leaf_diversity`` d*(l) = 1 - <e_l, e_bar> in the result's leaf order."""
