@@ -2,8 +2,8 @@
 //! to batches of rows (`policy_rows`, and `normalise_support` for a support a backend computed itself),
 //! gathered in CSR form (`RowsOut`).
 //!
-//! Semantics (shared with the torch implementation in `python/canopy_rs/backends/torch_policy.py` and the
-//! plain-Python reference in `tests/reference.py`):
+//! Semantics (`docs/definitions.md`, "The canopy and the policy"; shared with the torch implementation in
+//! `python/canopy_rs/backends/torch_policy.py` and the plain-Python reference in `tests/reference.py`):
 //! * `z = logit / temperature`.
 //! * top-k keeps every token whose logit is >= the k-th largest (ties at the threshold kept, so possibly more
 //!   than k tokens). Selecting on the logits rather than on `z` is the same set, since `x / T` is monotone

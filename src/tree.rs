@@ -70,8 +70,8 @@ pub struct Batch {
     pub depths: Vec<i64>,
 }
 
-/// Exact population values over the leaf distribution (the quantities of README.md, "What CE* is"; re-derived
-/// by brute force in `tests/reference.py`).
+/// Exact population values over the leaf distribution (defined in `docs/definitions.md`; re-derived by brute
+/// force in `tests/reference.py`).
 #[derive(Debug, Clone)]
 pub struct CanopyStats {
     pub ce_star: f64,
@@ -97,7 +97,7 @@ pub struct CanopyStats {
     pub engine_calls: u64,
 }
 
-/// Certified brackets for a partially expanded canopy.
+/// Certified brackets for a partially expanded canopy (`docs/definitions.md`, "Certified bounds").
 #[derive(Debug, Clone)]
 pub struct Bounds {
     pub ce_star_lower: f64,
