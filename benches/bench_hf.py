@@ -169,7 +169,7 @@ def section_batch(name, model, prompt_len, depth, top_k, device, sizes) -> dict:
 
 def section_precision(depth: int, top_k: int) -> list[dict]:
     """The embedded SmolLM2 (real weights), chat prompt: the canopy in float32 vs bfloat16 per strategy."""
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
 
     rows = []
     for dtype in ("float32", "bfloat16"):

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from canopy_rs.cli import main  # noqa: E402
-from canopy_rs.io import read_prompts  # noqa: E402
+from canopy_rs.prompts import read_prompts  # noqa: E402
 from canopy_rs.models import find_embedded_gguf  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
 
 def test_exact_matches_python_api(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import canopy_rs
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
 
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b c", *POLICY, "--out", str(out),
@@ -387,7 +387,7 @@ def test_failed_run_leaves_no_out_folder(tiny: str, tmp_path: Path, capsys: pyte
 
 
 def test_two_runs_on_one_out_folder(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from canopy_rs.io import RunDir
+    from canopy_rs.runs import RunDir
 
     out = tmp_path / "out"
     with RunDir(out):  # another run holds the folder

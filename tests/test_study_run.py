@@ -21,7 +21,7 @@ pytest.importorskip("statsmodels")
 pytest.importorskip("matplotlib")
 
 import canopy_rs  # noqa: E402
-from canopy_rs.io import dumps  # noqa: E402
+from canopy_rs.runs import dumps  # noqa: E402
 from canopy_rs.study import StudyConfigError, load_config, make_units  # noqa: E402
 from study_helpers import LetterEncoder, make_tiny_pair  # noqa: E402
 
@@ -66,7 +66,7 @@ def read(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def local_run(pair: dict, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("study_local")
-    res = canopy_rs.study(config(pair, out), encoder=LetterEncoder())
+    res = canopy_rs.run_study(config(pair, out), encoder=LetterEncoder())
     return out, res
 
 
@@ -269,8 +269,8 @@ def test_resume_reuses_every_unit_without_loading_a_model(local_run, pair, monke
     def no_load(*a, **k):
         raise AssertionError("a resumed study must not load a model")
 
-    monkeypatch.setattr("canopy_rs.models.load_model", no_load)
-    res = canopy_rs.study(config(pair, out), encoder=LetterEncoder())
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", no_load)
+    res = canopy_rs.run_study(config(pair, out), encoder=LetterEncoder())
     assert res.units_resumed == res.units_done == 14
     assert dumps(res.pooled) == dumps(first.pooled)  # NaN-aware: the same numbers
 
@@ -291,17 +291,17 @@ def test_an_interrupted_study_keeps_its_finished_units(pair, tmp_path, monkeypat
 
     monkeypatch.setattr(UnitRunner, "run", flaky)
     with pytest.raises(KeyboardInterrupt):
-        canopy_rs.study(cfg, encoder=LetterEncoder())
+        canopy_rs.run_study(cfg, encoder=LetterEncoder())
     assert len(list((tmp_path / "out" / "runs").glob("*/record.json"))) == 2
     monkeypatch.setattr(UnitRunner, "run", real)
-    res = canopy_rs.study(cfg, encoder=LetterEncoder())
+    res = canopy_rs.run_study(cfg, encoder=LetterEncoder())
     assert res.units_done == 4 and res.units_resumed == 2
 
 
 def test_without_an_encoder_the_regression_is_skipped(pair, tmp_path):
     cfg = config(pair, tmp_path / "out", tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 2}],
                  exact=None, encoder={"path": "none"})
-    res = canopy_rs.study(cfg)
+    res = canopy_rs.run_study(cfg)
     assert "no encoder" in res.regression["skipped"]
     metrics = {r["metric"] for r in read(tmp_path / "out" / "bootstrap.csv")}
     assert "semantic_diversity" not in metrics and "ce_star" in metrics
@@ -321,7 +321,7 @@ def test_ray_executor_gives_the_local_numbers(local_run, pair, tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        res = canopy_rs.study(config(pair, tmp_path / "out"), encoder=LetterEncoder(), executor="ray")
+        res = canopy_rs.run_study(config(pair, tmp_path / "out"), encoder=LetterEncoder(), executor="ray")
     finally:
         ray.shutdown()
     assert res.units_done == 14 and res.units_resumed == 0

