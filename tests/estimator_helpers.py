@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from canopy_rs.backends import CallableModel
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 
 
 class CheckingBackend:

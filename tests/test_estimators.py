@@ -21,7 +21,7 @@ from canopy_rs.stats import (
     student_t_ppf,
 )
 from canopy_rs.estimators.beam import stochastic_beam_search
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 from canopy_rs.sampling import Rollouts, sample
 from estimator_helpers import CheckingBackend, leaf_table, two_branch_model
 

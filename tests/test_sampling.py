@@ -13,7 +13,7 @@ from canopy_rs.drivers.rollouts import sample_csr
 from canopy_rs.drivers.setup import make_policy
 from canopy_rs.sampling import Rollouts, sample
 from estimator_helpers import CheckingBackend, leaf_table, peaked_model
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 
 KW = dict(vocab_size=5, eos_token_ids=[0, 3], max_new_tokens=4)
 

@@ -18,7 +18,7 @@ from canopy_rs.cli._format import exact_table, multi_exact_table
 from canopy_rs.drivers.size_probe import check_canopy_size
 from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
 from canopy_rs.estimators.pooling import pool_exact
-from canopy_rs.io import node_rows
+from canopy_rs.runs import node_rows
 
 HELP = "exact CE*_max and its companions"
 DEFAULT_MAX_MEMORY = 4 << 30
@@ -50,7 +50,7 @@ def exact_record(res: Any) -> dict[str, Any]:
 
 def exact_figures(exact: dict, stem: str) -> list[Path]:
     """The figures of one prompt's exact canopy: its length distribution and per-depth entropy."""
-    from canopy_rs import plots as pl
+    from canopy_rs import plots as pl  # imports matplotlib: only when drawing
 
     return pl.save_figure(pl.plot_length_distribution(exact), stem + "length") + pl.save_figure(
         pl.plot_entropy_by_depth(exact), stem + "entropy_by_depth"
