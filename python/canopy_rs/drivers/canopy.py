@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from canopy_rs._core import Tree
-from canopy_rs.backends._output import blame_backend, expand_checked
+from canopy_rs.backends.output import blame_backend, expand_checked
 from canopy_rs.drivers.progress import ProgressBar, bracket_postfix
 from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, Setup, check_positive_int, counters, describe
 from canopy_rs.errors import InvalidArgumentError

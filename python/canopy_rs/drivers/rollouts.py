@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs.backends._output import expand_support
+from canopy_rs.backends.output import expand_support
 from canopy_rs.drivers.progress import ProgressBar
 from canopy_rs.drivers.setup import Setup
 from canopy_rs.errors import InvalidArgumentError

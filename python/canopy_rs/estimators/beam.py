@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from canopy_rs import stats
-from canopy_rs.backends._output import expand_support
+from canopy_rs.backends.output import expand_support
 from canopy_rs.drivers.setup import check_positive_int, cost, make_rng, setup
 from canopy_rs.results import to_plain
 

@@ -3,15 +3,13 @@
 Whichever driver (or wrapping backend, such as :class:`~canopy_rs.backends.cached.CachedModel`) calls
 ``expand()``, the same mistake raises the same :class:`~canopy_rs.errors.BackendOutputError` with the same
 message. It lives in the backend layer so backends can use it without importing the driver (layers import
-downwards only: cli -> study/api -> _driver -> backends -> model).
-
-Internal: not part of the public API.
+downwards only: cli -> study -> estimators -> drivers -> backends -> model; tests/test_layering.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, NamedTuple, Union
+from typing import Any, Callable, Iterator, NamedTuple, Union
 
 import numpy as np
 
