@@ -150,3 +150,17 @@ def test_setup_checks_shared_arguments():
     s = _setup.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2,
                       temperature=1.0, top_k=2, top_p=1.0, batch_size=None)
     assert s.batch_size == _setup.default_batch_size(V) and s.eos_token_ids == EOS
+
+
+def test_the_size_probe_is_a_library_function():
+    from canopy_rs.backends import CallableModel
+    from canopy_rs.drivers.size_probe import check_canopy_size
+    from canopy_rs.testing import random_logits_fn
+
+    model = CallableModel(random_logits_fn(50, seed=1, eos_bias=-3.0), 50, [0])
+    # A policy that cannot exceed the limit is not sampled at all.
+    assert check_canopy_size(model, node_limit=1000, max_new_tokens=3, top_k=2) is None
+    with pytest.raises(canopy_rs.TreeTooLargeError, match="far over the limit of 1,000"):
+        check_canopy_size(model, node_limit=1000, max_new_tokens=40)
+    probe = check_canopy_size(model, node_limit=9000, max_new_tokens=8, top_k=3)  # <= 9,841 nodes: sampled
+    assert probe is not None and probe.depth == 8 and "nodes" in probe.describe()
