@@ -68,7 +68,8 @@ say "wheel contents"
 import re, sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["canopy_rs/__init__.py", "canopy_rs/_core.pyi", "canopy_rs/py.typed", "canopy_rs/cli/__init__.py",
-        "canopy_rs/__main__.py", "canopy_rs/models.py", "canopy_rs/plots.py", "canopy_rs/io.py",
+        "canopy_rs/__main__.py", "canopy_rs/models.py", "canopy_rs/plots/__init__.py", "canopy_rs/runs.py",
+        "canopy_rs/drivers/canopy.py", "canopy_rs/stats.py",
         "canopy_rs/study/__init__.py", "canopy_rs/study/configs/demo.toml", "canopy_rs/prompts/__init__.py"]
 need += [f"canopy_rs/prompts/{t}.jsonl" for t in ("code", "math", "stories", "completion")]
 missing = [n for n in need if n not in names]

@@ -41,7 +41,8 @@ import numpy as np
 
 import canopy_rs
 from canopy_rs.backends.cached import CachedModel
-from canopy_rs.estimators.comparison import compare, random_logits_fn
+from canopy_rs.estimators.comparison import compare
+from canopy_rs.testing import random_logits_fn
 from canopy_rs.results import to_plain
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,7 +111,7 @@ def smollm2_cases(args, budgets, out):
 
     from canopy_rs.backends.transformers import TransformersModel
     from canopy_rs.errors import TreeTooLargeError
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
 
     torch.set_num_threads(1)
     hf, tok = load_model(quiet=True)

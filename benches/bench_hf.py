@@ -18,7 +18,7 @@ Usage::
     python benches/bench_hf.py --suite gpu              # one shot on a GPU (< 8 min; random SmolLM2-135M config)
     python benches/bench_hf.py --suite gpu --device cpu --tiny   # check the GPU script on a CPU in seconds
 
-Targets (issue 11): cascade nodes/s at depth 10 >= 0.7x depth 8; prompt 1,000 >= 0.5x prompt 32; SmolLM2
+Targets (docs/performance.md): cascade nodes/s at depth 10 >= 0.7x depth 8; prompt 1,000 >= 0.5x prompt 32; SmolLM2
 fp32 >= 0.8x the plain-forward ceiling at depth 8, top-k 3; defaults within 20% of the best batch size;
 GPU SmolLM2-135M bf16 depth 10 top-k 4 >= 300k nodes/s, sample() >= 1.5x generate.
 """
@@ -169,7 +169,7 @@ def section_batch(name, model, prompt_len, depth, top_k, device, sizes) -> dict:
 
 def section_precision(depth: int, top_k: int) -> list[dict]:
     """The embedded SmolLM2 (real weights), chat prompt: the canopy in float32 vs bfloat16 per strategy."""
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
 
     rows = []
     for dtype in ("float32", "bfloat16"):

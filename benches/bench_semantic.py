@@ -25,7 +25,7 @@ import numpy as np
 
 import canopy_rs
 from canopy_rs.backends.transformers import TransformersModel
-from canopy_rs.models import load_model
+from canopy_rs.hf_models import load_model
 
 PROMPTS = [
     "Is the sky blue? Answer yes or no.",

@@ -1,6 +1,9 @@
-//! The decoding policy: temperature -> top-k -> top-p -> renormalise, applied to one logits row in f64.
+//! The decoding policy: temperature -> top-k -> top-p -> renormalise, applied to one logits row in f64, and
+//! to batches of rows (`policy_rows`, and `normalise_support` for a support a backend computed itself),
+//! gathered in CSR form (`RowsOut`).
 //!
-//! Semantics (the spec's, shared with the torch implementation in the transformers backend):
+//! Semantics (`docs/definitions.md`, "The canopy and the policy"; shared with the torch implementation in
+//! `python/canopy_rs/backends/torch_policy.py` and the plain-Python reference in `tests/reference.py`):
 //! * `z = logit / temperature`.
 //! * top-k keeps every token whose logit is >= the k-th largest (ties at the threshold kept, so possibly more
 //!   than k tokens). Selecting on the logits rather than on `z` is the same set, since `x / T` is monotone
@@ -12,6 +15,10 @@
 //!
 //! The support is emitted in ascending token order with its log-probabilities; the row's entropy (nats) is
 //! returned.
+
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+
+use rayon::prelude::*;
 
 use crate::error::{invalid, CanopyError, Result};
 use crate::stats::Neumaier;
@@ -329,6 +336,102 @@ pub fn normalise_support_row(
     Ok(emit_normalised(&z, &tok, tokens, logprobs))
 }
 
+// Batches of rows: the policy (or a backend's own support) applied row by row, gathered in CSR form.
+
+/// Whether row batches may run on the rayon pool. Cleared in a forked child (see `python.rs`), whose copy
+/// of the pool has no threads: waiting on it would hang.
+static PARALLEL: AtomicBool = AtomicBool::new(true);
+
+pub fn set_parallel(enabled: bool) {
+    PARALLEL.store(enabled, AtomicOrdering::Relaxed);
+}
+
+pub(crate) fn parallel() -> bool {
+    PARALLEL.load(AtomicOrdering::Relaxed)
+}
+/// Rows per parallel task aim at this many logits, so tiny vocabularies are not split into tiny tasks.
+pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 15;
+
+/// The policy's output for a batch, in CSR form, in row order: row `i`'s support is
+/// `tokens[offsets[i]..offsets[i + 1]]` (ascending token ids) with `logprobs` alongside, and `entropy[i]`
+/// is its entropy in nats.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowsOut {
+    pub offsets: Vec<usize>,
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f64>,
+    pub entropy: Vec<f64>,
+}
+
+/// Applies the policy to `rows` rows of width `vocab` (row-major), in parallel over fixed-size chunks.
+/// Output is identical for any thread count.
+pub fn policy_rows<T: Logit>(logits: &[T], vocab: usize, policy: &Policy) -> Result<RowsOut> {
+    if vocab == 0 || logits.len() % vocab != 0 {
+        return Err(CanopyError::Shape {
+            param: "logits",
+            message: format!("length {} is not a multiple of vocab_size {vocab}", logits.len()),
+        });
+    }
+    let rows = logits.len() / vocab;
+    let rows_per_task = (ELEMENTS_PER_TASK / vocab).max(1);
+    let run_chunk = |(chunk_index, chunk): (usize, &[T])| -> Result<RowsOut> {
+        let mut scratch = Scratch::default();
+        let mut out = RowsOut::default();
+        out.offsets.push(0);
+        for (j, row) in chunk.chunks_exact(vocab).enumerate() {
+            let h = apply_row(row, policy, chunk_index * rows_per_task + j, &mut scratch, &mut out.tokens, &mut out.logprobs)?;
+            out.entropy.push(h);
+            out.offsets.push(out.tokens.len());
+        }
+        Ok(out)
+    };
+    let chunks: Vec<Result<RowsOut>> = if rows > rows_per_task && parallel() {
+        logits.par_chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
+    } else {
+        logits.chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
+    };
+    let mut merged = RowsOut { offsets: Vec::with_capacity(rows + 1), ..Default::default() };
+    merged.offsets.push(0);
+    for chunk in chunks {
+        let chunk = chunk?;
+        let base = merged.tokens.len();
+        merged.offsets.extend(chunk.offsets[1..].iter().map(|o| o + base));
+        merged.tokens.extend_from_slice(&chunk.tokens);
+        merged.logprobs.extend_from_slice(&chunk.logprobs);
+        merged.entropy.extend_from_slice(&chunk.entropy);
+    }
+    Ok(merged)
+}
+
+/// Validates and renormalises a backend-supplied CSR support.
+pub fn normalise_support(offsets: &[i64], tokens: &[i64], logprobs: &[f64], vocab_size: usize) -> Result<RowsOut> {
+    check_csr(offsets, tokens, logprobs)?;
+    let mut out = RowsOut::default();
+    out.offsets.push(0);
+    for (row, w) in offsets.windows(2).enumerate() {
+        let (a, b) = (w[0] as usize, w[1] as usize);
+        let h = normalise_support_row(&tokens[a..b], &logprobs[a..b], vocab_size, row, &mut out.tokens, &mut out.logprobs)?;
+        out.entropy.push(h);
+        out.offsets.push(out.tokens.len());
+    }
+    Ok(out)
+}
+
+/// Validates the CSR layout of a backend-supplied support.
+pub(crate) fn check_csr(offsets: &[i64], tokens: &[i64], logprobs: &[f64]) -> Result<()> {
+    let shape = |message: String| CanopyError::Shape { param: "support", message };
+    if offsets.is_empty() || offsets[0] != 0 {
+        return Err(shape("offsets must start at 0 and have one entry per row plus one".into()));
+    }
+    if tokens.len() != logprobs.len() {
+        return Err(shape(format!("tokens ({}) and logprobs ({}) differ in length", tokens.len(), logprobs.len())));
+    }
+    if *offsets.last().unwrap() as usize != tokens.len() || offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(shape("offsets must be non-decreasing and end at len(tokens)".into()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +529,38 @@ mod tests {
                     assert_eq!(select_threshold(&row, &p, 0, &mut Scratch::default()).unwrap(), expect);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn batches_return_csr_rows() {
+        let logits = [0.0, 1.0, 2.0, f64::NEG_INFINITY, 0.0, 0.0];
+        let out = policy_rows(&logits, 3, &Policy::default()).unwrap();
+        assert_eq!(out.offsets, vec![0, 3, 5]);
+        assert_eq!(out.tokens, vec![0, 1, 2, 1, 2]);
+        assert!((out.entropy[1] - 2f64.ln()).abs() < 1e-14);
+        let offsets: Vec<i64> = out.offsets.iter().map(|&o| o as i64).collect();
+        let tokens: Vec<i64> = out.tokens.iter().map(|&t| t as i64).collect();
+        let again = normalise_support(&offsets, &tokens, &out.logprobs, 3).unwrap();
+        assert_eq!((&again.offsets, &again.tokens), (&out.offsets, &out.tokens));
+        for (a, b) in again.logprobs.iter().zip(&out.logprobs).chain(again.entropy.iter().zip(&out.entropy)) {
+            assert!((a - b).abs() < 1e-14);
+        }
+        assert!(normalise_support(&[0, 2], &tokens[..1], &out.logprobs[..1], 3).is_err());
+    }
+
+    #[test]
+    fn multi_chunk_batch_matches_row_by_row() {
+        let vocab = 3;
+        let rows = 2 * ELEMENTS_PER_TASK / vocab + 5;
+        let logits: Vec<f64> = (0..rows * vocab).map(|i| ((i * 7919) % 13) as f64 * 0.3).collect();
+        let policy = Policy::new(0.8, Some(2), 0.9).unwrap();
+        let out = policy_rows(&logits, vocab, &policy).unwrap();
+        assert_eq!(out.offsets.len(), rows + 1);
+        for r in [0, rows / 2, rows - 1] {
+            let (t, l, h) = run(&logits[r * vocab..(r + 1) * vocab], policy);
+            let (a, b) = (out.offsets[r], out.offsets[r + 1]);
+            assert_eq!((&out.tokens[a..b], &out.logprobs[a..b], out.entropy[r]), (&t[..], &l[..], h));
         }
     }
 

@@ -8,8 +8,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::error::CanopyError as CoreError;
-use crate::policy::Policy;
-use crate::tree::{normalise_support, policy_rows, Order, Tree, TreeConfig, NO_NODE};
+use crate::frontier::Order;
+use crate::policy::{policy_rows, Policy, RowsOut};
+use crate::tree::{Tree, TreeConfig, NO_NODE};
 
 // The exception classes live in Python (canopy_rs/errors.py, the one hierarchy); the core raises them.
 import_exception!(canopy_rs.errors, InvalidArgumentError);
@@ -114,8 +115,6 @@ fn slice1<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> 
     a.as_slice().map_err(|_| InvalidArgumentError::new_err(format!("{name}: must be a contiguous 1-D array")))
 }
 
-type Csr = (Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>);
-
 #[pyfunction]
 fn policy_support<'py>(
     py: Python<'py>,
@@ -125,7 +124,7 @@ fn policy_support<'py>(
     let p = policy.get().inner;
     let arr = Logits::extract(logits)?;
     let (_, v) = arr.shape();
-    let out: Result<Csr, CoreError> = match &arr {
+    let out: Result<RowsOut, CoreError> = match &arr {
         Logits::F32(a) => {
             let s = a.as_slice()?;
             py.detach(|| policy_rows(s, v, &p))
@@ -138,7 +137,8 @@ fn policy_support<'py>(
     csr_to_py(py, out.map_err(to_py)?)
 }
 
-fn csr_to_py(py: Python<'_>, (offsets, tokens, logprobs, entropy): Csr) -> PyResult<Bound<'_, PyAny>> {
+fn csr_to_py(py: Python<'_>, csr: RowsOut) -> PyResult<Bound<'_, PyAny>> {
+    let RowsOut { offsets, tokens, logprobs, entropy } = csr;
     let offsets: Vec<i64> = offsets.into_iter().map(|x| x as i64).collect();
     let tokens: Vec<i64> = tokens.into_iter().map(i64::from).collect();
     Ok((offsets.into_pyarray(py), tokens.into_pyarray(py), logprobs.into_pyarray(py), entropy.into_pyarray(py))
@@ -147,7 +147,7 @@ fn csr_to_py(py: Python<'_>, (offsets, tokens, logprobs, entropy): Csr) -> PyRes
 }
 
 #[pyfunction]
-fn normalize_support<'py>(
+fn normalise_support<'py>(
     py: Python<'py>,
     offsets: PyReadonlyArray1<'py, i64>,
     tokens: PyReadonlyArray1<'py, i64>,
@@ -155,7 +155,7 @@ fn normalize_support<'py>(
     vocab_size: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (o, t, l) = (slice1(&offsets, "offsets")?, slice1(&tokens, "tokens")?, slice1(&logprobs, "logprobs")?);
-    let csr = py.detach(|| normalise_support(o, t, l, vocab_size)).map_err(to_py)?;
+    let csr = py.detach(|| crate::policy::normalise_support(o, t, l, vocab_size)).map_err(to_py)?;
     csr_to_py(py, csr)
 }
 
@@ -340,7 +340,7 @@ impl PyTree {
 }
 
 extern "C" fn after_fork_in_child() {
-    crate::tree::set_parallel(false);
+    crate::policy::set_parallel(false);
 }
 
 #[pymodule(gil_used = false)]
@@ -360,6 +360,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPolicy>()?;
     m.add_class::<PyTree>()?;
     m.add_function(wrap_pyfunction!(policy_support, m)?)?;
-    m.add_function(wrap_pyfunction!(normalize_support, m)?)?;
+    m.add_function(wrap_pyfunction!(normalise_support, m)?)?;
     Ok(())
 }

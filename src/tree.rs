@@ -1,4 +1,4 @@
-//! The canopy: a node arena and a frontier, expanded in batches.
+//! The canopy: a node arena and a frontier (`src/frontier.rs`), expanded in batches.
 //!
 //! The driver (Python) repeatedly takes a batch of frontier nodes (`next_batch`), runs the model on them,
 //! and hands back either logits rows (`ingest_logits`: the policy is applied here, rows in parallel) or a
@@ -9,67 +9,14 @@
 //! Leaves (last token an EOS id, or depth == max_new_tokens) are aggregated on creation and, unless
 //! `record_nodes` is set, never stored: memory is proportional to the internal nodes.
 
-use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-
 use rayon::prelude::*;
 
 use crate::error::{invalid, CanopyError, Result};
-use crate::policy::{apply_row, normalise_support_row, Logit, Policy, Scratch};
+use crate::frontier::{Frontier, Order};
+use crate::policy::{apply_row, check_csr, normalise_support_row, parallel, Logit, Policy, Scratch, ELEMENTS_PER_TASK};
 use crate::stats::{correlation, entropy_of, LeafMoments, Neumaier};
 
 pub const NO_NODE: u32 = u32::MAX;
-
-/// Whether row batches may run on the rayon pool. Cleared in a forked child (see `python.rs`), whose copy
-/// of the pool has no threads: waiting on it would hang.
-static PARALLEL: AtomicBool = AtomicBool::new(true);
-
-pub fn set_parallel(enabled: bool) {
-    PARALLEL.store(enabled, AtomicOrdering::Relaxed);
-}
-
-fn parallel() -> bool {
-    PARALLEL.load(AtomicOrdering::Relaxed)
-}
-/// Rows per parallel task aim at this many logits, so tiny vocabularies are not split into tiny tasks.
-const ELEMENTS_PER_TASK: usize = 1 << 15;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// Most recently created first: the least live state (the default for exact enumeration).
-    DepthFirst,
-    BreadthFirst,
-    /// Highest reach probability first (what the budgeted bracket uses).
-    BestFirst,
-    /// Level by level, expanding only the given number of highest-reach nodes per depth; the rest stay
-    /// frontier nodes for good, so the bracket still covers them.
-    Beam(usize),
-}
-
-impl Order {
-    pub fn parse(s: &str, beam_width: Option<usize>) -> Result<Self> {
-        let order = match s {
-            "depth-first" => Self::DepthFirst,
-            "breadth-first" => Self::BreadthFirst,
-            "best-first" => Self::BestFirst,
-            "beam" => match beam_width {
-                Some(w) if w >= 1 => return Ok(Self::Beam(w)),
-                Some(w) => return Err(invalid("beam_width", format!("must be >= 1, got {w}"))),
-                None => return Err(invalid("beam_width", "order='beam' needs beam_width (nodes kept per depth)")),
-            },
-            _ => {
-                return Err(invalid(
-                    "order",
-                    format!("unknown order {s:?}; use 'depth-first', 'breadth-first', 'best-first' or 'beam'"),
-                ))
-            }
-        };
-        if beam_width.is_some() {
-            return Err(invalid("beam_width", format!("only applies to order='beam' (order is {s:?}); drop it")));
-        }
-        Ok(order)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct TreeConfig {
@@ -114,124 +61,6 @@ impl TreeConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct HeapItem {
-    log_reach: f64,
-    id: u32,
-}
-impl Eq for HeapItem {}
-impl Ord for HeapItem {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Max-heap on reach probability; among equals the older (smaller) id first.
-        self.log_reach.total_cmp(&other.log_reach).then_with(|| other.id.cmp(&self.id))
-    }
-}
-impl PartialOrd for HeapItem {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-enum Frontier {
-    Stack(Vec<u32>),
-    Queue(VecDeque<u32>),
-    Heap(BinaryHeap<HeapItem>),
-    Beam(Beam),
-}
-
-/// Depth-synchronous frontier: `level` holds the kept nodes of the current depth (popped from the back),
-/// `next` collects the children of that depth, `pruned` the nodes never to be expanded.
-struct Beam {
-    width: usize,
-    level: Vec<u32>,
-    next: Vec<HeapItem>,
-    pruned: Vec<u32>,
-}
-
-impl Beam {
-    /// Starts the next depth once the current one is finished (the tree calls it only with nothing in
-    /// flight, so `next` is complete): keeps the `width` highest-reach nodes, ties to the older id.
-    /// Returns the nodes it pruned.
-    fn advance(&mut self) -> &[u32] {
-        let start = self.pruned.len();
-        if self.level.is_empty() && !self.next.is_empty() {
-            let mut next = std::mem::take(&mut self.next);
-            next.sort_unstable_by(|a, b| b.cmp(a));
-            let keep = self.width.min(next.len());
-            self.pruned.extend(next[keep..].iter().map(|i| i.id));
-            self.level.extend(next[..keep].iter().rev().map(|i| i.id));
-        }
-        &self.pruned[start..]
-    }
-}
-
-impl Frontier {
-    fn new(order: Order) -> Self {
-        match order {
-            Order::DepthFirst => Self::Stack(Vec::new()),
-            Order::BreadthFirst => Self::Queue(VecDeque::new()),
-            Order::BestFirst => Self::Heap(BinaryHeap::new()),
-            Order::Beam(width) => Self::Beam(Beam { width, level: Vec::new(), next: Vec::new(), pruned: Vec::new() }),
-        }
-    }
-    /// A newly created node (for the beam: a node of the next depth).
-    fn push(&mut self, id: u32, log_reach: f64) {
-        match self {
-            Self::Stack(s) => s.push(id),
-            Self::Queue(q) => q.push_back(id),
-            Self::Heap(h) => h.push(HeapItem { log_reach, id }),
-            Self::Beam(b) => b.next.push(HeapItem { log_reach, id }),
-        }
-    }
-    /// A popped node put back after a failed ingestion (for the beam: still of the current depth).
-    fn requeue(&mut self, id: u32, log_reach: f64) {
-        match self {
-            Self::Beam(b) => b.level.push(id),
-            _ => self.push(id, log_reach),
-        }
-    }
-    fn pop(&mut self) -> Option<u32> {
-        match self {
-            Self::Stack(s) => s.pop(),
-            Self::Queue(q) => q.pop_front(),
-            Self::Heap(h) => h.pop().map(|i| i.id),
-            Self::Beam(b) => b.level.pop(),
-        }
-    }
-    /// Called only with nothing in flight; a beam batch never mixes depths.
-    /// Returns the nodes the beam pruned, which will never need their parent's state.
-    fn start_batch(&mut self) -> &[u32] {
-        match self {
-            Self::Beam(b) => b.advance(),
-            _ => &[],
-        }
-    }
-    /// Nodes that will still be expanded.
-    fn expandable(&self) -> usize {
-        match self {
-            Self::Beam(b) => b.level.len() + b.next.len(),
-            _ => self.len(),
-        }
-    }
-    /// All unexpanded internal nodes, pruned ones included.
-    fn len(&self) -> usize {
-        match self {
-            Self::Stack(s) => s.len(),
-            Self::Queue(q) => q.len(),
-            Self::Heap(h) => h.len(),
-            Self::Beam(b) => b.level.len() + b.next.len() + b.pruned.len(),
-        }
-    }
-    fn ids(&self) -> Vec<u32> {
-        match self {
-            Self::Stack(s) => s.clone(),
-            Self::Queue(q) => q.iter().copied().collect(),
-            Self::Heap(h) => h.iter().map(|i| i.id).collect(),
-            Self::Beam(b) => b.level.iter().chain(&b.pruned).copied().chain(b.next.iter().map(|i| i.id)).collect(),
-        }
-    }
-}
-
 /// A batch handed to the driver.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
@@ -241,85 +70,8 @@ pub struct Batch {
     pub depths: Vec<i64>,
 }
 
-/// The policy's output for a batch, in CSR form, in row order.
-#[derive(Debug, Default)]
-struct RowsOut {
-    offsets: Vec<usize>,
-    tokens: Vec<u32>,
-    logprobs: Vec<f64>,
-    entropy: Vec<f64>,
-}
-
-/// Applies the policy to `rows` rows of width `vocab` (row-major), in parallel over fixed-size chunks.
-/// Output is identical for any thread count.
-pub fn policy_rows<T: Logit>(logits: &[T], vocab: usize, policy: &Policy) -> Result<(Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>)> {
-    let out = policy_rows_inner(logits, vocab, policy)?;
-    Ok((out.offsets, out.tokens, out.logprobs, out.entropy))
-}
-
-fn policy_rows_inner<T: Logit>(logits: &[T], vocab: usize, policy: &Policy) -> Result<RowsOut> {
-    if vocab == 0 || logits.len() % vocab != 0 {
-        return Err(CanopyError::Shape {
-            param: "logits",
-            message: format!("length {} is not a multiple of vocab_size {vocab}", logits.len()),
-        });
-    }
-    let rows = logits.len() / vocab;
-    let rows_per_task = (ELEMENTS_PER_TASK / vocab).max(1);
-    let run_chunk = |(chunk_index, chunk): (usize, &[T])| -> Result<RowsOut> {
-        let mut scratch = Scratch::default();
-        let mut out = RowsOut::default();
-        out.offsets.push(0);
-        for (j, row) in chunk.chunks_exact(vocab).enumerate() {
-            let h = apply_row(row, policy, chunk_index * rows_per_task + j, &mut scratch, &mut out.tokens, &mut out.logprobs)?;
-            out.entropy.push(h);
-            out.offsets.push(out.tokens.len());
-        }
-        Ok(out)
-    };
-    let chunks: Vec<Result<RowsOut>> = if rows > rows_per_task && parallel() {
-        logits.par_chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
-    } else {
-        logits.chunks(rows_per_task * vocab).enumerate().map(run_chunk).collect()
-    };
-    let mut merged = RowsOut { offsets: Vec::with_capacity(rows + 1), ..Default::default() };
-    merged.offsets.push(0);
-    for chunk in chunks {
-        let chunk = chunk?;
-        let base = merged.tokens.len();
-        merged.offsets.extend(chunk.offsets[1..].iter().map(|o| o + base));
-        merged.tokens.extend_from_slice(&chunk.tokens);
-        merged.logprobs.extend_from_slice(&chunk.logprobs);
-        merged.entropy.extend_from_slice(&chunk.entropy);
-    }
-    Ok(merged)
-}
-
-/// Validates and renormalises a backend-supplied CSR support.
-pub fn normalise_support(
-    offsets: &[i64],
-    tokens: &[i64],
-    logprobs: &[f64],
-    vocab_size: usize,
-) -> Result<(Vec<usize>, Vec<u32>, Vec<f64>, Vec<f64>)> {
-    let out = normalise_support_inner(offsets, tokens, logprobs, vocab_size)?;
-    Ok((out.offsets, out.tokens, out.logprobs, out.entropy))
-}
-
-fn normalise_support_inner(offsets: &[i64], tokens: &[i64], logprobs: &[f64], vocab_size: usize) -> Result<RowsOut> {
-    check_csr(offsets, tokens, logprobs)?;
-    let mut out = RowsOut::default();
-    out.offsets.push(0);
-    for (row, w) in offsets.windows(2).enumerate() {
-        let (a, b) = (w[0] as usize, w[1] as usize);
-        let h = normalise_support_row(&tokens[a..b], &logprobs[a..b], vocab_size, row, &mut out.tokens, &mut out.logprobs)?;
-        out.entropy.push(h);
-        out.offsets.push(out.tokens.len());
-    }
-    Ok(out)
-}
-
-/// Exact population values over the leaf distribution (see the spec, sections 2 and 4).
+/// Exact population values over the leaf distribution (defined in `docs/definitions.md`; re-derived by brute
+/// force in `tests/reference.py`).
 #[derive(Debug, Clone)]
 pub struct CanopyStats {
     pub ce_star: f64,
@@ -345,7 +97,7 @@ pub struct CanopyStats {
     pub engine_calls: u64,
 }
 
-/// Certified brackets for a partially expanded canopy.
+/// Certified brackets for a partially expanded canopy (`docs/definitions.md`, "Certified bounds").
 #[derive(Debug, Clone)]
 pub struct Bounds {
     pub ce_star_lower: f64,
@@ -438,21 +190,6 @@ impl ChunkOut {
     fn new(max_new_tokens: usize) -> Self {
         Self { entropy: Vec::new(), support: Vec::new(), children: Vec::new(), leaves: LeafAcc::new(max_new_tokens) }
     }
-}
-
-/// Validates the CSR layout of a backend-supplied support.
-fn check_csr(offsets: &[i64], tokens: &[i64], logprobs: &[f64]) -> Result<()> {
-    let shape = |message: String| CanopyError::Shape { param: "support", message };
-    if offsets.is_empty() || offsets[0] != 0 {
-        return Err(shape("offsets must start at 0 and have one entry per row plus one".into()));
-    }
-    if tokens.len() != logprobs.len() {
-        return Err(shape(format!("tokens ({}) and logprobs ({}) differ in length", tokens.len(), logprobs.len())));
-    }
-    if *offsets.last().unwrap() as usize != tokens.len() || offsets.windows(2).any(|w| w[1] < w[0]) {
-        return Err(shape("offsets must be non-decreasing and end at len(tokens)".into()));
-    }
-    Ok(())
 }
 
 /// One arena slot (one push per child keeps ingestion cache-friendly).
@@ -1038,14 +775,6 @@ mod tests {
         released.sort();
         assert_eq!(released, expanded);
         assert!(tree.frontier_size() > 0);
-    }
-
-    #[test]
-    fn beam_width_is_validated() {
-        assert!(matches!(Order::parse("beam", Some(2)), Ok(Order::Beam(2))));
-        assert!(Order::parse("beam", None).is_err());
-        assert!(Order::parse("beam", Some(0)).is_err());
-        assert!(Order::parse("best-first", Some(2)).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from canopy_rs.backends import CallableModel
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 
 
 class CheckingBackend:
@@ -66,7 +66,7 @@ def peaked_model(vocab_size=6, seed=0, scale=3.0, eos_bias=0.0):
 
 
 def two_branch_model(p_bushy: float):
-    """Spec section 4's counterexample: the first step picks EOS or the bushy token (50 = b); after b, a
+    """docs/definitions.md's counterexample: the first step picks EOS or the bushy token (50 = b); after b, a
     uniform choice among 50 tokens, then EOS (51) for sure."""
     vocab = 52
 

@@ -1,6 +1,6 @@
 """An independent brute-force canopy enumerator in plain Python (math + lists, no numpy, no canopy_rs).
 
-It re-derives every exact quantity from the spec's definitions by listing all leaves, so the Rust engine is
+It re-derives every exact quantity from docs/definitions.md by listing all leaves, so the Rust engine is
 checked against something that shares none of its code.
 """
 
@@ -16,7 +16,7 @@ RATE_VAR_ZERO = 1e-24
 
 
 def policy(logits: Sequence[float], temperature: float, top_k: Optional[int], top_p: float) -> dict[int, float]:
-    """token -> log q, the spec's temperature -> top-k (ties kept) -> top-p -> renormalise."""
+    """token -> log q, the policy of docs/definitions.md: temperature -> top-k (ties kept) -> top-p -> renormalise."""
     finite = [(i, float(x)) for i, x in enumerate(logits) if x != -math.inf]
     if top_k is not None and top_k < len(finite):
         threshold = sorted((x for _, x in finite), reverse=True)[top_k - 1]

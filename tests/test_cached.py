@@ -8,7 +8,7 @@ import pytest
 
 import canopy_rs
 from canopy_rs.backends.cached import CachedModel
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 from estimator_helpers import CheckingBackend
 
 KW = dict(max_new_tokens=6)

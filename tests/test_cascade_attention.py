@@ -137,7 +137,7 @@ def test_cascade_attention_outside_a_cascade_step_is_refused():
     m = build("llama")
     with cascade_forward(m):
         assert m.config._attn_implementation == CASCADE_ATTENTION
-        with pytest.raises(canopy_rs.EngineStateError, match="cascade expansion"):
+        with pytest.raises(canopy_rs.errors.EngineStateError, match="cascade expansion"):
             m(input_ids=torch.tensor([[1, 2]]), use_cache=False)
     assert m.config._attn_implementation == "sdpa"
 

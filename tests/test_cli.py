@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from canopy_rs.cli import main  # noqa: E402
-from canopy_rs.io import read_prompts  # noqa: E402
+from canopy_rs.prompts import read_prompts  # noqa: E402
 from canopy_rs.models import find_embedded_gguf  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
 
 def test_exact_matches_python_api(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import canopy_rs
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
 
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b c", *POLICY, "--out", str(out),
@@ -387,7 +387,7 @@ def test_failed_run_leaves_no_out_folder(tiny: str, tmp_path: Path, capsys: pyte
 
 
 def test_two_runs_on_one_out_folder(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from canopy_rs.io import RunDir
+    from canopy_rs.runs import RunDir
 
     out = tmp_path / "out"
     with RunDir(out):  # another run holds the folder
@@ -416,3 +416,24 @@ def test_exact_refuses_a_canopy_that_cannot_fit_quickly(tiny: str, tmp_path: Pat
     assert rc == 2 and "cannot be enumerated" in err and "--max-memory" in err  # 1,024 nodes at most
     rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", "--top-k", "3", "--max-new-tokens", "8", "-q")
     assert rc == 0, err
+
+
+def test_context_window_is_a_limit(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The tiny Llama declares 64 positions: prompt + --max-new-tokens beyond them is one line naming the
+    numbers and the flag, for every command that expands; --context-length widens the window."""
+    prompt = ["--prompt", "a b c", "--no-chat"]  # 3 tokens
+    for cmd in ("exact", "sample", "bound"):
+        rc, _, err = _run(capsys, cmd, "--model", tiny, *prompt, "--max-new-tokens", "62", "--top-k", "1")
+        assert rc == 2 and "Traceback" not in err, err
+        line = err.strip().splitlines()[-1]  # after the model load: its progress lines come first
+        assert line.startswith("canopy-rs: error: "), err
+        assert "65 positions" in line and "context window (64" in line and "--context-length" in line, line
+    rc, out, err = _run(capsys, "exact", "--model", tiny, *prompt, "--max-new-tokens", "61", "--top-k", "1",
+                        "--format", "json")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "exact", "--model", tiny, *prompt, "--max-new-tokens", "62", "--top-k", "1",
+                        "--context-length", "80", "--format", "json")
+    assert rc == 0, err
+    with pytest.raises(SystemExit) as e:
+        main(["exact", "--model", tiny, "--context-length", "0"])
+    assert e.value.code == 2 and "argument --context-length" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import canopy_rs
-from canopy_rs.estimators.comparison import BUILTIN_ESTIMATORS, compare, random_logits_fn
+from canopy_rs.estimators.comparison import BUILTIN_ESTIMATORS, compare
+from canopy_rs.testing import random_logits_fn
 
 KW = dict(vocab_size=4, eos_token_ids=[0], max_new_tokens=5)
 

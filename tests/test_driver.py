@@ -1,15 +1,13 @@
-"""The shared driver (canopy_rs._driver): every entry point checks the same arguments, validates a backend's
+"""The shared drivers (canopy_rs.drivers): every entry point checks the same arguments, validates a backend's
 output the same way (one error type, one message), reads counters without swallowing errors, and uses the
 backend's preferred batch size."""
-
-import ast
-import pathlib
 
 import numpy as np
 import pytest
 
 import canopy_rs
-from canopy_rs import _driver
+from canopy_rs.backends.output import expand_support
+from canopy_rs.drivers import setup as _setup
 from canopy_rs.protocol import NextTokenLogits, PolicySupport
 
 V, EOS = 5, (0,)
@@ -49,7 +47,7 @@ DRIVERS = {
     "exact": lambda m: canopy_rs.exact(m, **KW),
     "bounded": lambda m: canopy_rs.bounded(m, budget=3, **KW),
     "sample": lambda m: canopy_rs.sample(m, num_rollouts=4, seed=0, **KW),
-    "beam": lambda m: canopy_rs.stochastic_beam_search(m, beam_size=2, seed=0, **KW),
+    "beam": lambda m: canopy_rs.estimators.stochastic_beam_search(m, beam_size=2, seed=0, **KW),
     "hybrid": lambda m: canopy_rs.estimate_hybrid(m, budget_nodes=1, num_rollouts=8, seed=0, **KW),
 }
 
@@ -70,7 +68,7 @@ MISTAKES = {
 def test_the_same_output_mistake_gives_one_error_and_message_from_every_driver(mistake):
     messages = {}
     for name, run in DRIVERS.items():
-        with pytest.raises(canopy_rs.BackendOutputError) as e:
+        with pytest.raises(canopy_rs.errors.BackendOutputError) as e:
             run(ScriptedBackend(MISTAKES[mistake]))
         messages[name] = str(e.value)
     assert len(set(messages.values())) == 1, messages
@@ -78,7 +76,7 @@ def test_the_same_output_mistake_gives_one_error_and_message_from_every_driver(m
 
 
 def test_a_callable_is_named_as_logits_fn():
-    with pytest.raises(canopy_rs.BackendOutputError, match=r"^logits_fn: logits row 0: .*NaN"):
+    with pytest.raises(canopy_rs.errors.BackendOutputError, match=r"^logits_fn: logits row 0: .*NaN"):
         canopy_rs.sample(lambda p: np.full((len(p), V), np.nan), vocab_size=V, eos_token_ids=EOS,
                          num_rollouts=2, **KW)
 
@@ -104,7 +102,7 @@ def test_non_numeric_counters_are_a_backend_output_error():
         def counters(self):
             return {"model_calls": "many"}
 
-    with pytest.raises(canopy_rs.BackendOutputError, match=r"counters\(\)\['model_calls'\]"):
+    with pytest.raises(canopy_rs.errors.BackendOutputError, match=r"counters\(\)\['model_calls'\]"):
         canopy_rs.exact(Odd(good_logits), **KW)
 
 
@@ -133,57 +131,36 @@ def test_bad_preferred_batch_size_names_the_backend():
 def test_chunked_expansion_matches_one_call():
     b = ScriptedBackend(lambda batch: NextTokenLogits(
         np.stack([np.roll(np.arange(V, dtype=np.float64), int(i)) for i in batch.node_ids])))
-    pol = canopy_rs.make_policy(top_k=2)
+    pol = _setup.make_policy(top_k=2)
     ids = np.arange(7, dtype=np.int64)
     args = (ids, np.full(7, -1), np.full(7, -1), np.zeros(7, dtype=np.int64), lambda sl: [[]] * len(ids[sl]))
-    one = _driver.expand_support(b, pol, *args, batch_size=7)
-    chunked = _driver.expand_support(b, pol, *args, batch_size=3)
+    one = expand_support(b, pol, *args, batch_size=7)
+    chunked = expand_support(b, pol, *args, batch_size=3)
     assert b.rows == [7, 3, 3, 1]
     for x, y in zip(one, chunked):
         np.testing.assert_array_equal(x, y)
 
 
 def test_setup_checks_shared_arguments():
-    with pytest.raises(canopy_rs.ArgumentTypeError, match="max_new_tokens"):
-        _driver.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2.5,
+    with pytest.raises(canopy_rs.errors.ArgumentTypeError, match="max_new_tokens"):
+        _setup.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2.5,
                       temperature=1.0, top_k=None, top_p=1.0, batch_size=None)
     with pytest.raises(canopy_rs.InvalidArgumentError, match="seed"):
-        _driver.make_rng("seven")
-    s = _driver.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2,
+        _setup.make_rng("seven")
+    s = _setup.setup(ScriptedBackend(good_logits), vocab_size=None, eos_token_ids=None, max_new_tokens=2,
                       temperature=1.0, top_k=2, top_p=1.0, batch_size=None)
-    assert s.batch_size == _driver.default_batch_size(V) and s.eos_token_ids == EOS
+    assert s.batch_size == _setup.default_batch_size(V) and s.eos_token_ids == EOS
 
 
-def test_no_module_imports_another_modules_private_names():
-    root = pathlib.Path(canopy_rs.__file__).parent
-    offenders = []
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("canopy_rs")):
-                for alias in node.names:
-                    # Private *modules* of the package (``from . import _buckets``) are fine; private names are not.
-                    is_module = (root / (node.module or "").replace("canopy_rs.", "").replace(".", "/")
-                                 / f"{alias.name}.py").exists() or alias.name in ("_core", "_driver")
-                    if alias.name.startswith("_") and not alias.name.startswith("__") and not is_module:
-                        offenders.append(f"{path.relative_to(root)}: {node.module}.{alias.name}")
-    assert not offenders, offenders
+def test_the_size_probe_is_a_library_function():
+    from canopy_rs.backends import CallableModel
+    from canopy_rs.drivers.size_probe import check_canopy_size
+    from canopy_rs.testing import random_logits_fn
 
-
-def test_backends_never_import_the_layers_above_them():
-    # One-way layering: cli -> study/api -> _driver -> backends -> model. A backend that needs shared driver
-    # code gets it from a module in the backend layer (backends._output), never from the driver.
-    root = pathlib.Path(canopy_rs.__file__).parent
-    above = ("canopy_rs._driver", "canopy_rs.api", "canopy_rs.sampling", "canopy_rs.estimators", "canopy_rs.study",
-             "canopy_rs.cli")
-    offenders = []
-    for path in (root / "backends").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and not node.level:
-                names = [node.module or ""]
-                names += [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith(above)]
-    assert not offenders, offenders
+    model = CallableModel(random_logits_fn(50, seed=1, eos_bias=-3.0), 50, [0])
+    # A policy that cannot exceed the limit is not sampled at all.
+    assert check_canopy_size(model, node_limit=1000, max_new_tokens=3, top_k=2) is None
+    with pytest.raises(canopy_rs.TreeTooLargeError, match="far over the limit of 1,000"):
+        check_canopy_size(model, node_limit=1000, max_new_tokens=40)
+    probe = check_canopy_size(model, node_limit=9000, max_new_tokens=8, top_k=3)  # <= 9,841 nodes: sampled
+    assert probe is not None and probe.depth == 8 and "nodes" in probe.describe()

@@ -21,7 +21,7 @@ from canopy_rs.stats import (
     student_t_ppf,
 )
 from canopy_rs.estimators.beam import stochastic_beam_search
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 from canopy_rs.sampling import Rollouts, sample
 from estimator_helpers import CheckingBackend, leaf_table, two_branch_model
 
@@ -192,7 +192,7 @@ def test_other_estimates_agree_with_exact():
 
 @pytest.mark.parametrize("p_bushy, var_rb, var_naive", [(0.05, 0.727, 2.233), (0.95, 0.727, 0.045)])
 def test_two_branch_counterexample(p_bushy, var_rb, var_naive):
-    """Spec section 4: when the common branch is the bushy one, the naive estimator has lower variance
+    """docs/definitions.md#monte-carlo: when the common branch is the bushy one, the naive estimator has lower variance
     (0.045) than the Rao-Blackwellised one (0.727)."""
     fn, kw = two_branch_model(p_bushy)
     ex = canopy_rs.exact(fn, return_nodes=True, **kw)
@@ -202,7 +202,7 @@ def test_two_branch_counterexample(p_bushy, var_rb, var_naive):
     p = np.exp(lp)
     exact_var_rb = float(p @ hs**2 - (p @ hs) ** 2)
     exact_var_naive = float(p @ lp**2 - (p @ lp) ** 2)
-    # The spec quotes 3 decimals; the naive variance is 0.04447 (the spec's "0.045" rounds 0.0445).
+    # docs/definitions.md#monte-carlo quotes 3 decimals; the naive variance is 0.04447 ("0.045" rounds 0.0445).
     assert exact_var_rb == pytest.approx(var_rb, abs=1e-3)
     assert exact_var_naive == pytest.approx(var_naive, abs=1e-3)
     assert p @ hs == pytest.approx(ex.ce_star) and -(p @ lp) == pytest.approx(ex.ce_star)

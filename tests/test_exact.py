@@ -1,4 +1,4 @@
-"""The exact engine against brute-force enumeration, closed forms and the spec's identities."""
+"""The exact engine against brute-force enumeration, closed forms and the identities of docs/definitions.md."""
 
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ def test_wrong_shape_and_dtype():
     with pytest.raises(ValueError, match="shape"):
         canopy_rs.exact(lambda p: np.zeros(4), **GOOD)
     # A wrong dtype from the model is a malformed output, like a wrong shape (one error type for both).
-    with pytest.raises(canopy_rs.BackendOutputError, match="float32 or float64"):
+    with pytest.raises(canopy_rs.errors.BackendOutputError, match="float32 or float64"):
         canopy_rs.exact(lambda p: np.zeros((len(p), 4), dtype=np.int64), **GOOD)
     with pytest.raises(TypeError, match="float32 or float64"):
         canopy_rs._core.policy_support(np.zeros((2, 3), dtype=np.int32), canopy_rs.Policy())
@@ -321,7 +321,7 @@ def test_one_json_conversion_for_results_and_files():
     import json
     import pathlib
 
-    from canopy_rs import io
+    from canopy_rs import runs
     from canopy_rs.results import to_plain
 
     res = canopy_rs.exact(RandomModel(4, 5), vocab_size=4, eos_token_ids=[0], max_new_tokens=2)
@@ -332,4 +332,4 @@ def test_one_json_conversion_for_results_and_files():
     assert math.isnan(plain["a"][1]) and plain["inf"] == math.inf
     strict = to_plain(v, strict=True)
     assert strict["a"] == [1.0, None] and strict["inf"] is None
-    assert json.loads(io.dumps(v)) == json.loads(json.dumps(strict))  # files use the same conversion
+    assert json.loads(runs.dumps(v)) == json.loads(json.dumps(strict))  # files use the same conversion

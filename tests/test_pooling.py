@@ -1,4 +1,4 @@
-"""Pooling across prompts and the paired bootstrap, checked against hand computations (spec section 5)."""
+"""Pooling across prompts and the paired bootstrap, checked against hand computations (docs/definitions.md)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_pooled_covariance_is_pooled_within_prompt_covariance():
 
 
 def test_residual_is_within_plus_between_covariance():
-    # Spec 2.7: residual = mean_p Cov_pop^(p)(N, r) + Cov_pop over prompts(Nbar_p, Rbar_p).
+    # docs/definitions.md#decomposition: residual = mean_p Cov_pop^(p)(N, r) + Cov_pop over prompts(Nbar_p, Rbar_p).
     data, ests = _raw_prompts(1, [20, 20, 35, 9, 14])
     within = np.mean([np.mean((n - n.mean()) * (r - r.mean())) for n, r in data])
     nb = np.array([n.mean() for n, _ in data])

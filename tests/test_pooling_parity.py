@@ -1,5 +1,5 @@
 """One test per row of docs/pooling-parity.md: where pooling matches the paper's reference code, and each
-deliberate difference. ``_ref_*`` re-implement the reference rules from the spec (section 5) and the
+deliberate difference. ``_ref_*`` re-implement the reference rules from docs/definitions.md and the
 reference's documented behaviour (clip before atanh; drop non-finite or zero-weight entries from the
 weighted mean; fall back to a nanmean that skips NaN and keeps inf)."""
 

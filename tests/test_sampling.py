@@ -9,10 +9,11 @@ import pytest
 from scipy import stats
 
 import canopy_rs
-from canopy_rs._driver import sample_csr
+from canopy_rs.drivers.rollouts import sample_csr
+from canopy_rs.drivers.setup import make_policy
 from canopy_rs.sampling import Rollouts, sample
 from estimator_helpers import CheckingBackend, leaf_table, peaked_model
-from canopy_rs.estimators.comparison import random_logits_fn
+from canopy_rs.testing import random_logits_fn
 
 KW = dict(vocab_size=5, eos_token_ids=[0, 3], max_new_tokens=4)
 
@@ -54,7 +55,7 @@ def test_protocol_rules_are_kept(stratified):
 def test_per_step_values_match_the_policy(policy):
     fn = _fn()
     r = sample(fn, num_rollouts=40, seed=5, **KW, **policy)
-    pol = canopy_rs.make_policy(policy.get("temperature", 1.0), policy.get("top_k"), policy.get("top_p", 1.0))
+    pol = make_policy(policy.get("temperature", 1.0), policy.get("top_k"), policy.get("top_p", 1.0))
     from canopy_rs._core import policy_support
 
     eos = set(KW["eos_token_ids"])

@@ -1,4 +1,4 @@
-"""Semantic diversity (semantics spec 1-4): every metric against a direct numpy/scipy computation, the exact
+"""Semantic diversity (docs/definitions.md): every metric against a direct numpy/scipy computation, the exact
 values against brute force over the leaves of small canopies (tests/reference.py), the sampled D against the
 exact D*, pooling and the bootstrap by hand, and bad input."""
 
@@ -68,8 +68,8 @@ def test_sample_metrics_match_direct_numpy(m, d):
     iu = np.triu_indices(m, 1)
     assert canopy_rs.semantic_diversity(e) == pytest.approx(1.0 - k[iu].mean(), abs=1e-12)
     d_i = 1.0 - (k.sum(axis=1) - 1.0) / (m - 1)
-    np.testing.assert_allclose(canopy_rs.rollout_diversity(e), d_i, atol=1e-12)
-    assert canopy_rs.rollout_diversity(e).mean() == pytest.approx(canopy_rs.semantic_diversity(e), abs=1e-12)
+    np.testing.assert_allclose(canopy_rs.semantic.rollout_diversity(e), d_i, atol=1e-12)
+    assert canopy_rs.semantic.rollout_diversity(e).mean() == pytest.approx(canopy_rs.semantic_diversity(e), abs=1e-12)
     lam = np.clip(np.linalg.eigvalsh(k / m), 0.0, None)
     lam = lam[lam > 0]
     vs = math.exp(-(lam * np.log(lam)).sum())
@@ -87,8 +87,8 @@ def test_weighted_metrics_match_direct_numpy():
         # D* = E[1 - <e_Y, e_Y'>] over two independent draws.
         assert canopy_rs.semantic_diversity(e, w) == pytest.approx(float(p @ (1.0 - k) @ p), abs=1e-12)
         ebar = p @ u
-        np.testing.assert_allclose(canopy_rs.rollout_diversity(e, w), 1.0 - u @ ebar, atol=1e-12)
-        assert float(p @ canopy_rs.rollout_diversity(e, w)) == pytest.approx(canopy_rs.semantic_diversity(e, w))
+        np.testing.assert_allclose(canopy_rs.semantic.rollout_diversity(e, w), 1.0 - u @ ebar, atol=1e-12)
+        assert float(p @ canopy_rs.semantic.rollout_diversity(e, w)) == pytest.approx(canopy_rs.semantic_diversity(e, w))
         lam = np.clip(np.linalg.eigvalsh((u * p[:, None]).T @ u), 0.0, None)  # d x d, trace 1
         lam = lam[lam > 0]
         assert canopy_rs.vendi_score(e, w) == pytest.approx(math.exp(-(lam * np.log(lam)).sum()), rel=1e-9)
@@ -112,7 +112,7 @@ def test_identical_and_orthogonal_extremes():
     assert canopy_rs.semantic_diversity(eye, [0.5, 0.5, 0, 0]) == pytest.approx(0.5)
     # One rollout: pairwise quantities are undefined.
     assert math.isnan(canopy_rs.semantic_diversity(eye[:1]))
-    assert np.isnan(canopy_rs.rollout_diversity(eye[:1])).all()
+    assert np.isnan(canopy_rs.semantic.rollout_diversity(eye[:1])).all()
 
 
 def test_bucket_diversity_stable_rank_partition():
@@ -141,7 +141,7 @@ def test_prompt_semantics_correlations_match_scipy():
     n = rng.integers(1, 6, size=m)
     r = rng.random(m)
     out = prompt_semantics(e, n, r)
-    d = canopy_rs.rollout_diversity(e)
+    d = canopy_rs.semantic.rollout_diversity(e)
     assert out["length_diversity_pearson"] == pytest.approx(sps.pearsonr(n, d).statistic)
     assert out["length_diversity_spearman"] == pytest.approx(sps.spearmanr(n, d).statistic)
     assert out["length_diversity_kendall"] == pytest.approx(sps.kendalltau(n, d).statistic)
@@ -565,7 +565,7 @@ def test_end_to_end_on_a_transformers_model(tmp_path):
     from tiny_models import make_tiny_model
 
     from canopy_rs.backends.transformers import TransformersModel
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
 
     model, tok = load_model(str(make_tiny_model(tmp_path / "tiny")), device="cpu")
     backend = TransformersModel(model, tok, prompt="a b c", chat=False)

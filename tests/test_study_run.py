@@ -21,7 +21,7 @@ pytest.importorskip("statsmodels")
 pytest.importorskip("matplotlib")
 
 import canopy_rs  # noqa: E402
-from canopy_rs.io import dumps  # noqa: E402
+from canopy_rs.runs import dumps  # noqa: E402
 from canopy_rs.study import StudyConfigError, load_config, make_units  # noqa: E402
 from study_helpers import LetterEncoder, make_tiny_pair  # noqa: E402
 
@@ -66,13 +66,28 @@ def read(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def local_run(pair: dict, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("study_local")
-    res = canopy_rs.study(config(pair, out), encoder=LetterEncoder())
+    res = canopy_rs.run_study(config(pair, out), encoder=LetterEncoder())
     return out, res
 
 
 # --------------------------------------------------------------------------------------------------
 # The configuration
 # --------------------------------------------------------------------------------------------------
+
+
+def test_the_context_window_is_a_limit(pair, tmp_path):
+    """The tiny models declare 64 positions: a study whose canopies would run past them stops before expanding,
+    naming the numbers and the config key; the model table's context_length widens the window."""
+    long = {"max_new_tokens": 70, "top_k": 1}
+    cfg = config(pair, tmp_path / "narrow", sampling={"num_rollouts": 2, **long}, exact={"max_new_tokens": 2, "top_k": 1},
+                 tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 1}])
+    with pytest.raises(canopy_rs.InvalidArgumentError, match=r"context window \(64.*context_length in the model's table"):
+        canopy_rs.run_study(cfg, encoder=LetterEncoder())
+    for m in cfg["models"]:
+        m["context_length"] = 128
+    cfg["out"] = str(tmp_path / "wide")
+    assert load_config(cfg).models[0].context_length == 128
+    canopy_rs.run_study(cfg, encoder=LetterEncoder())
 
 
 def _bad(pair: dict, tmp_path: Path, case: str) -> dict:
@@ -100,6 +115,8 @@ def _bad(pair: dict, tmp_path: Path, case: str) -> dict:
         cfg["tasks"][1]["builtin"] = "poetry"
     elif case == "rollouts":
         cfg["sampling"]["num_rollouts"] = 1
+    elif case == "context":
+        cfg["models"][0]["context_length"] = 0
     return cfg
 
 
@@ -115,6 +132,7 @@ def _bad(pair: dict, tmp_path: Path, case: str) -> dict:
     ("variant", ["models[1] (tiny-tuned).variant", "'chat'"]),
     ("builtin", ["tasks[1] (math).builtin", "poetry"]),
     ("rollouts", ["sampling.num_rollouts", ">= 2"]),
+    ("context", ["models[0] (tiny-base).context_length", ">= 1"]),
 ])
 def test_config_errors_name_the_field(pair, tmp_path, case, words):
     with pytest.raises(StudyConfigError) as e:
@@ -269,8 +287,8 @@ def test_resume_reuses_every_unit_without_loading_a_model(local_run, pair, monke
     def no_load(*a, **k):
         raise AssertionError("a resumed study must not load a model")
 
-    monkeypatch.setattr("canopy_rs.models.load_model", no_load)
-    res = canopy_rs.study(config(pair, out), encoder=LetterEncoder())
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", no_load)
+    res = canopy_rs.run_study(config(pair, out), encoder=LetterEncoder())
     assert res.units_resumed == res.units_done == 14
     assert dumps(res.pooled) == dumps(first.pooled)  # NaN-aware: the same numbers
 
@@ -291,17 +309,17 @@ def test_an_interrupted_study_keeps_its_finished_units(pair, tmp_path, monkeypat
 
     monkeypatch.setattr(UnitRunner, "run", flaky)
     with pytest.raises(KeyboardInterrupt):
-        canopy_rs.study(cfg, encoder=LetterEncoder())
+        canopy_rs.run_study(cfg, encoder=LetterEncoder())
     assert len(list((tmp_path / "out" / "runs").glob("*/record.json"))) == 2
     monkeypatch.setattr(UnitRunner, "run", real)
-    res = canopy_rs.study(cfg, encoder=LetterEncoder())
+    res = canopy_rs.run_study(cfg, encoder=LetterEncoder())
     assert res.units_done == 4 and res.units_resumed == 2
 
 
 def test_without_an_encoder_the_regression_is_skipped(pair, tmp_path):
     cfg = config(pair, tmp_path / "out", tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 2}],
                  exact=None, encoder={"path": "none"})
-    res = canopy_rs.study(cfg)
+    res = canopy_rs.run_study(cfg)
     assert "no encoder" in res.regression["skipped"]
     metrics = {r["metric"] for r in read(tmp_path / "out" / "bootstrap.csv")}
     assert "semantic_diversity" not in metrics and "ce_star" in metrics
@@ -321,7 +339,7 @@ def test_ray_executor_gives_the_local_numbers(local_run, pair, tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        res = canopy_rs.study(config(pair, tmp_path / "out"), encoder=LetterEncoder(), executor="ray")
+        res = canopy_rs.run_study(config(pair, tmp_path / "out"), encoder=LetterEncoder(), executor="ray")
     finally:
         ray.shutdown()
     assert res.units_done == 14 and res.units_resumed == 0

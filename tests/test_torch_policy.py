@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from canopy_rs import BackendOutputError, Policy  # noqa: E402
+from canopy_rs import Policy  # noqa: E402
+from canopy_rs.errors import BackendOutputError  # noqa: E402
 from canopy_rs._core import policy_support  # noqa: E402
 from canopy_rs.backends.torch_policy import policy_support_numpy, policy_support_torch  # noqa: E402
 

@@ -352,7 +352,7 @@ def test_sliding_window_tree_within_the_window():
     pol = dict(temperature=1.0, top_k=2, top_p=1.0, max_new_tokens=window - len(PROMPT) + 1)
     ref = canopy_rs.exact(naive_logits_fn(m, PROMPT), vocab_size=12, eos_token_ids=[0, 7], **pol)
     assert_results_equal(canopy_rs.exact(be, batch_size=8, **pol), ref)
-    with pytest.raises(canopy_rs.TreeAttentionUnsupported, match="sliding-window model"):
+    with pytest.raises(canopy_rs.errors.TreeAttentionUnsupported, match="sliding-window model"):
         canopy_rs.exact(be, batch_size=8, **{**pol, "max_new_tokens": pol["max_new_tokens"] + 1})
 
 

@@ -9,6 +9,10 @@ Quick use::
 
 Semantic diversity (sampled and exact): :func:`embed`, :func:`semantic_diversity`, :func:`vendi_score`,
 :func:`exact_semantics`, ``estimate(rollouts, embeddings=E)`` (module :mod:`canopy_rs.semantic`).
+
+The top level holds what a newcomer needs; everything else is reachable from its module (e.g.
+:mod:`canopy_rs.errors`, :mod:`canopy_rs.protocol`, :mod:`canopy_rs.estimators`, :mod:`canopy_rs.semantic`,
+:mod:`canopy_rs.stats`, :mod:`canopy_rs.testing`, :mod:`canopy_rs.study`, :mod:`canopy_rs.plots`).
 """
 
 from __future__ import annotations
@@ -16,124 +20,60 @@ from __future__ import annotations
 from typing import Any
 
 from canopy_rs._core import Policy, __version__
-from canopy_rs.api import Budget, bounded, exact, make_policy
-from canopy_rs.backends import CallableModel, as_backend
-from canopy_rs.errors import (
-    ArgumentTypeError,
-    BackendOutputError,
-    CanopyError,
-    EngineStateError,
-    Interrupted,
-    InvalidArgumentError,
-    KVBudgetExceededError,
-    ModelNotFoundError,
-    StudyConfigError,
-    TreeAttentionUnsupported,
-    StrategyUnsupportedError,
-    CacheLayoutUnsupported,
-    TreeTooLargeError,
-)
-from canopy_rs.estimators import (
-    BeamSearchEstimate,
-    BestEstimate,
-    BootstrapResult,
-    HybridEstimate,
-    PooledEstimate,
-    PromptEstimate,
-    ComparisonResult,
-    best_estimator,
-    compare,
-    estimate,
-    estimate_best,
-    estimate_hybrid,
-    paired_bootstrap,
-    pool,
-    random_logits_fn,
-    stochastic_beam_search,
-)
-from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
-from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
+from canopy_rs.api import Budget, bounded, exact
+from canopy_rs.backends.callable import CallableModel
+from canopy_rs.errors import CanopyError, Interrupted, InvalidArgumentError, StrategyUnsupportedError, TreeTooLargeError
+from canopy_rs.estimators import compare, estimate, estimate_best, estimate_hybrid, paired_bootstrap, pool
+from canopy_rs.protocol import Backend
+from canopy_rs.results import CanopyBounds, CanopyResult
 from canopy_rs.sampling import Rollouts, sample
-from canopy_rs.semantic import (
-    ExactSemantics,
-    bucket_diversity,
-    embed,
-    exact_semantics,
-    rollout_diversity,
-    rollout_texts,
-    semantic_diversity,
-    vendi_score,
-)
-
-# The package canopy_rs.study is imported here, eagerly, so that the name ``canopy_rs.study`` is bound to the
-# function (the submodule stays reachable as ``from canopy_rs.study import ...``).
-from canopy_rs.study import StudyOutput, study  # noqa: E402  (after the names it uses)
+from canopy_rs.semantic import embed, exact_semantics, rollout_texts, semantic_diversity, vendi_score
 
 __all__ = [
     "__version__",
+    # the canopy, exactly or bracketed, and Monte Carlo rollouts
     "exact",
     "bounded",
     "Budget",
-    "Interrupted",
-    "make_policy",
+    "sample",
     "CanopyResult",
     "CanopyBounds",
-    "RunInfo",
-    "CanopyError",
-    "InvalidArgumentError",
-    "ArgumentTypeError",
-    "BackendOutputError",
-    "TreeTooLargeError",
-    "EngineStateError",
-    "ModelNotFoundError",
-    "Policy",
-    "Backend",
-    "NodeBatch",
-    "NextTokenLogits",
-    "PolicySupport",
-    "CallableModel",
-    "as_backend",
-    "TransformersModel",
-    "KVBudgetExceededError",
-    "TreeAttentionUnsupported",
-    "StrategyUnsupportedError",
-    "CacheLayoutUnsupported",
-    "sample",
     "Rollouts",
+    # estimators
     "estimate",
-    "PromptEstimate",
     "pool",
-    "PooledEstimate",
     "paired_bootstrap",
-    "BootstrapResult",
-    "stochastic_beam_search",
-    "BeamSearchEstimate",
     "estimate_hybrid",
-    "HybridEstimate",
     "estimate_best",
-    "best_estimator",
-    "BestEstimate",
     "compare",
-    "ComparisonResult",
-    "random_logits_fn",
-    "load_model",
+    # semantic diversity
     "embed",
     "rollout_texts",
     "semantic_diversity",
     "vendi_score",
-    "rollout_diversity",
-    "bucket_diversity",
     "exact_semantics",
-    "ExactSemantics",
-    "study",
-    "StudyOutput",
-    "StudyConfigError",
+    # the base-vs-fine-tuned study
+    "run_study",
+    # models and policies
+    "Policy",
+    "Backend",
+    "CallableModel",
+    "TransformersModel",
+    "load_model",
+    # errors
+    "CanopyError",
+    "InvalidArgumentError",
+    "TreeTooLargeError",
+    "StrategyUnsupportedError",
+    "Interrupted",
 ]
 
-# Names whose modules import torch or other heavy optional dependencies: loaded on first use.
+# Names whose modules import torch or other heavy optional dependencies, or load much: imported on first use
+# (the one lazy gate of the package).
 _LAZY = {
     "TransformersModel": "canopy_rs.backends.transformers",
-    "load_model": "canopy_rs.models",
+    "load_model": "canopy_rs.hf_models",
+    "run_study": "canopy_rs.study",
 }
 
 

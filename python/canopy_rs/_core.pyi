@@ -16,7 +16,7 @@ __all__ = [
     "Policy",
     "Tree",
     "policy_support",
-    "normalize_support",
+    "normalise_support",
 ]
 
 __version__: str
@@ -52,7 +52,7 @@ def policy_support(
     ``tokens[offsets[i]:offsets[i+1]]`` in ascending token order; tokens whose f64 probability
     underflows to 0 are not in the support."""
 
-def normalize_support(
+def normalise_support(
     offsets: npt.NDArray[np.int64],
     tokens: npt.NDArray[np.int64],
     logprobs: npt.NDArray[np.float64],

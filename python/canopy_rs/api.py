@@ -1,6 +1,6 @@
 """``exact`` and ``bounded``: expand a model's canopy with the Rust engine.
 
-The loop is the shared driver's (:class:`canopy_rs._driver.TreeRun`), in Python, so that any model (a
+The loop is the canopy driver's (:class:`canopy_rs.drivers.canopy.TreeRun`), in Python, so that any model (a
 callable, a transformers backend) can be driven, a progress bar can show nodes/s, mass covered and the
 bracket, and Ctrl-C keeps what was computed:
 
@@ -13,11 +13,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from canopy_rs._driver import DEFAULT_MAX_NODES, Budget, TreeRun, check_positive_int, make_policy, setup
+from canopy_rs.drivers.canopy import Budget, TreeRun
+from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, check_positive_int, setup
 from canopy_rs.errors import ArgumentTypeError, Interrupted, InvalidArgumentError
 from canopy_rs.results import CanopyBounds, CanopyResult
 
-__all__ = ["exact", "bounded", "Budget", "Interrupted", "make_policy"]
+__all__ = ["exact", "bounded", "Budget", "Interrupted"]
 
 
 def exact(

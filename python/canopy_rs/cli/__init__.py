@@ -7,7 +7,7 @@ Commands mirror the Python API, one module each:
 * ``sample``   Monte Carlo rollouts and the paper's metrics (``canopy_rs.sampling.sample`` + ``estimate``)
 * ``compare``  estimators against the exact value (``canopy_rs.estimators.comparison.compare``)
 * ``demo``     all of it on the embedded SmolLM2-135M-Instruct: exact canopy, MC estimates, table, plots
-* ``study``    base-vs-fine-tuned study of a TOML/YAML config (:func:`canopy_rs.study`), local or on Ray
+* ``study``    base-vs-fine-tuned study of a TOML/YAML config (:func:`canopy_rs.run_study`), local or on Ray
 * ``bench``    the benches/ scripts, or a quick engine throughput check
 
 A command module has ``add_parser(subparsers)`` (its arguments; ``set_defaults(func=run)`` and optionally
@@ -29,9 +29,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from canopy_rs._core import __version__
 from canopy_rs.cli import bench, bound, compare, demo, exact, sample, study
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._context import RunContext
+from canopy_rs.errors import CanopyError
 
 __all__ = ["main", "build_parser", "DEMO_PROMPT"]
 
@@ -39,8 +41,6 @@ COMMANDS = (exact, bound, sample, compare, demo, study, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from canopy_rs import __version__
-
     parser = argparse.ArgumentParser(
         prog="canopy-rs",
         description="Exact canopy entropy (CE*) of a language model's generation tree, certified brackets, "
@@ -90,6 +90,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _user_error(e: Exception) -> bool:
     """Errors a user can fix from the message alone: printed on one line instead of a traceback. Library
     errors (every ``CanopyError``), files that cannot be read or written, a missing optional dependency."""
-    from canopy_rs.errors import CanopyError
-
     return isinstance(e, (CanopyError, OSError, ImportError)) or type(e) is ValueError

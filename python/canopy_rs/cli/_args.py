@@ -96,6 +96,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how the transformers backend reuses the KV cache (default: auto, the cheapest that runs)")
     g.add_argument("--eos-token-ids", type=eos_ids, metavar="IDS",
                    help="comma-separated EOS ids (default: the model's generation config)")
+    g.add_argument("--context-length", type=positive_int, metavar="N",
+                   help="the context window prompt + --max-new-tokens must fit (default: the model config's "
+                        "max_position_embeddings; raise it only if the model's position scaling allows more)")
 
 
 def add_prompt_args(p: argparse.ArgumentParser, default_prompt: Optional[str] = None) -> None:

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from canopy_rs._driver import ProgressBar
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._format import header, short
+from canopy_rs.drivers.progress import ProgressBar
+from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.models import library_versions, resolve_model
+from canopy_rs.prompts import read_prompts
+from canopy_rs.runs import RunDir, dumps, flatten, model_record, prompt_key
 
 MAX_PLOTTED_PROMPTS = 8
 
@@ -84,6 +88,7 @@ class RunContext:
         self._tokenizer: Any = None
         self._spec: Any = None
         self._saved_model_info: Optional[dict[str, Any]] = None
+        self._first_backend: Optional[Any] = None
         self.model_seconds = 0.0
         self.files: list[str] = []
 
@@ -96,12 +101,10 @@ class RunContext:
             _ = self.spec
             self.prompts()
             if a.device:
-                from canopy_rs.models import check_device
+                from canopy_rs.hf_models import check_device  # imports torch: only to check a given device
 
                 check_device(a.device)
         if getattr(a, "out", None):
-            from canopy_rs.io import RunDir
-
             self.out = RunDir(a.out)
 
     def close(self, ok: bool) -> None:
@@ -119,14 +122,12 @@ class RunContext:
     def spec(self) -> Any:
         """Where the model comes from (resolved without loading it)."""
         if self._spec is None:
-            from canopy_rs.models import resolve_model
-
             self._spec = resolve_model(self.args.model, self.args.gguf)
         return self._spec
 
     def load(self) -> tuple[Any, Any]:
         if self._model is None:
-            from canopy_rs.models import load_model
+            from canopy_rs.hf_models import load_model  # imports torch and transformers: only to load
 
             self.say(f"loading {self.spec.name} from {self.spec.path} ...")
             t = time.perf_counter()
@@ -151,9 +152,14 @@ class RunContext:
     def backend(self, prompt: str, **options: Any) -> Any:
         from canopy_rs.backends.transformers import TransformersModel
 
+        if self._first_backend is not None:  # the strategy and its self-check hold for the model: reused
+            return self._first_backend.with_prompt(prompt, **options)
         model, tok = self.load()
-        return TransformersModel(model, tok, prompt=prompt, chat=self.chat(), strategy=self.args.strategy,
-                                 eos_token_ids=self.args.eos_token_ids, **options)
+        self._first_backend = TransformersModel(
+            model, tok, prompt=prompt, chat=self.chat(), strategy=self.args.strategy,
+            eos_token_ids=self.args.eos_token_ids, context_length=self.args.context_length, **options,
+        )
+        return self._first_backend
 
     def model_info(self) -> dict[str, Any]:
         if self._model is None and self._saved_model_info is not None:
@@ -162,15 +168,7 @@ class RunContext:
         info: dict[str, Any] = self.spec.to_dict()
         info.update(device=a.device, dtype=a.dtype, chat=a.chat, strategy=a.strategy)
         if self._model is not None:
-            p = next(self._model.parameters())
-            cfg = self._model.config
-            info.update(
-                device=str(p.device), dtype=str(p.dtype).replace("torch.", ""), chat=self.chat(),
-                architecture=(getattr(cfg, "architectures", None) or [type(self._model).__name__])[0],
-                model_type=getattr(cfg, "model_type", None),
-                num_parameters=int(sum(x.numel() for x in self._model.parameters())),
-                load_seconds=self.model_seconds,
-            )
+            info.update(model_record(self._model, self.model_seconds), chat=self.chat())
         return info
 
     # --- prompts and policy ------------------------------------------------------------------------
@@ -180,9 +178,6 @@ class RunContext:
         return self._prompts
 
     def _read_prompts(self) -> list[dict[str, Any]]:
-        from canopy_rs.errors import InvalidArgumentError
-        from canopy_rs.io import read_prompts
-
         a = self.args
         out: list[dict[str, Any]] = [{"id": f"prompt{i}", "prompt": text} for i, text in enumerate(a.prompt or [])]
         if a.prompts:
@@ -226,19 +221,18 @@ class RunContext:
         """Calls ``fn(job)`` for each prompt not already finished in ``--out`` and checkpoints its record and
         tables. ``backend_options(hf_model)`` gives extra keyword arguments for the prompt's backend. Returns
         the records in prompt order."""
-        from canopy_rs.io import prompt_key
-
         prompts = self.prompts()
         records = []
         n = len(prompts)
         for i, p in enumerate(prompts):
             key = prompt_key(p["prompt"], self.key_config(i, **key_extra))
             tag = f"[{i + 1}/{n}] " if n > 1 else ""
-            if self.out is not None and not self.args.fresh:
-                rec, damaged = self.out.load(key)
-                if damaged:
+            if self.out is not None:
+                def damaged(why: str, p: dict = p, tag: str = tag) -> None:
                     print(f"canopy-rs: warning: {tag}prompt {p['id']!r}: the checkpoint in {self.out.path} is "
-                          f"damaged ({damaged}); recomputing it", file=sys.stderr, flush=True)
+                          f"damaged ({why}); recomputing it", file=sys.stderr, flush=True)
+
+                rec = self.out.finished(key, fresh=self.args.fresh, damaged=damaged)
                 if rec is not None:
                     self.say(f"{tag}prompt {p['id']!r}: already done in {self.out.path} (skipped; --fresh recomputes)")
                     rec["resumed"] = True
@@ -274,8 +268,6 @@ class RunContext:
         return os.path.join(str(self.out.path), f"p{rec['index']:03d}_" if n > 1 else "")
 
     def result(self, records: list[dict], pooled: Optional[dict] = None, **extra: Any) -> dict[str, Any]:
-        from canopy_rs.models import library_versions
-
         config = {k: v for k, v in vars(self.args).items() if not callable(v)}
         res = {
             "command": self.command,
@@ -298,8 +290,6 @@ class RunContext:
                plots: Callable[[], list[Path]] = lambda: [],
                files: Callable[[], list[Path]] = lambda: []) -> int:
         """Writes tables, ``files()``, ``plots()`` and result.json to --out; prints the table or JSON."""
-        from canopy_rs.io import dumps, flatten
-
         if self.out is not None:
             rows = []
             for r in records:

@@ -9,10 +9,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
+from canopy_rs.api import exact
 from canopy_rs.cli._args import positive_int
 from canopy_rs.cli._context import RunContext
 from canopy_rs.cli._format import format_table, num
 from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.runs import dumps
+from canopy_rs.testing import random_logits_fn
 
 HELP = "run benches/ scripts or a quick engine throughput check"
 BENCHES_ENV = "CANOPY_RS_BENCHES"
@@ -21,12 +26,12 @@ BENCHES_ENV = "CANOPY_RS_BENCHES"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help=HELP,
                        description="With names, runs benches/bench_<name>.py (the scripts live in the source "
-                       f"repository, not in the wheel: found with --dir, ${BENCHES_ENV}, next to the source tree "
-                       "or in ./benches); extra arguments after `--` are passed on. Without names (or with "
+                       f"repository, not in the wheel: found with --dir, ${BENCHES_ENV}, or in ./benches or the "
+                       "nearest folder above with a benches/); extra arguments after `--` are passed on. Without names (or with "
                        "--engine), a quick built-in throughput check of the engine on a synthetic model.")
     p.add_argument("names", nargs="*", help="bench names (e.g. engine bounds hf), or `all`")
     p.add_argument("--list", action="store_true", help="list the available benches")
-    p.add_argument("--dir", help=f"the benches directory (default: ${BENCHES_ENV}, the source tree's or ./benches)")
+    p.add_argument("--dir", help=f"the benches directory (default: ${BENCHES_ENV}, else ./benches or the nearest one above)")
     p.add_argument("--quick", action="store_true", help="pass --quick to the scripts (a smoke run)")
     p.add_argument("--engine", action="store_true", help="the built-in engine throughput check")
     p.add_argument("--vocab-size", type=positive_int, default=4096, help="engine check: vocabulary (default: 4096)")
@@ -42,8 +47,11 @@ def bench_candidates(given: Optional[str]) -> list[Path]:
     if given:
         return [Path(given)]
     out = [Path(os.environ[BENCHES_ENV])] if os.environ.get(BENCHES_ENV) else []
-    # A source checkout: python/canopy_rs/cli/bench.py -> the repository root's benches/.
-    return out + [Path(__file__).resolve().parents[3] / "benches", Path.cwd() / "benches"]
+    # A source checkout: ./benches, or the benches/ of the nearest folder above that has one (the installed
+    # package's own location says nothing about where a checkout is).
+    here = Path.cwd()
+    out.append(here / "benches")
+    return out + [p / "benches" for p in here.parents if (p / "benches").is_dir()][:1]
 
 
 def find_benches(given: Optional[str]) -> tuple[Optional[Path], list[Path]]:
@@ -63,11 +71,6 @@ def _not_found(looked: list[Path]) -> str:
 
 def engine_check(vocab_size: int, max_new_tokens: int, top_k: int, progress: bool) -> dict[str, Any]:
     """Throughput of the engine alone on a synthetic model (hashed random logits)."""
-    import numpy as np
-
-    import canopy_rs
-    from canopy_rs.estimators.comparison import random_logits_fn
-
     fn = random_logits_fn(vocab_size, seed=0, scale=2.0, eos_bias=-1.0)
     model_s = [0.0]
 
@@ -78,8 +81,8 @@ def engine_check(vocab_size: int, max_new_tokens: int, top_k: int, progress: boo
         return out
 
     t = time.perf_counter()
-    res = canopy_rs.exact(timed, vocab_size=vocab_size, eos_token_ids=[0], max_new_tokens=max_new_tokens,
-                          top_k=top_k, progress=progress)
+    res = exact(timed, vocab_size=vocab_size, eos_token_ids=[0], max_new_tokens=max_new_tokens,
+                top_k=top_k, progress=progress)
     wall = time.perf_counter() - t
     engine_s = max(wall - model_s[0], 1e-9)
     n = res.num_internal_nodes
@@ -106,8 +109,6 @@ def run(ctx: RunContext) -> int:
     if a.engine or not a.names:
         r = engine_check(a.vocab_size, a.max_new_tokens, a.top_k, ctx.show_progress)
         if a.format == "json":
-            from canopy_rs.io import dumps
-
             print(dumps(r))
         else:
             print(format_table(["engine check", "value"], [

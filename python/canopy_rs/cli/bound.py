@@ -6,11 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from canopy_rs.api import bounded
 from canopy_rs.cli._args import add_output_args, add_run_args, positive_float, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import format_table, num, short
-from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.cli.exact import exact_record
+from canopy_rs.drivers.canopy import Budget
+from canopy_rs.errors import InvalidArgumentError
 
 HELP = "certified bracket on CE*_max within a budget"
 DEFAULT_BUDGET_NODES = 1000
@@ -40,14 +42,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(ctx: RunContext) -> int:
-    import canopy_rs
-
     a = ctx.args
     nodes = a.budget
     if not any((a.budget, a.budget_tokens, a.budget_seconds, a.budget_memory)):
         nodes = DEFAULT_BUDGET_NODES
-    budget = canopy_rs.Budget(nodes=nodes, tokens=a.budget_tokens, seconds=a.budget_seconds,
-                              memory_bytes=a.budget_memory)
+    budget = Budget(nodes=nodes, tokens=a.budget_tokens, seconds=a.budget_seconds,
+                    memory_bytes=a.budget_memory)
     # The library's default (the vocabulary size) keeps the bracket a proof; a smaller cap is an assumption
     # about the unexpanded nodes (top-k ties can exceed k), so it is only used when asked for.
     cap = a.support_cap
@@ -57,7 +57,7 @@ def run(ctx: RunContext) -> int:
     def one(job: PromptJob) -> tuple[dict, dict]:
         prog = BracketProgress(not ctx.show_progress, "bracket", record=True)
         try:
-            res = canopy_rs.bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
+            res = bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
                                     beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
                                     progress_interval=0.0)
         finally:
@@ -82,7 +82,7 @@ def run(ctx: RunContext) -> int:
         "llrrrrrlr")
 
     def plots() -> list[Path]:
-        from canopy_rs import plots as pl
+        from canopy_rs import plots as pl  # imports matplotlib: only when drawing
 
         files: list[Path] = []
         for r in records[:MAX_PLOTTED_PROMPTS]:

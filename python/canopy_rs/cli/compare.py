@@ -10,6 +10,7 @@ from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, PromptJob, RunContext
 from canopy_rs.cli._format import short
 from canopy_rs.cli.exact import exact_record
 from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.estimators.comparison import BUILTIN_ESTIMATORS, ComparisonResult, compare
 
 HELP = "estimators vs the exact value"
 DEFAULT_ESTIMATORS = ["mc_rb", "mc_surprisal", "sbs", "hybrid"]
@@ -31,8 +32,6 @@ def add_parser(sub: Any) -> None:
 
 def prepare(args: Any) -> None:
     """Argument checks that need the estimator registry (run before anything is loaded)."""
-    from canopy_rs.estimators.comparison import BUILTIN_ESTIMATORS
-
     bad = [e for e in args.estimators if e not in BUILTIN_ESTIMATORS]
     if bad or not args.estimators:
         raise InvalidArgumentError(f"unknown estimator(s) {', '.join(bad) or '(none given)'}; "
@@ -41,16 +40,12 @@ def prepare(args: Any) -> None:
 
 def study_of(rec: dict) -> Any:
     """The :class:`ComparisonResult` of a prompt's record (fresh or resumed alike)."""
-    from canopy_rs.estimators.comparison import ComparisonResult
-
     d = rec["study"]
     return ComparisonResult(exact_ce_star=d["exact_ce_star"], exact=d.get("exact", {}), rows=d["rows"],
                        settings=d.get("settings", {}))
 
 
 def run(ctx: RunContext) -> int:
-    from canopy_rs.estimators.comparison import compare
-
     a = ctx.args
 
     def one(job: PromptJob) -> tuple[dict, dict]:
@@ -75,9 +70,10 @@ def run(ctx: RunContext) -> int:
         return out
 
     def plots() -> list[Path]:
-        from canopy_rs.plots import plot_rmse_vs_cost
+        from canopy_rs import plots as pl  # imports matplotlib: only when drawing
 
         return [f for r, st in list(zip(records, studies))[:MAX_PLOTTED_PROMPTS]
-                for f in plot_rmse_vs_cost(st, ctx.plot_stem(r, len(records)) + "rmse_vs_cost")]
+                for f in pl.save_figure(pl.plot_rmse_vs_cost(st.rows, exact_ce_star=st.exact_ce_star),
+                                        ctx.plot_stem(r, len(records)) + "rmse_vs_cost")]
 
     return ctx.finish(records, ctx.result(records), "\n\n".join(parts), plots, files)

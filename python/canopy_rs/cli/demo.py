@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from canopy_rs.api import bounded
 from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_run_args, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import estimate_table, format_table, num
 from canopy_rs.cli.exact import exact_figures, exact_record
 from canopy_rs.cli.sample import length_rate_figures, pool_estimates, sample_prompt
-from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.errors import CanopyError, InvalidArgumentError
+from canopy_rs.estimators.pooling import pool_exact
 
 HELP = "the whole pipeline on the embedded model"
 # Far above any demo-sized canopy: the best-first run is meant to finish exactly.
@@ -42,16 +44,13 @@ def prepare(args: Any) -> None:
 def exact_with_bracket(ctx: RunContext, backend: Any) -> tuple[Any, list[dict]]:
     """The exact canopy, expanded best-first in small batches so the certified bracket can be recorded as
     it closes (one pass: the same nodes an exact run expands)."""
-    import canopy_rs
-    from canopy_rs import CanopyError
-
     pol = ctx.policy()
     # The top-k cap gives a tight bracket; a tie at the k-th logit can make a support wider than top-k, and
     # then the run is redone with the vocabulary-sized (assumption-free) cap.
     for cap in ([pol["top_k"], None] if pol["top_k"] else [None]):
         prog = BracketProgress(not ctx.show_progress, "canopy", record=True)
         try:
-            res = canopy_rs.bounded(backend, budget=EXACT_BUDGET_NODES, **pol, order="best-first", support_cap=cap,
+            res = bounded(backend, budget=EXACT_BUDGET_NODES, **pol, order="best-first", support_cap=cap,
                                     batch_size=ctx.args.batch_size or 32, progress=prog, progress_interval=0.0)
         except CanopyError as e:
             if cap is None:
@@ -67,8 +66,6 @@ def exact_with_bracket(ctx: RunContext, backend: Any) -> tuple[Any, list[dict]]:
 
 
 def _pooled_table(records: list[dict]) -> tuple[dict, list[str]]:
-    from canopy_rs.estimators.pooling import pool_exact
-
     ex = pool_exact([r["exact"] for r in records])
     est = pool_estimates(records)
     rows = [[label, num(ex[ek]), num(est[sk])] for label, ek, sk in (
@@ -115,7 +112,7 @@ def run(ctx: RunContext) -> int:
         lines += more
 
     def plots() -> list[Path]:
-        from canopy_rs import plots as pl
+        from canopy_rs import plots as pl  # imports matplotlib: only when drawing
 
         files: list[Path] = []
         for r in records[:MAX_PLOTTED_PROMPTS]:

@@ -2,32 +2,28 @@
 
 A canopy that cannot fit ends early with an error suggesting ``bound``: the node count is limited by
 min(--max-nodes, --max-memory / bytes per node) and the live KV cache by --max-memory, and when the policy
-allows a canopy beyond that limit, a few short rollouts first estimate its size (:func:`check_size`)."""
+allows a canopy beyond that limit, a few short rollouts first estimate its size
+(:func:`canopy_rs.drivers.size_probe.check_canopy_size`)."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from canopy_rs.api import exact
 from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
+from canopy_rs.drivers.size_probe import check_canopy_size
+from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
+from canopy_rs.estimators.pooling import pool_exact
+from canopy_rs.runs import node_rows
 
 HELP = "exact CE*_max and its companions"
 DEFAULT_MAX_MEMORY = 4 << 30
 # Engine memory per stored node (its arena entry and frontier share); with --nodes, the per-node arrays too.
 NODE_BYTES = 64
-# The size probe: this many rollouts of at most this many tokens.
-PROBE_ROLLOUTS = 16
-PROBE_DEPTH = 128
-# Refuse when the estimated node count exceeds the limit this many times (a false refusal has probability
-# <= 1/PROBE_MARGIN), or when the entropy's lower bound (mean - PROBE_Z standard errors) does.
-PROBE_MARGIN = 20
-PROBE_Z = 3.0
 
 
 def add_parser(sub: Any) -> None:
@@ -54,21 +50,11 @@ def exact_record(res: Any) -> dict[str, Any]:
 
 def exact_figures(exact: dict, stem: str) -> list[Path]:
     """The figures of one prompt's exact canopy: its length distribution and per-depth entropy."""
-    from canopy_rs import plots as pl
+    from canopy_rs import plots as pl  # imports matplotlib: only when drawing
 
     return pl.save_figure(pl.plot_length_distribution(exact), stem + "length") + pl.save_figure(
         pl.plot_entropy_by_depth(exact), stem + "entropy_by_depth"
     )
-
-
-def log_worst_case_nodes(support: int, max_new_tokens: int) -> float:
-    """log of the most nodes (leaves included) a canopy can have when every node has ``support`` children:
-    sum over depths d = 0..T of S^d."""
-    if support <= 1:
-        return math.log(max_new_tokens + 1)
-    t = max_new_tokens
-    # log((S^(T+1) - 1) / (S - 1)), computed without overflow.
-    return (t + 1) * math.log(support) + math.log1p(-(support ** -(t + 1))) - math.log(support - 1)
 
 
 def kv_bytes_per_token(hf_model: Any) -> int:
@@ -87,49 +73,16 @@ def _too_large(why: str) -> str:
 
 
 def check_size(ctx: RunContext, backend: Any, node_limit: int) -> None:
-    """Refuses, early, a canopy that is far larger than ``node_limit`` nodes. When the policy allows a
-    larger canopy at all, a few rollouts of its first tokens (at most :data:`PROBE_DEPTH`) are sampled and
-    give two independent verdicts:
-
-    * node count: each node u lies on a rollout with probability pi(u), so the sum of 1/pi over a rollout's
-      nodes estimates the number of nodes without bias; by Markov's inequality the mean exceeds
-      :data:`PROBE_MARGIN` times the true count with probability at most 1/PROBE_MARGIN;
-    * entropy: the mean summed step entropy estimates CE* of the canopy cut at that depth, and exp(CE*) is
-      at most its number of leaves, each a node of the full canopy (a lower confidence bound is used).
-    """
-    from canopy_rs.errors import TreeTooLargeError
-    from canopy_rs.sampling import sample
-
-    pol = ctx.policy()
-    support = pol["top_k"] or backend.vocab_size
-    t = pol["max_new_tokens"]
-    if log_worst_case_nodes(support, t) <= math.log(node_limit):
-        return
-    depth = min(t, PROBE_DEPTH)
-    ro = sample(backend, num_rollouts=PROBE_ROLLOUTS, seed=0, batch_size=ctx.args.batch_size,
-                **dict(pol, max_new_tokens=depth))
-    steps = np.arange(ro.logq.shape[1])[None, :] < ro.lengths[:, None]
-    log_inv_reach = np.where(steps, -np.cumsum(ro.logq, axis=1), -np.inf)
-    per_rollout = np.logaddexp(0.0, np.logaddexp.reduce(log_inv_reach, axis=1))  # log(1 + sum 1/pi), the root too
-    log_nodes = float(np.logaddexp.reduce(per_rollout) - math.log(len(per_rollout)))
-    h = ro.entropies.sum(axis=1)
-    log_leaves = float(h.mean() - PROBE_Z * h.std(ddof=1) / math.sqrt(len(h)))
-    log10 = math.log(10)
-    if log_nodes > math.log(PROBE_MARGIN * node_limit) or log_leaves > math.log(node_limit):
-        raise TreeTooLargeError(_too_large(
-            f"{PROBE_ROLLOUTS} rollouts of its first {depth} tokens estimate ~10^{log_nodes / log10:.0f} nodes "
-            f"there (entropy {h.mean():.1f} nats, so >= 10^{log_leaves / log10:.0f} leaves), far over the limit "
-            f"of {node_limit:,} (--max-nodes, --max-memory)"))
-    ctx.say(f"size check: {PROBE_ROLLOUTS} rollouts of the first {depth} tokens estimate ~10^{log_nodes / log10:.1f} "
-            f"nodes; enumerating (up to {node_limit:,})")
+    """Refuses, early, a canopy far larger than ``node_limit`` nodes (:func:`check_canopy_size`)."""
+    try:
+        probe = check_canopy_size(backend, node_limit=node_limit, batch_size=ctx.args.batch_size, **ctx.policy())
+    except TreeTooLargeError as e:
+        raise TreeTooLargeError(_too_large(f"{e} (--max-nodes, --max-memory)")) from None
+    if probe is not None:
+        ctx.say(f"size check: {probe.describe()}; enumerating (up to {node_limit:,})")
 
 
 def run(ctx: RunContext) -> int:
-    import canopy_rs
-    from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
-    from canopy_rs.estimators.pooling import pool_exact
-    from canopy_rs.io import node_rows
-
     a: argparse.Namespace = ctx.args
     node_limit = min(a.max_nodes, a.max_memory // NODE_BYTES)
 
@@ -142,7 +95,7 @@ def run(ctx: RunContext) -> int:
         check_size(ctx, job.backend, node_limit)
         prog = BracketProgress(not ctx.show_progress, "canopy")
         try:
-            res = canopy_rs.exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
+            res = exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
                                   order=a.order, return_nodes=a.nodes, progress=prog, progress_interval=0.25)
         except (TreeTooLargeError, KVBudgetExceededError) as e:
             raise type(e)(_too_large(str(e).rstrip("."))) from None

@@ -8,6 +8,9 @@ from typing import Any
 from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_run_args, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, PromptJob, RunContext
 from canopy_rs.cli._format import estimate_table, multi_estimate_table
+from canopy_rs.estimators import estimate, estimate_best, pool
+from canopy_rs.runs import rollout_rows
+from canopy_rs.sampling import sample
 
 HELP = "Monte Carlo rollouts and the paper's metrics"
 
@@ -24,10 +27,6 @@ def add_parser(sub: Any) -> None:
 
 def sample_prompt(ctx: RunContext, job: PromptJob, num_rollouts: int) -> tuple[dict, list[dict]]:
     """Rollouts of one prompt and their estimates: the record part and the rollout table's rows."""
-    from canopy_rs.estimators import estimate, estimate_best
-    from canopy_rs.io import rollout_rows
-    from canopy_rs.sampling import sample
-
     ro = sample(job.backend, num_rollouts=num_rollouts, seed=job.seed, batch_size=ctx.args.batch_size,
                 progress=ctx.show_progress, **ctx.policy())
     # Beside the paper's estimator: the one the estimator study recommends, at the tokens the rollouts used.
@@ -44,14 +43,12 @@ def sample_prompt(ctx: RunContext, job: PromptJob, num_rollouts: int) -> tuple[d
 
 
 def pool_estimates(records: list[dict]) -> dict[str, Any]:
-    from canopy_rs.estimators import pool
-
     return pool([r["estimate"] for r in records]).to_dict()
 
 
 def length_rate_figures(rec: dict, stem: str, exact: Any = None) -> list[Path]:
     """The (N, r_N) scatter of one prompt's rollouts (with the exact rho when ``exact`` is given)."""
-    from canopy_rs import plots as pl
+    from canopy_rs import plots as pl  # imports matplotlib: only when drawing
 
     ro = rec["rollouts"]
     fig = pl.plot_length_rate(lengths=ro["lengths"], rates=ro["entropy_rates"], exact=exact)

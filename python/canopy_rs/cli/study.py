@@ -1,10 +1,11 @@
-"""``canopy-rs study CONFIG``: the base-vs-fine-tuned study of a TOML/YAML config (:func:`canopy_rs.study`)."""
+"""``canopy-rs study CONFIG``: the base-vs-fine-tuned study of a TOML/YAML config (:func:`canopy_rs.run_study`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from canopy_rs.cli._context import RunContext
+from canopy_rs.study import run_study
 
 HELP = "base-vs-fine-tuned study over prompt sets (TOML/YAML config), local or on Ray"
 
@@ -17,7 +18,7 @@ def add_parser(sub: Any) -> None:
         "and report.md/report.html. Finished units in the output folder are reused (resume); see "
         "canopy_rs.study.config for the config layout.")
     p.add_argument("config", metavar="CONFIG", help="a .toml, .yaml or .yml study config, or `demo` (the shipped demo)")
-    # dest study_out: canopy_rs.study locks the folder itself (the run context would lock an `out` first).
+    # dest study_out: canopy_rs.run_study locks the folder itself (the run context would lock an `out` first).
     p.add_argument("--out", dest="study_out", metavar="DIR", help="output folder (default: the config's `out`)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run units as Ray actors (put it after CONFIG); ADDRESS is a cluster (auto, ray://head:10001, ...); "
@@ -28,10 +29,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(ctx: RunContext) -> int:
-    from canopy_rs.study import study
-
     a = ctx.args
-    out = study(a.config, out=a.study_out, executor="ray" if a.ray is not None else None,
+    out = run_study(a.config, out=a.study_out, executor="ray" if a.ray is not None else None,
                 ray_address=a.ray or None, fresh=a.fresh, quiet=a.quiet)
     print(out.report.read_text(encoding="utf-8"))
     return 0

@@ -8,8 +8,6 @@
 * :func:`estimate_hybrid` - exact best-first head plus sampled tail;
 * :func:`estimate_best` - the estimator the study recommends for a token budget (:func:`best_estimator`);
 * :func:`compare` - every estimator, repeated, against the exact value: bias, SD, RMSE, coverage, cost.
-
-The model-driving functions import the Rust core lazily, so the pure-numpy parts work on their own.
 """
 
 from .beam import BeamSearchEstimate, stochastic_beam_search
@@ -18,7 +16,7 @@ from .bootstrap import DEFAULT_BOOTSTRAP_METRICS, SEMANTIC_BOOTSTRAP_METRICS, Bo
 from .hybrid import HybridEstimate, estimate_hybrid
 from .montecarlo import PromptEstimate, estimate, estimate_arrays
 from .pooling import PooledEstimate, pool
-from .comparison import BUILTIN_ESTIMATORS, ComparisonResult, compare, random_logits_fn
+from .comparison import BUILTIN_ESTIMATORS, ComparisonResult, compare
 
 __all__ = [
     "BEST_BY_BUDGET",
@@ -40,6 +38,5 @@ __all__ = [
     "estimate_hybrid",
     "paired_bootstrap",
     "pool",
-    "random_logits_fn",
     "stochastic_beam_search",
 ]

@@ -21,7 +21,7 @@ for nodes that are certainly in the beam, which made it 2-5x worse than plain Mo
 Where it wins: on peaked canopies (most mass on few paths) the head is exact and the rest is small. Where it
 loses: on bushy, near-uniform canopies the number of kept nodes per level times their weight is a random
 estimate of a level mass that is exactly 1, and h multiplies that noise; Monte Carlo's mean of path sums is
-self-normalised and does better there (see the README table).
+self-normalised and does better there (see docs/estimators.md).
 
 ``ce_star_surprisal`` is the leaf-level estimate of -sum pi log pi (weights pi / q at the final threshold).
 When the whole tree has at most k leaves the search enumerates it and every estimate is exact (kappa = -inf).
@@ -36,10 +36,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import check_positive_int, cost, expand_support, make_rng, setup
-from canopy_rs.results import to_plain
-
 from canopy_rs import stats
+from canopy_rs.backends.output import expand_support
+from canopy_rs.drivers.setup import check_positive_int, cost, make_rng, setup
+from canopy_rs.results import to_plain
 
 __all__ = ["BeamSearchEstimate", "stochastic_beam_search"]
 

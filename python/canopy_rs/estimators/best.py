@@ -13,8 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from canopy_rs._driver import check_positive_int
+from canopy_rs.drivers.setup import check_positive_int
 from canopy_rs.results import to_plain
+from canopy_rs.sampling import sample
+
+from .beam import stochastic_beam_search
+from .hybrid import estimate_hybrid
+from .montecarlo import estimate
 
 __all__ = ["BEST_BY_BUDGET", "BestEstimate", "best_estimator", "estimate_best"]
 
@@ -62,21 +67,13 @@ def estimate_best(model: Any, *, budget: int, seed: Any = None, confidence: floa
     model and policy arguments of :func:`canopy_rs.exact` (``max_new_tokens``, ``top_k``, ...)."""
     name = best_estimator(budget)
     if name == "hybrid":
-        from .hybrid import estimate_hybrid
-
         r: Any = estimate_hybrid(model, budget=budget, seed=seed, confidence=confidence, **kw)
         cost = r.cost
     elif name == "sbs":
-        from .beam import stochastic_beam_search
-
         r = stochastic_beam_search(model, beam_size=max(2, budget // kw["max_new_tokens"]), seed=seed,
                                    confidence=confidence, **kw)
         cost = r.cost
     else:  # mc_rb_stratified
-        from canopy_rs.sampling import sample
-
-        from .montecarlo import estimate
-
         ro = sample(model, num_rollouts=max(2, budget // kw["max_new_tokens"]), seed=seed, stratified=True, **kw)
         r, cost = estimate(ro, confidence=confidence), ro.cost
     ci = tuple(float(x) for x in r.ce_star_ci)

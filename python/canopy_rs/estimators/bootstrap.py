@@ -1,4 +1,4 @@
-"""Paired prompt bootstrap, base vs fine-tuned (paper-spec section 5).
+"""Paired prompt bootstrap, base vs fine-tuned (docs/definitions.md#paired-bootstrap).
 
 Prompts are resampled with replacement, with the *same* indices for both models; every rollout of a drawn
 prompt is kept (the per-prompt estimates are reused). Each replicate recomputes the pooled metrics. Reported
@@ -38,7 +38,7 @@ DEFAULT_BOOTSTRAP_METRICS = (
     "length_rate_kendall",
     "length_rate_cov",
 )
-# Added to the defaults when the prompts carry embeddings (semantics spec 4): D, VS, corr(N, d), corr(r, d).
+# Added when the prompts carry embeddings (docs/definitions.md#semantic-metrics): D, VS, corr(N, d), corr(r, d).
 SEMANTIC_BOOTSTRAP_METRICS = tuple(m for m in SEMANTIC_METRICS if not m.startswith("bucket_diversity"))
 POSITIVE_METRICS = frozenset(
     {"ce_star", "ce_star_surprisal", "gen_ppl", "branching_factor", "expected_length", "semantic_diversity",

@@ -38,9 +38,18 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from canopy_rs.api import exact
+from canopy_rs.backends.cached import CachedModel
+from canopy_rs.drivers.progress import ProgressBar
+from canopy_rs.drivers.setup import check_positive_int
 from canopy_rs.results import to_plain
+from canopy_rs.sampling import sample
 
-__all__ = ["ComparisonResult", "compare", "random_logits_fn", "BUILTIN_ESTIMATORS"]
+from .beam import stochastic_beam_search
+from .hybrid import estimate_hybrid
+from .montecarlo import estimate
+
+__all__ = ["ComparisonResult", "compare", "BUILTIN_ESTIMATORS"]
 
 # name -> (family, attribute prefix on the family's result)
 BUILTIN_ESTIMATORS = {
@@ -57,67 +66,6 @@ BUILTIN_ESTIMATORS = {
 }
 
 _COST_KEYS = ("model_calls", "rows_evaluated", "tokens_forwarded", "seconds")
-
-
-# ------------------------------------------------------------------------------------------------
-# A reproducible random model for studies and tests
-# ------------------------------------------------------------------------------------------------
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (vectorised, wrapping uint64 arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLD
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
-
-
-def random_logits_fn(
-    vocab_size: int,
-    *,
-    seed: int = 0,
-    scale: float = 1.0,
-    eos_token_id: int = 0,
-    eos_bias: float = 0.0,
-    eos_slope: float = 0.0,
-) -> Callable[[list[list[int]]], np.ndarray]:
-    """A deterministic random "language model" for :func:`canopy_rs.exact` and friends.
-
-    The logits of a prefix are ``scale`` times i.i.d. standard normals drawn from a hash of (seed, prefix),
-    plus ``eos_bias + eos_slope * len(prefix)`` on the EOS id. Larger ``scale`` gives peakier policies.
-    Vectorised: one call evaluates any batch of prefixes."""
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-    if not 0 <= eos_token_id < vocab_size:
-        raise ValueError(f"eos_token_id must lie in [0, vocab_size), got {eos_token_id}")
-    v = int(vocab_size)
-    col_keys = _mix(np.arange(2 * v, dtype=np.uint64) + np.uint64(0x5EED))
-    root = _mix(np.array(seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
-
-    def logits_fn(prefixes: list[list[int]]) -> np.ndarray:
-        b = len(prefixes)
-        lens = np.fromiter((len(p) for p in prefixes), dtype=np.int64, count=b)
-        width = int(lens.max()) if b else 0
-        arr = np.zeros((b, width), dtype=np.uint64)
-        for i, p in enumerate(prefixes):
-            arr[i, : len(p)] = p
-        h = np.full(b, root, dtype=np.uint64)
-        for d in range(width):
-            nh = _mix(h ^ _mix(arr[:, d] + np.uint64(1) + (np.uint64(d) << np.uint64(32))))
-            h = np.where(lens > d, nh, h)
-        x = _mix(h[:, None] ^ col_keys[None, :])
-        u = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
-        z = np.sqrt(-2.0 * np.log(u[:, :v])) * np.cos(2.0 * np.pi * u[:, v:])
-        out = scale * z
-        out[:, eos_token_id] += eos_bias + eos_slope * lens
-        return out
-
-    return logits_fn
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,34 +157,14 @@ class ComparisonResult:
         return "\n".join(lines)
 
     def plot(self, path: Union[str, Path], *, title: Optional[str] = None, cost_key: str = "tokens") -> Path:
-        """Log-log RMSE vs measured cost, one line per estimator; PNG or SVG by the file suffix."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Log-log RMSE vs measured cost, one line per estimator; PNG or SVG by the file suffix
+        (:func:`canopy_rs.plots.estimators.plot_rmse_vs_cost`)."""
+        from canopy_rs.plots.estimators import plot_rmse_vs_cost  # imports matplotlib: only when drawing
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=130)
-        markers = "osD^v<>px*"
-        for i, name in enumerate(self.estimators()):
-            x, y = self._curve(name, cost_key)
-            exact_at = [r[cost_key] for r in self.rows if r["estimator"] == name and r["rmse"] == 0]
-            label = name + (f" (exact from {min(exact_at):.0f})" if exact_at else "")
-            if x.shape[0]:
-                ax.loglog(x, y, marker=markers[i % len(markers)], lw=1.6, ms=5, label=label)
-        x, y = self._curve("mc_rb", cost_key)
-        if x.shape[0]:
-            xs = np.geomspace(x.min(), x.max(), 8)
-            ax.loglog(xs, y[0] * np.sqrt(x[0] / xs), ls=":", color="grey", lw=1.0, label="slope -1/2")
-        ax.set_xlabel("model tokens per estimate (node expansions)" if cost_key == "tokens" else cost_key)
-        ax.set_ylabel("RMSE vs exact CE*$_{max}$ (nats)")
-        ax.set_title(title or f"Estimator RMSE vs cost (exact CE* = {self.exact_ce_star:.3f})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        fig = plot_rmse_vs_cost(self.rows, exact_ce_star=self.exact_ce_star, cost_key=cost_key, title=title)
+        fig.savefig(path, dpi=130)
         return path
 
 
@@ -281,14 +209,6 @@ def compare(
     :class:`~canopy_rs.CanopyBounds` for canopies too large to enumerate: errors are then measured from the
     bracket's midpoint and each row says whether the bracket is narrow enough to judge it (``judged``).
     ``cache=False`` recomputes every repeat."""
-    from canopy_rs.api import exact
-    from canopy_rs._driver import ProgressBar, check_positive_int
-    from canopy_rs.sampling import sample
-
-    from .beam import stochastic_beam_search
-    from .hybrid import estimate_hybrid
-    from .montecarlo import estimate
-
     repeats = check_positive_int("repeats", repeats)
     if len(budgets) == 0:
         raise ValueError("budgets must hold at least one budget")
@@ -310,8 +230,6 @@ def compare(
     kw: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     if cache:
-        from canopy_rs.backends.cached import CachedModel
-
         if not isinstance(model, CachedModel):
             model = CachedModel(model, vocab_size, eos_token_ids)
         kw["vocab_size"] = kw["eos_token_ids"] = None

@@ -6,7 +6,7 @@ CE*_max = sum over internal nodes of pi(u) h(u) splits at the frontier F of a be
 
 where head_sum is the certified lower bound of the head (sum over expanded nodes of pi h), m_F the frontier
 mass and H_u the summed step entropies of a rollout started at the frontier node u (h(u) included), whose
-expectation is the entropy of u's subtree (the rollout form of spec 2.2, applied to the subtree). So
+expectation is the entropy of u's subtree (the rollout form of docs/definitions.md, applied to the subtree). So
 
     CE_hat = head_sum + m_F * mean_i H_i,   u_i ~ pi(u) / m_F,
 
@@ -36,21 +36,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from canopy_rs._driver import (
-    Budget,
-    Strata,
-    TreeRun,
-    check_positive_int,
-    cost,
-    make_rng,
-    run_rollouts,
-    setup,
-    stratified_uniforms,
-)
+from canopy_rs import stats
+from canopy_rs.drivers.canopy import Budget, TreeRun
+from canopy_rs.drivers.rollouts import Strata, run_rollouts, stratified_uniforms
+from canopy_rs.drivers.setup import check_positive_int, cost, make_rng, setup
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
-
-from canopy_rs import stats
 
 __all__ = ["HybridEstimate", "estimate_hybrid"]
 

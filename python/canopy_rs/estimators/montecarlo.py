@@ -1,11 +1,11 @@
-"""Per-prompt Monte Carlo estimates from root rollouts (paper-spec sections 4 and 8).
+"""Per-prompt Monte Carlo estimates from root rollouts (docs/definitions.md#monte-carlo).
 
 Two unbiased estimators of CE*_max are reported side by side:
 
 * ``ce_star`` - the step-entropy (Rao-Blackwellised) estimator mean_i sum_t h_{i,t}, what the paper uses;
 * ``ce_star_surprisal`` - the naive estimator mean_i sum_t -log q(y_t | y_<t).
 
-Neither dominates in variance (spec section 4 gives a two-branch tree where the naive one wins), so both
+Neither dominates in variance (docs/definitions.md#monte-carlo has a two-branch tree where the naive one wins), so both
 come with standard errors (ddof=1) and Student-t intervals. Plug-in quantities (GenPPL, BF, correlations)
 are the reference code's estimators; their intervals are delta-method / Fisher-z approximations.
 """
@@ -18,11 +18,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from canopy_rs import stats
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 from canopy_rs.sampling import check_rollout_steps
+from canopy_rs.semantic import prompt_semantics
 
-from canopy_rs import stats
 from ._buckets import BucketDiversityView
 
 __all__ = ["PromptEstimate", "estimate", "estimate_arrays"]
@@ -284,6 +285,4 @@ def estimate(rollouts, *, embeddings=None, confidence: float = 0.95, bin_step: i
     )
     if embeddings is None:
         return est
-    from canopy_rs.semantic import prompt_semantics
-
     return replace(est, **prompt_semantics(embeddings, rollouts.lengths, rollouts.entropy_rates))

@@ -1,4 +1,4 @@
-"""Pooling per-prompt estimates over a (model, task) cell exactly as paper-spec section 5.
+"""Pooling per-prompt estimates over a (model, task) cell (docs/definitions.md#pooling-across-prompts).
 
 * linear quantities: unweighted nanmean over prompts; ``exp`` after averaging (GenPPL, BF);
 * Pearson / Spearman: Fisher-z mean, weights max(n_p - 3, 0), r clipped to +-0.999999;
@@ -178,7 +178,7 @@ def pooled_columns(cols: Mapping[str, np.ndarray], idx: Optional[np.ndarray] = N
         "length_driven_share": ld_share,
         "cov_share": cov_share,
     }
-    # Semantic metrics (semantics spec 4): D and D_b nanmean, VS = exp(mean H_V), corr(N, d) and
+    # Semantic metrics (docs/definitions.md#semantic-metrics): D and D_b nanmean, VS = exp(mean H_V), corr(N, d) and
     # corr(r, d) like rho(N, r_N).
     out["semantic_diversity"] = _nanmean(_take(cols["semantic_diversity"], idx))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -196,7 +196,7 @@ def pooled_columns(cols: Mapping[str, np.ndarray], idx: Optional[np.ndarray] = N
 class PooledEstimate(BucketDiversityView):
     """Pooled metrics of one (model, task) cell. ``length_rate_cov`` is the pooled within-prompt covariance
     (the reference ``entropy_rate_vs_length.covariance``); ``length_rate_cov_residual`` is the decomposition's
-    residual CE - E[N] E[r]. They are different numbers (spec 2.7)."""
+    residual CE - E[N] E[r]. They are different numbers (docs/definitions.md#decomposition)."""
 
     num_prompts: int
     ce_star: float

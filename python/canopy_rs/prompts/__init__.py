@@ -19,10 +19,14 @@ Each file is JSONL with ``{"id": ..., "prompt": ...}`` per line::
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Union
 
-__all__ = ["PROMPT_SETS", "prompt_set_path", "load_prompt_set"]
+from canopy_rs.errors import InvalidArgumentError
+
+__all__ = ["PROMPT_SETS", "prompt_set_path", "load_prompt_set", "read_prompts"]
 
 PROMPT_SETS = ("code", "math", "stories", "completion")
 
@@ -36,6 +40,48 @@ def prompt_set_path(name: str) -> Path:
 
 def load_prompt_set(name: str) -> list[dict[str, Any]]:
     """``[{"id", "prompt"}]`` of the shipped prompt set ``name``."""
-    from canopy_rs.io import read_prompts
-
     return read_prompts(prompt_set_path(name))
+
+
+_PROMPT_KEYS = ("prompt", "text", "question", "input", "instruction", "content")
+
+
+def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """Prompts from a file: JSONL (one JSON object or string per line; the prompt is the first of the keys
+    ``prompt, text, question, input, instruction, content``; an ``id`` key is kept) or plain text (one prompt
+    per non-empty line). Returns ``[{"id": ..., "prompt": ...}]``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(
+            f"prompts file {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    is_json = p.suffix.lower() in (".jsonl", ".json", ".ndjson") or (
+        bool(lines) and lines[0].lstrip()[:1] in ("{", '"')
+    )
+    out: list[dict[str, Any]] = []
+    for i, ln in enumerate(lines):
+        if not is_json:
+            out.append({"id": str(i), "prompt": ln})
+            continue
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(f"{p}:{i + 1}: not valid JSON ({e.msg}); use one JSON object per line") from None
+        if isinstance(obj, str):
+            out.append({"id": str(i), "prompt": obj})
+            continue
+        if not isinstance(obj, Mapping):
+            raise InvalidArgumentError(f"{p}:{i + 1}: expected a JSON object or string, got {type(obj).__name__}")
+        for k in _PROMPT_KEYS:
+            if isinstance(obj.get(k), str):
+                out.append({"id": str(obj.get("id", obj.get("prompt_id", i))), "prompt": obj[k]})
+                break
+        else:
+            raise InvalidArgumentError(f"{p}:{i + 1}: no prompt field (one of {', '.join(_PROMPT_KEYS)})")
+    if not out:
+        raise InvalidArgumentError(f"{p}: no prompts")
+    return out

@@ -1,9 +1,9 @@
-"""The base-vs-fine-tuned study (semantics-and-study.md section 5): model pairs over prompt sets, sampled (and
+"""The base-vs-fine-tuned study (docs/study.md): model pairs over prompt sets, sampled (and
 optionally exact) canopy metrics with semantic diversity, the paired bootstrap, the mixed-model interaction
 of D on entropy rate, and a report.
 
     import canopy_rs
-    out = canopy_rs.study("study.toml")              # or a dict with the same structure
+    out = canopy_rs.run_study("study.toml")              # or a dict with the same structure
     out.report                                        # OUT/report.md (and report.html next to it)
 
 ``canopy-rs study CONFIG [--out DIR] [--ray [ADDRESS]] [--fresh]`` is the same from the shell. The config
@@ -31,15 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from canopy_rs.models import library_versions
+from canopy_rs.runs import RunDir, write_csv
+
+from . import analysis, report
 from .config import StudyConfig, StudyConfigError, load_config
+from .executors import run_local
 from .units import Unit, make_units
 
-__all__ = ["study", "StudyOutput", "StudyConfig", "StudyConfigError", "load_config", "make_units", "Unit"]
+__all__ = ["run_study", "StudyOutput", "StudyConfig", "StudyConfigError", "load_config", "make_units", "Unit"]
 
 
 @dataclass(frozen=True)
 class StudyOutput:
-    """What :func:`study` wrote. ``pooled`` / ``bootstrap`` are the table rows, ``regression`` the
+    """What :func:`run_study` wrote. ``pooled`` / ``bootstrap`` are the table rows, ``regression`` the
     interaction model's summary (``base_slope``, ``finetuned_slope``, ``ratio``, ``ratio_ci``, ...)."""
 
     out: Path
@@ -68,7 +73,7 @@ def _say(quiet: bool):
     return say
 
 
-def study(
+def run_study(
     config: Union[str, os.PathLike, Mapping[str, Any], StudyConfig],
     *,
     out: Union[str, os.PathLike, None] = None,
@@ -87,8 +92,6 @@ def study(
     ``.encode(list[str]) -> array``). Units already finished in the output folder with the same settings are
     reused unless ``fresh``. Every unit is checkpointed as soon as it finishes, so an interrupted study loses
     no finished unit; rerun to resume. ``quiet=False`` prints progress to stderr."""
-    from canopy_rs.io import RunDir
-
     t0 = time.time()
     cfg = load_config(config, out=out, executor=executor, ray_address=ray_address, encoder=encoder)
     say = _say(quiet)
@@ -97,10 +100,10 @@ def study(
         units = make_units(cfg)
         todo = []
         for u in units:
-            rec, why = (None, None) if fresh else store.load(u.key)
-            if why:
+            def damaged(why: str, u: Unit = u) -> None:
                 say(f"{u.label()}: checkpoint damaged ({why}); recomputing")
-            if rec is None:
+
+            if store.finished(u.key, fresh=fresh, damaged=damaged) is None:
                 todo.append(u)
         say(f"study {cfg.name!r}: {len(units)} units, {len(units) - len(todo)} already done in {cfg.out}")
 
@@ -110,21 +113,15 @@ def study(
 
         if todo:
             if cfg.executor == "ray":
-                from .executors import run_ray
+                from .ray_executor import run_ray  # imports Ray: only when asked for
 
                 run_ray(cfg, todo, on_result, say)
             else:
-                from .executors import run_local
-
                 run_local(cfg, todo, on_result, say)
         return _finish(cfg, store, units, {u.key for u in todo}, t0, say)
 
 
 def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float, say: Any) -> StudyOutput:
-    from canopy_rs.models import library_versions
-
-    from . import analysis, report
-
     records, rollouts = [], []
     for u in units:
         rec, _ = store.load(u.key)
@@ -143,15 +140,15 @@ def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float,
     boot_rows, boot = analysis.bootstrap_tables(cfg, records)
     panel = analysis.panel_rows(cfg, records)
     say("fitting the interaction model ...")
-    reg = analysis.interaction_model(cfg, panel)
+    from .mixed_model import interaction_model  # imports pandas and statsmodels: only when the study ends
+
+    reg = interaction_model(cfg, panel)
     table("rollouts", rollouts)
     table("prompts", prompts)
     table("pooled", pooled)
     table("bootstrap", boot_rows)
     table("panel", panel)
     if reg.get("coefficients"):
-        from canopy_rs.io import write_csv
-
         write_csv(cfg.out / "regression.csv", reg["coefficients"])
         files.append("regression.csv")
     figs: dict[str, str] = {}

@@ -39,6 +39,8 @@ Layout (TOML; YAML has the same keys)::
     chat = false                       # default: true for fine-tuned, false for base
     device = "cuda"                    # default: cuda when available
     dtype = "auto"
+    context_length = 32768             # default: the model config's max_position_embeddings; raise it only
+                                       # if the model's position scaling allows more
 
     [[tasks]]
     name = "math"
@@ -59,6 +61,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from canopy_rs.errors import StudyConfigError
+from canopy_rs.models import PACKAGED_MODELS, packaged_model_path
+from canopy_rs.prompts import PROMPT_SETS, prompt_set_path, read_prompts
 
 __all__ = [
     "StudyConfig",
@@ -132,15 +136,14 @@ class ModelEntry:
     chat: Optional[bool] = None
     device: Optional[str] = None
     dtype: str = "auto"
+    context_length: Optional[int] = None
 
     @property
     def use_chat(self) -> bool:
         return (self.variant == "fine-tuned") if self.chat is None else bool(self.chat)
 
     def location(self) -> tuple[Optional[str], Optional[str]]:
-        """``(model, gguf)`` arguments of :func:`canopy_rs.models.load_model`."""
-        from canopy_rs.models import packaged_model_path
-
+        """``(model, gguf)`` arguments of :func:`canopy_rs.hf_models.load_model`."""
         if self.package is not None:
             return None, str(packaged_model_path(self.package))
         assert self.path is not None
@@ -330,8 +333,6 @@ def _resolve(path: str, root: Optional[Path]) -> Path:
 
 
 def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
-    from canopy_rs.models import PACKAGED_MODELS
-
     if not isinstance(items, list) or not items:
         raise StudyConfigError("models must be a non-empty list of model tables ([[models]] in TOML)")
     out: list[ModelEntry] = []
@@ -369,8 +370,11 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
         device = d.get("device")
         if device is not None:
             _str(device, f"{where}.device")
+        context_length = d.get("context_length")
+        if context_length is not None:
+            context_length = _int(context_length, f"{where}.context_length")
         out.append(ModelEntry(name=name, family=family, variant=variant, path=path, package=package, chat=chat,
-                              device=device, dtype=dtype))
+                              device=device, dtype=dtype, context_length=context_length))
     names = [m.name for m in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -390,9 +394,6 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
 
 
 def _tasks(items: Any, root: Optional[Path]) -> list[TaskEntry]:
-    from canopy_rs.io import read_prompts
-    from canopy_rs.prompts import PROMPT_SETS, prompt_set_path
-
     if not isinstance(items, list) or not items:
         raise StudyConfigError("tasks must be a non-empty list of task tables ([[tasks]] in TOML)")
     out: list[TaskEntry] = []

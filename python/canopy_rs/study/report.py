@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,186 +39,16 @@ def _ci(s: Mapping[str, Any], digits: int = 3) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, out: Path, name: str) -> str:
-    from canopy_rs.plots import save_figure
-
-    save_figure(fig, out / "figures" / name)
-    _plt().close(fig)
-    return f"figures/{name}.png"
-
-
-def _grid(n: int, w: float = 4.6, h: float = 3.6):
-    plt = _plt()
-    cols = min(n, 2)
-    rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
-def _fig_decomposition(out: Path, pooled: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        rows = [r for r in pooled if r["task"] == task]
-        x = np.arange(len(rows))
-        ld = np.array([float(r["length_driven"]) for r in rows])
-        cov = np.array([float(r["length_rate_cov_residual"]) for r in rows])
-        ax.bar(x, ld, color="#4c72b0", label="E[N]·E[r_N]")
-        ax.bar(x, cov, bottom=ld, color="#dd8452", label="Cov(N, r_N) (residual)")
-        ax.plot(x, ld + cov, "k_", markersize=18, label="CE*_max")
-        ax.set_xticks(x, [f"{r['model']}\n({r['variant']})" for r in rows], fontsize=7)
-        ax.set_ylabel("nats")
-        ax.set_title(f"CE* decomposition: {task}", fontsize=9)
-        ax.axhline(0, color="0.6", lw=0.5)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out, "decomposition")
-
-
-def _fig_entropy_rate(out: Path, traj: Mapping[tuple, tuple], models: Sequence[str], tasks: Sequence[str]) -> str:
-    plt = _plt()
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.6 * len(tasks), 5.2), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1.3]}, sharex="col")
-    for j, task in enumerate(tasks):
-        top, bot = axes[0, j], axes[1, j]
-        for m in models:
-            t = traj.get((m, task))
-            if t is None or len(t[0]) == 0:
-                continue
-            pos, rate, act = (np.asarray(a) for a in t)
-            line, = top.plot(pos, rate, marker=".", label=m)
-            bot.plot(pos, act, drawstyle="steps-mid", marker=".", color=line.get_color())
-        top.set_title(f"running entropy rate: {task}", fontsize=9)
-        top.set_ylabel("mean (1/t) Σ h (nats)")
-        bot.set_ylabel("active rollouts")
-        bot.set_xlabel("position t")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out, "entropy_rate")
-
-
-def _fig_lengths(out: Path, rollouts: Sequence[Mapping[str, Any]], models: Sequence[str], tasks: Sequence[str],
-                 t_max: int) -> str:
-    fig, axes = _grid(len(tasks))
-    bins = np.arange(0.5, t_max + 1.5, max(1, t_max // 40))
-    for ax, task in zip(axes, tasks):
-        for m in models:
-            n = [int(r["length"]) for r in rollouts if r["task"] == task and r["model"] == m]
-            if n:
-                ax.hist(n, bins=bins, histtype="step", density=True, label=m, lw=1.3)
-        ax.set_title(f"length N: {task}", fontsize=9)
-        ax.set_xlabel("N (EOS counted; T_max = truncated)")
-        ax.set_ylabel("fraction of rollouts")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out, "lengths")
-
-
-def _fig_diversity_rate(out: Path, panel: Sequence[Mapping[str, Any]], reg: Mapping[str, Any]) -> Optional[str]:
-    pts = [r for r in panel if math.isfinite(r["D"]) and math.isfinite(r["R_bar"])]
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 4.4))
-    colors = {"base": "#4c72b0", "fine-tuned": "#c44e52"}
-    families = sorted({r["family"] for r in pts})
-    markers = dict(zip(families, "osD^v<>"))
-    for r in pts:
-        ax.scatter(r["R_bar"], r["D"], color=colors[r["variant"]], marker=markers[r["family"]], s=22, alpha=0.75)
-    sd = reg.get("R_bar_sd", math.nan)
-    for variant, key in (("base", "base_slope"), ("fine-tuned", "finetuned_slope")):
-        vs = [r for r in pts if r["variant"] == variant]
-        slope = reg.get(key, math.nan)
-        if not vs or not (math.isfinite(slope) and sd and math.isfinite(sd)):
-            continue
-        x = np.array([r["R_bar"] for r in vs])
-        y = np.array([r["D"] for r in vs])
-        xs = np.linspace(x.min(), x.max(), 2)
-        # MixedLM slope per SD of R_bar, drawn through the variant's mean point.
-        ax.plot(xs, y.mean() + slope / sd * (xs - x.mean()), color=colors[variant], lw=2,
-                label=f"{variant}: slope {_fmt(slope)} per SD of R̄")
-    for variant, c in colors.items():
-        ax.scatter([], [], color=c, label=f"{variant} prompts")
-    ax.set_xlabel("R̄ = mean entropy rate r_N (nats/token)")
-    ax.set_ylabel("semantic diversity D")
-    title = "D vs R̄ per prompt"
-    if math.isfinite(reg.get("ratio", math.nan)):
-        lo, hi = reg.get("ratio_ci", [math.nan, math.nan])
-        title += f"; slope ratio fine-tuned/base {_fmt(reg['ratio'], 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out, "diversity_vs_rate")
-
-
-def _fig_exact(out: Path, prompts: Sequence[Mapping[str, Any]]) -> Optional[str]:
-    rows = [r for r in prompts if r.get("exact_ce_star") is not None]
-    if not rows:
-        return None
-    plt = _plt()
-    has_d = any(math.isfinite(_num(r.get("exact_semantic_diversity"))) for r in rows)
-    panels = [("ce_star", "CE*_max (nats)"), ("length_rate_corr", "ρ(N, r_N) Pearson")]
-    if has_d:
-        panels.append(("semantic_diversity", "semantic diversity D"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.0), squeeze=False)
-    models = sorted({r["model"] for r in rows})
-    for ax, (k, label) in zip(axes[0], panels):
-        lo, hi = math.inf, -math.inf
-        for m in models:
-            xs = np.array([_num(r.get(f"exact_{k}")) for r in rows if r["model"] == m])
-            ys = np.array([_num(r.get(f"exact_sampled_{k}")) for r in rows if r["model"] == m])
-            se = np.array([_num(r.get(f"exact_sampled_{k}_se")) for r in rows if r["model"] == m])
-            yerr = 1.96 * se if np.isfinite(se).any() else None
-            ax.errorbar(xs, ys, yerr=yerr, fmt="o", ms=4, capsize=2, label=m)
-            fin = np.concatenate([xs[np.isfinite(xs)], ys[np.isfinite(ys)]])
-            if fin.size:
-                lo, hi = min(lo, fin.min()), max(hi, fin.max())
-        if math.isfinite(lo):
-            ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
-        ax.set_xlabel(f"exact {label}")
-        ax.set_ylabel(f"sampled {label}")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("exact canopy vs M rollouts at the same policy (one point per prompt; bars: 95% CI)", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out, "exact_vs_sampled")
-
-
-def _num(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def make_figures(out: Path, cfg: Any, pooled: Sequence[Mapping[str, Any]], traj: Mapping[tuple, tuple],
                  rollouts: Sequence[Mapping[str, Any]], panel: Sequence[Mapping[str, Any]],
                  reg: Mapping[str, Any], prompts: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """All figures (PNG + SVG under ``out/figures``); returns name -> relative PNG path."""
-    models = [m.name for m in cfg.models]
-    tasks = [t.name for t in cfg.tasks if any(r["task"] == t.name for r in pooled)]
-    figs: dict[str, str] = {}
-    if not tasks:
-        return figs
-    figs["decomposition"] = _fig_decomposition(out, pooled, tasks)
-    figs["entropy_rate"] = _fig_entropy_rate(out, traj, models, tasks)
-    figs["lengths"] = _fig_lengths(out, rollouts, models, tasks, cfg.sampling.max_new_tokens)
-    p = _fig_diversity_rate(out, panel, reg)
-    if p:
-        figs["diversity_vs_rate"] = p
-    p = _fig_exact(out, prompts)
-    if p:
-        figs["exact_vs_sampled"] = p
-    return figs
+    """All figures (PNG + SVG under ``out/figures``; :mod:`canopy_rs.plots.study`); returns name -> relative
+    PNG path."""
+    from canopy_rs.plots.study import study_figures  # imports matplotlib: only when the figures are drawn
+
+    return study_figures(out / "figures", models=[m.name for m in cfg.models], tasks=[t.name for t in cfg.tasks],
+                         max_new_tokens=cfg.sampling.max_new_tokens, pooled=pooled, trajectories=traj,
+                         rollouts=rollouts, panel=panel, regression=reg, prompts=prompts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +167,13 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
     b.append(("p", "Files: rollouts, prompts, pooled, bootstrap, panel and regression tables (CSV and Parquet), "
                    "study.json with everything, figures/ (PNG and SVG), runs/<key>/ per-unit checkpoints."))
     return b
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _mean(rows: Sequence[Mapping[str, Any]], k: str) -> float:

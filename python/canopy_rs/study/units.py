@@ -20,7 +20,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import StudyConfigError
+from canopy_rs.api import exact
+from canopy_rs.errors import StudyConfigError
+from canopy_rs.estimators import estimate
+from canopy_rs.runs import model_record, prompt_key
+from canopy_rs.sampling import sample
+from canopy_rs.semantic import embed, exact_semantics, rollout_diversity, rollout_texts
+
 from .config import StudyConfig
 
 __all__ = ["Unit", "make_units", "UnitRunner"]
@@ -65,8 +71,6 @@ def _key_settings(cfg: StudyConfig, fingerprints: dict[str, Any]) -> dict[str, d
 
 def make_units(cfg: StudyConfig) -> list[Unit]:
     """Every (model, prompt) unit of the study, models in config order, then tasks, then prompts."""
-    from canopy_rs.io import prompt_key
-
     fingerprints = {m.name: m.fingerprint() for m in cfg.models}
     settings = _key_settings(cfg, fingerprints)
     units = []
@@ -88,6 +92,7 @@ class UnitRunner:
         self._name: Optional[str] = None
         self._model: Any = None
         self._tokenizer: Any = None
+        self._first_backend: Any = None  # the loaded model's first backend: later prompts reuse its strategy
         self._info: dict[str, Any] = {}
         self.load_seconds = 0.0
         # About 50 points of the running entropy rate, whatever T_max is.
@@ -97,27 +102,16 @@ class UnitRunner:
     def _load(self, name: str) -> None:
         if self._name == name:
             return
-        from canopy_rs.models import load_model
+        from canopy_rs.hf_models import load_model  # imports torch and transformers: only to load
 
-        self._model = self._tokenizer = None  # drop the previous model before loading the next one
+        self._model = self._tokenizer = self._first_backend = None  # drop the previous model before the next
         entry = self.cfg.model(name)
         path, gguf = entry.location()
         t = time.perf_counter()
         self._model, self._tokenizer = load_model(path, gguf, device=entry.device, dtype=entry.dtype, quiet=True)
         self.load_seconds = time.perf_counter() - t
-        p = next(self._model.parameters())
-        cfg = self._model.config
-        self._info = {
-            "name": name,
-            "path": path,
-            "gguf": gguf,
-            "device": str(p.device),
-            "dtype": str(p.dtype).replace("torch.", ""),
-            "chat": entry.use_chat,
-            "model_type": getattr(cfg, "model_type", None),
-            "num_parameters": int(sum(x.numel() for x in self._model.parameters())),
-            "load_seconds": self.load_seconds,
-        }
+        self._info = {"name": name, "path": path, "gguf": gguf, "chat": entry.use_chat,
+                      **model_record(self._model, self.load_seconds)}
         self._name = name
 
     def model_info(self) -> dict[str, Any]:
@@ -131,17 +125,21 @@ class UnitRunner:
             raise StudyConfigError(
                 f"models[{entry.name}].chat is true but its tokenizer has no chat template; set chat = false"
             )
+        first = self._first_backend
+        if first is not None:  # the strategy and its self-check hold for the model: reused for every prompt
+            return first.with_prompt(unit.prompt, chat=entry.use_chat)
         with warnings.catch_warnings():
             # The per-row fallback on sliding-window models is expected here and would repeat per prompt.
             warnings.filterwarnings("ignore", message=".*per-row caches instead of tree attention.*")
-            return TransformersModel(self._model, self._tokenizer, prompt=unit.prompt, chat=entry.use_chat)
+            first = TransformersModel(self._model, self._tokenizer, prompt=unit.prompt, chat=entry.use_chat,
+                                      context_length=entry.context_length)
+        self._first_backend = first
+        return first
 
     # --- embeddings -------------------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> Optional[np.ndarray]:
         if self.cfg.encoder is None and self.cfg.encoder_object is None:
             return None
-        from canopy_rs.semantic import embed
-
         enc = self.cfg.encoder_object
         if enc is None and self.cfg.encoder != "default":
             enc = self.cfg.encoder
@@ -150,10 +148,6 @@ class UnitRunner:
     # --- one unit ---------------------------------------------------------------------------------
     def run(self, unit: Unit) -> dict[str, Any]:
         """``{"record": ..., "rollouts": [rows]}`` for one unit."""
-        from canopy_rs.estimators import estimate
-        from canopy_rs.sampling import sample
-        from canopy_rs.semantic import rollout_diversity, rollout_texts
-
         t0 = time.perf_counter()
         self._load(unit.model)
         entry = self.cfg.model(unit.model)
@@ -190,16 +184,11 @@ class UnitRunner:
 
     def _exact(self, unit: Unit, backend: Any) -> dict[str, Any]:
         """The exact canopy at the exact policy, and M rollouts at that same policy for the comparison."""
-        import canopy_rs
-        from canopy_rs.estimators import estimate
-        from canopy_rs.sampling import sample
-        from canopy_rs.semantic import exact_semantics, rollout_texts
-
         assert self.cfg.exact is not None
         pol = self.cfg.exact.policy(self.cfg.sampling)
         want_leaves = self.cfg.encoder is not None or self.cfg.encoder_object is not None
         t = time.perf_counter()
-        res = canopy_rs.exact(backend, max_nodes=self.cfg.exact.max_nodes, return_leaves=want_leaves, **pol)
+        res = exact(backend, max_nodes=self.cfg.exact.max_nodes, return_leaves=want_leaves, **pol)
         ex = res.to_dict()
         for big in ("leaf_tokens", "leaf_probs", "leaf_lengths", "leaf_rates", "nodes"):
             ex.pop(big, None)

@@ -41,6 +41,12 @@ STRATEGIES = ("auto", "cascade", "tree", "per-row")
 _STRATEGY_ALIASES = {"per_row": "per-row", "rows": "per-row", "tree-attention": "tree", "tree_attention": "tree"}
 
 
+_WIDER_WINDOW = (
+    "raise the window if the model's position scaling allows more (context_length=N; CLI: --context-length N; "
+    "study: context_length in the model's table)"
+)
+
+
 def check_context_length(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InvalidArgumentError(f"context_length must be a positive int (positions), got {value!r}")
@@ -154,7 +160,7 @@ class TransformersModel:
             raise InvalidArgumentError(
                 f"the prompt ({self.prompt_len} tokens{' after the chat template' if self.chat else ''}) fills the "
                 f"model's context window ({self.context_length}, from {self.context_source}): shorten the prompt, or "
-                "pass context_length=N (CLI: --context-length N) if the model's position scaling allows more"
+                + _WIDER_WINDOW
             )
         self.requested_strategy = strategy
         self.self_check_details: dict[str, str] = {}
@@ -310,8 +316,7 @@ class TransformersModel:
                 f"the prompt ({self.prompt_len} tokens{' after the chat template' if self.chat else ''}) plus "
                 f"max_new_tokens={int(max_new_tokens)} needs {need} positions, beyond the model's context window "
                 f"({self.context_length}, from {self.context_source}): use max_new_tokens <= "
-                f"{self.context_length - self.prompt_len}, shorten the prompt, or pass context_length=N "
-                "(CLI: --context-length N) if the model's position scaling allows more"
+                f"{self.context_length - self.prompt_len}, shorten the prompt, or " + _WIDER_WINDOW
             )
 
     # ------------------------------------------------------------------------------------------------

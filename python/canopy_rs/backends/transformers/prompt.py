@@ -28,7 +28,7 @@ def render_prompt(
     chat: bool,
     chat_template_kwargs: Optional[dict] = None,
 ) -> list[int]:
-    """The prompt token ids, following the spec: base models get the raw prompt (tokenised with the
+    """The prompt token ids (docs/backends.md#transformers-models): base models get the raw prompt (tokenised with the
     tokenizer's special tokens, e.g. BOS); ``chat=True`` renders ``[{"role": "user", "content": prompt}]``
     with the chat template and ``add_generation_prompt=True`` (Qwen3-style templates get
     ``enable_thinking=False``). A list of token ids is used as is."""

@@ -1,4 +1,5 @@
-"""Run outputs: ``result.json``, per-prompt / per-rollout / per-node CSV (and Parquet when pyarrow is
+"""Run folders (what ``canopy-rs`` and :func:`canopy_rs.run_study` write), their keys, resume, checkpoints,
+locks, model records and tables: ``result.json``, per-prompt / per-rollout / per-node CSV (and Parquet when pyarrow is
 importable), and per-prompt checkpoints so that an interrupted run resumes where it stopped.
 
 Layout of an output directory::
@@ -39,8 +40,8 @@ from canopy_rs.results import to_plain
 __all__ = [
     "dumps",
     "prompt_key",
-    "read_prompts",
     "RunDir",
+    "model_record",
     "write_csv",
     "rollout_rows",
     "node_rows",
@@ -91,50 +92,6 @@ def _atomic_write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------------
-
-_PROMPT_KEYS = ("prompt", "text", "question", "input", "instruction", "content")
-
-
-def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
-    """Prompts from a file: JSONL (one JSON object or string per line; the prompt is the first of the keys
-    ``prompt, text, question, input, instruction, content``; an ``id`` key is kept) or plain text (one prompt
-    per non-empty line). Returns ``[{"id": ..., "prompt": ...}]``."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidArgumentError(
-            f"prompts file {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-            "save it as UTF-8"
-        ) from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    is_json = p.suffix.lower() in (".jsonl", ".json", ".ndjson") or (
-        bool(lines) and lines[0].lstrip()[:1] in ("{", '"')
-    )
-    out: list[dict[str, Any]] = []
-    for i, ln in enumerate(lines):
-        if not is_json:
-            out.append({"id": str(i), "prompt": ln})
-            continue
-        try:
-            obj = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise InvalidArgumentError(f"{p}:{i + 1}: not valid JSON ({e.msg}); use one JSON object per line") from None
-        if isinstance(obj, str):
-            out.append({"id": str(i), "prompt": obj})
-            continue
-        if not isinstance(obj, Mapping):
-            raise InvalidArgumentError(f"{p}:{i + 1}: expected a JSON object or string, got {type(obj).__name__}")
-        for k in _PROMPT_KEYS:
-            if isinstance(obj.get(k), str):
-                out.append({"id": str(obj.get("id", obj.get("prompt_id", i))), "prompt": obj[k]})
-                break
-        else:
-            raise InvalidArgumentError(f"{p}:{i + 1}: no prompt field (one of {', '.join(_PROMPT_KEYS)})")
-    if not out:
-        raise InvalidArgumentError(f"{p}: no prompts")
-    return out
-
 
 def prompt_key(prompt: str, config: Mapping[str, Any]) -> str:
     """A short stable hash of the prompt and the settings that determine its results."""
@@ -197,9 +154,9 @@ def read_csv(path: Union[str, os.PathLike]) -> list[dict[str, str]]:
 
 
 def have_parquet() -> bool:
+    """Whether Parquet tables can be written (pyarrow importable)."""
     try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
+        from canopy_rs import parquet  # noqa: F401  (imports pyarrow)
     except Exception:
         return False
     return True
@@ -209,18 +166,10 @@ def write_parquet(path: Union[str, os.PathLike], rows: Sequence[Mapping[str, Any
     """Writes rows as Parquet when pyarrow is importable; returns whether it did."""
     if not have_parquet() or not rows:
         return False
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from canopy_rs import parquet
 
-    cols: dict[str, list] = {}
-    for r in rows:
-        for k in r:
-            cols.setdefault(k, [])
-    for r in rows:
-        for k in cols:
-            cols[k].append(r.get(k))
-    table = pa.table(cols)
-    _atomic_write_with(Path(path), lambda f: pq.write_table(table, f))
+    table = parquet.table(rows)
+    _atomic_write_with(Path(path), lambda f: parquet.write(table, f))
     return True
 
 
@@ -312,6 +261,21 @@ def _try_lock(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def model_record(hf_model: Any, load_seconds: float) -> dict[str, Any]:
+    """What a run records about a loaded transformers model: device, dtype, architecture, model type,
+    parameter count and load time (read from the model object; no torch import here)."""
+    p = next(hf_model.parameters())
+    cfg = hf_model.config
+    return {
+        "device": str(p.device),
+        "dtype": str(p.dtype).replace("torch.", ""),
+        "architecture": (getattr(cfg, "architectures", None) or [type(hf_model).__name__])[0],
+        "model_type": getattr(cfg, "model_type", None),
+        "num_parameters": int(sum(x.numel() for x in hf_model.parameters())),
+        "load_seconds": load_seconds,
+    }
 
 
 class RunDir:
@@ -415,6 +379,17 @@ class RunDir:
                               want.get("bytes") else "") + f", the record says {want.get('bytes')}")
         rec.pop("complete")
         return rec, None
+
+    def finished(self, key: str, *, fresh: bool = False,
+                 damaged: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+        """Resume: the record of ``key`` when its checkpoint verifies (None when ``fresh``, when there is none,
+        or when it is damaged: then ``damaged(why)`` is told and the caller recomputes it)."""
+        if fresh:
+            return None
+        rec, why = self.load(key)
+        if why and damaged is not None:
+            damaged(why)
+        return rec
 
     def save(
         self,

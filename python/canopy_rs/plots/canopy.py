@@ -1,28 +1,28 @@
-"""Figures for canopy results (matplotlib; the ``canopy_rs[plot]`` or ``[demo]`` extra).
-
-Each ``plot_*`` function draws into ``ax`` when given (e.g. from ``plt.subplots()``), else into a new
-:class:`matplotlib.figure.Figure` that is not registered with pyplot (nothing is shown, no global state is
-touched); it returns the figure. :func:`save_figure` writes PNG and SVG.
+"""Figures of one canopy: its length distribution, entropy by step, the (N, r_N) joint distribution of its
+rollouts, and the certified bracket against the budget.
 
 * :func:`plot_length_distribution`: P(N = n) split into the EOS mass at each depth and the truncated mass;
 * :func:`plot_entropy_by_depth`: each step's contribution sum_{|u| = t-1} pi(u) h(u) to CE*, and the running
   total;
 * :func:`plot_length_rate`: the (N, r_N) joint distribution of sampled rollouts, with the sample rho and (when
   given) the exact rho from the canopy;
-* :func:`plot_bracket_vs_budget`: the certified bracket [lower, upper] on CE* as the budget grows;
-* :func:`plot_rmse_vs_cost`: estimator RMSE against cost, the estimator comparison's own plot.
+* :func:`plot_bracket_vs_budget`: the certified bracket [lower, upper] on CE* as the budget grows.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.plots.figure import BLUE as _BLUE
+from canopy_rs.plots.figure import GREY as _GREY
+from canopy_rs.plots.figure import ORANGE as _ORANGE
+from canopy_rs.plots.figure import RED as _RED
+from canopy_rs.plots.figure import fmt as _fmt
+from canopy_rs.plots.figure import new_axes as _new_axes
 from canopy_rs.stats import pearson
 
 __all__ = [
@@ -30,43 +30,7 @@ __all__ = [
     "plot_entropy_by_depth",
     "plot_length_rate",
     "plot_bracket_vs_budget",
-    "plot_rmse_vs_cost",
-    "save_figure",
 ]
-
-_BLUE = "#3a6ea5"
-_ORANGE = "#e08a2c"
-_GREY = "#8c8c8c"
-_RED = "#c0392b"
-
-
-def _new_axes(ax: Any = None, figsize: tuple[float, float] = (6.4, 4.2)) -> tuple[Any, Any]:
-    if ax is not None:
-        return ax.figure, ax
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover
-        raise ImportError('plots need matplotlib: pip install "canopy_rs[plot]"') from e
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def save_figure(fig: Any, path: Union[str, os.PathLike], formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> list[Path]:
-    """Writes ``path`` with each suffix in ``formats`` (``path``'s own suffix is replaced); returns the
-    paths written."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in formats:
-        q = p.with_suffix("." + fmt)
-        fig.savefig(q, dpi=dpi, format=fmt)
-        out.append(q)
-    return out
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-    return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
 
 def _result_get(res: Any, name: str) -> Any:
     return res[name] if isinstance(res, dict) else getattr(res, name)
@@ -239,12 +203,3 @@ def plot_bracket_vs_budget(
         default = f"Bracket vs budget: width {_fmt(hi[-1] - lo[-1], 4)} after {xs[-1]:,.0f} {unit}"
     ax.set_title(title or default, fontsize=10)
     return fig
-
-
-def plot_rmse_vs_cost(
-    study: Any, path: Union[str, os.PathLike], formats: Sequence[str] = ("png", "svg"), **kwargs: Any
-) -> list[Path]:
-    """Estimator RMSE against cost for a ``canopy_rs.estimators.comparison.ComparisonResult``: the comparison's own plot
-    (:meth:`ComparisonResult.plot`, not a copy), written once per format; returns the paths."""
-    p = Path(path)
-    return [Path(study.plot(p.with_suffix("." + fmt), **kwargs)) for fmt in formats]

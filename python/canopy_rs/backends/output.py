@@ -3,19 +3,17 @@
 Whichever driver (or wrapping backend, such as :class:`~canopy_rs.backends.cached.CachedModel`) calls
 ``expand()``, the same mistake raises the same :class:`~canopy_rs.errors.BackendOutputError` with the same
 message. It lives in the backend layer so backends can use it without importing the driver (layers import
-downwards only: cli -> study/api -> _driver -> backends -> model).
-
-Internal: not part of the public API.
+downwards only: cli -> study -> estimators -> drivers -> backends -> model; tests/test_layering.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, NamedTuple, Union
+from typing import Any, Callable, Iterator, NamedTuple, Union
 
 import numpy as np
 
-from canopy_rs._core import Policy, normalize_support, policy_support
+from canopy_rs._core import Policy, normalise_support, policy_support
 from canopy_rs.backends.callable import CallableModel
 from canopy_rs.errors import BackendOutputError
 from canopy_rs.protocol import Backend, NextTokenLogits, NodeBatch, PolicySupport
@@ -92,7 +90,7 @@ def as_support(backend: Backend, out: Union[NextTokenLogits, PolicySupport], pol
     with blame_backend(backend):
         if isinstance(out, NextTokenLogits):
             return Support(*policy_support(out.logits, policy))
-        return Support(*normalize_support(out.offsets, out.tokens, out.logprobs, backend.vocab_size))
+        return Support(*normalise_support(out.offsets, out.tokens, out.logprobs, backend.vocab_size))
 
 
 def expand_support(

@@ -1,0 +1,41 @@
+"""Progress display: the one tqdm wrapper (:class:`ProgressBar`) and what a canopy bar shows."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class ProgressBar:
+    """The one tqdm wrapper (a no-op when disabled): ``update(n)`` adds, ``show(n, postfix)`` sets."""
+
+    def __init__(self, enabled: bool, *, desc: str, unit: str, total: Optional[int] = None, file: Any = None) -> None:
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as e:  # tqdm ships with the [hf] and [demo] extras
+                raise ImportError("progress=True needs tqdm: pip install tqdm") from e
+            self._bar = tqdm(desc=desc, unit=unit, total=total, smoothing=0.1, file=file, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, n: int, postfix: dict[str, str]) -> None:
+        if self._bar is not None:
+            self._bar.n = n
+            self._bar.set_postfix(postfix, refresh=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def bracket_postfix(b: Any, elapsed: float) -> dict[str, str]:
+    """What a canopy progress bar shows for a bracket snapshot."""
+    return {
+        "nodes/s": f"{b.num_expanded / max(elapsed, 1e-9):,.0f}",
+        "mass": f"{b.explored_mass:.4f}",
+        "CE*": f"[{b.ce_star_lower:.4f}, {b.ce_star_upper:.4f}]",
+        "width": f"{b.ce_star_upper - b.ce_star_lower:.2e}",
+    }

@@ -1,0 +1,135 @@
+"""Loading local transformers models (torch and transformers, imported here at the top): the device and
+dtype, hub-offline loading without progress noise, and :func:`load_model`. Where the files come from (the
+embedded SmolLM2, a checkpoint folder, a gguf file) is :mod:`canopy_rs.models`'s business.
+
+    from canopy_rs.hf_models import load_model       # also canopy_rs.load_model
+    hf_model, tokenizer = load_model()                 # the embedded SmolLM2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Iterator, Optional, Union
+
+# Set before transformers/huggingface_hub read it; local_files_only below is what actually guarantees it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+try:  # the gguf de-quantisation loop, whose plain tqdm ignores disable_progress_bar()
+    import transformers.modeling_gguf_pytorch_utils as _gguf_mod
+except Exception:  # pragma: no cover - other transformers layouts
+    _gguf_mod = None
+
+from canopy_rs.errors import InvalidArgumentError  # noqa: E402
+from canopy_rs.models import DTYPES, has_module, resolve_model  # noqa: E402
+
+__all__ = ["load_model", "pick_device", "check_device", "hub_offline", "torch_dtype"]
+
+
+def pick_device(device: Optional[str] = None) -> str:
+    """``device`` as given (checked by :func:`check_device`), else ``"cuda"`` when available, else ``"cpu"``."""
+    if device:
+        return check_device(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> str:
+    """``device`` when torch can use it here; else :class:`InvalidArgumentError` saying why (checked before a
+    model is loaded, so a missing GPU is reported at once)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidArgumentError(f"device {device!r} is not a torch device ({e}); use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InvalidArgumentError(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; use cpu"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise InvalidArgumentError(f"device {device!r}: there are {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InvalidArgumentError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    return str(device)
+
+
+def torch_dtype(dtype: Optional[str], device: str) -> Any:
+    """The torch dtype (or transformers' ``"auto"``) that ``dtype`` (one of :data:`~canopy_rs.models.DTYPES`)
+    means on ``device``."""
+    if dtype is None or dtype == "auto":
+        # float32 on CPU; elsewhere the checkpoint's own dtype (transformers' "auto": a bf16 checkpoint stays
+        # bf16, a gguf file is de-quantised to float32).
+        return torch.float32 if torch.device(device).type == "cpu" else "auto"
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+@contextlib.contextmanager
+def hub_offline(quiet: bool) -> Iterator[None]:
+    """No network, and (when ``quiet``) none of transformers' own progress bars or info logs."""
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    # The gguf de-quantisation loop uses a plain tqdm that ignores disable_progress_bar().
+    gguf_mod: Any = None
+    gguf_tqdm: Any = None
+    if quiet:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        gguf_mod = _gguf_mod
+        gguf_tqdm = getattr(gguf_mod, "tqdm", None)
+        if gguf_tqdm is not None:
+            gguf_mod.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if quiet:
+            if gguf_mod is not None and gguf_tqdm is not None:
+                gguf_mod.tqdm = gguf_tqdm
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
+            hf_logging.set_verbosity(level)
+
+
+def load_model(
+    model: Union[str, os.PathLike, None] = None,
+    gguf: Union[str, os.PathLike, None] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    quiet: bool = True,
+) -> tuple[Any, Any]:
+    """Load ``(hf_model, tokenizer)`` from local files only (see :func:`resolve_model` for what
+    ``model``/``gguf`` may be; neither means the embedded SmolLM2-135M-Instruct).
+
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (default: cuda when available). ``dtype``: ``"auto"``
+    (float32 on CPU, else the checkpoint's dtype; gguf files load as float32), ``"float32"``, ``"float16"`` or
+    ``"bfloat16"``.
+    The model is returned in eval mode on ``device``. ``quiet`` hides transformers' loading bars.
+    """
+    spec = resolve_model(model, gguf)
+    # Set before transformers/huggingface_hub read it; local_files_only below is what actually guarantees it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dev = pick_device(device)
+    tdtype = torch_dtype(dtype, dev)
+    kw: dict[str, Any] = {"local_files_only": True}
+    if spec.gguf_file is not None:
+        kw["gguf_file"] = spec.gguf_file
+        if not has_module("gguf"):
+            raise ImportError(
+                "loading a gguf model needs the `gguf` package: pip install gguf (or the canopy_rs[demo] extra)"
+            )
+    with hub_offline(quiet):
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
+        hf_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=tdtype, **kw)
+    hf_model.to(dev)  # type: ignore[arg-type]
+    hf_model.eval()
+    return hf_model, tokenizer

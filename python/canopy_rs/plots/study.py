@@ -1,0 +1,204 @@
+"""Figures of the base-vs-fine-tuned study (:func:`canopy_rs.run_study`), drawn from its tables: the CE*
+decomposition, the running entropy rate, the length distributions, D against the entropy rate, exact against
+sampled. Every figure is a :class:`matplotlib.figure.Figure` that pyplot never sees."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from canopy_rs.plots.figure import Figure, save_figure
+
+__all__ = ["study_figures"]
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    """A table-style number (as in the report): None as a dash, NaN as nan, tiny or huge ones in g format."""
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(v):
+        return "nan"
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits}f}"
+
+
+def _save(fig: Any, out: Path, name: str) -> str:
+    save_figure(fig, out / name)
+    return f"{out.name}/{name}.png"
+
+
+def _grid(n: int, w: float = 4.6, h: float = 3.6):
+    cols = min(n, 2)
+    rows = int(math.ceil(n / cols))
+    fig = Figure(figsize=(w * cols, h * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _fig_decomposition(out: Path, pooled: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        rows = [r for r in pooled if r["task"] == task]
+        x = np.arange(len(rows))
+        ld = np.array([float(r["length_driven"]) for r in rows])
+        cov = np.array([float(r["length_rate_cov_residual"]) for r in rows])
+        ax.bar(x, ld, color="#4c72b0", label="E[N]·E[r_N]")
+        ax.bar(x, cov, bottom=ld, color="#dd8452", label="Cov(N, r_N) (residual)")
+        ax.plot(x, ld + cov, "k_", markersize=18, label="CE*_max")
+        ax.set_xticks(x, [f"{r['model']}\n({r['variant']})" for r in rows], fontsize=7)
+        ax.set_ylabel("nats")
+        ax.set_title(f"CE* decomposition: {task}", fontsize=9)
+        ax.axhline(0, color="0.6", lw=0.5)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "decomposition")
+
+
+def _fig_entropy_rate(out: Path, traj: Mapping[tuple, tuple], models: Sequence[str], tasks: Sequence[str]) -> str:
+    fig = Figure(figsize=(4.6 * len(tasks), 5.2))
+    axes = fig.subplots(2, len(tasks), squeeze=False, gridspec_kw={"height_ratios": [3, 1.3]}, sharex="col")
+    for j, task in enumerate(tasks):
+        top, bot = axes[0, j], axes[1, j]
+        for m in models:
+            t = traj.get((m, task))
+            if t is None or len(t[0]) == 0:
+                continue
+            pos, rate, act = (np.asarray(a) for a in t)
+            line, = top.plot(pos, rate, marker=".", label=m)
+            bot.plot(pos, act, drawstyle="steps-mid", marker=".", color=line.get_color())
+        top.set_title(f"running entropy rate: {task}", fontsize=9)
+        top.set_ylabel("mean (1/t) Σ h (nats)")
+        bot.set_ylabel("active rollouts")
+        bot.set_xlabel("position t")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "entropy_rate")
+
+
+def _fig_lengths(out: Path, rollouts: Sequence[Mapping[str, Any]], models: Sequence[str], tasks: Sequence[str],
+                 t_max: int) -> str:
+    fig, axes = _grid(len(tasks))
+    bins = np.arange(0.5, t_max + 1.5, max(1, t_max // 40))
+    for ax, task in zip(axes, tasks):
+        for m in models:
+            n = [int(r["length"]) for r in rollouts if r["task"] == task and r["model"] == m]
+            if n:
+                ax.hist(n, bins=bins, histtype="step", density=True, label=m, lw=1.3)
+        ax.set_title(f"length N: {task}", fontsize=9)
+        ax.set_xlabel("N (EOS counted; T_max = truncated)")
+        ax.set_ylabel("fraction of rollouts")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "lengths")
+
+
+def _fig_diversity_rate(out: Path, panel: Sequence[Mapping[str, Any]], reg: Mapping[str, Any]) -> Optional[str]:
+    pts = [r for r in panel if math.isfinite(r["D"]) and math.isfinite(r["R_bar"])]
+    if not pts:
+        return None
+    fig = Figure(figsize=(6.2, 4.4))
+    ax = fig.subplots()
+    colors = {"base": "#4c72b0", "fine-tuned": "#c44e52"}
+    families = sorted({r["family"] for r in pts})
+    markers = dict(zip(families, "osD^v<>"))
+    for r in pts:
+        ax.scatter(r["R_bar"], r["D"], color=colors[r["variant"]], marker=markers[r["family"]], s=22, alpha=0.75)
+    sd = reg.get("R_bar_sd", math.nan)
+    for variant, key in (("base", "base_slope"), ("fine-tuned", "finetuned_slope")):
+        vs = [r for r in pts if r["variant"] == variant]
+        slope = reg.get(key, math.nan)
+        if not vs or not (math.isfinite(slope) and sd and math.isfinite(sd)):
+            continue
+        x = np.array([r["R_bar"] for r in vs])
+        y = np.array([r["D"] for r in vs])
+        xs = np.linspace(x.min(), x.max(), 2)
+        # MixedLM slope per SD of R_bar, drawn through the variant's mean point.
+        ax.plot(xs, y.mean() + slope / sd * (xs - x.mean()), color=colors[variant], lw=2,
+                label=f"{variant}: slope {_fmt(slope)} per SD of R̄")
+    for variant, c in colors.items():
+        ax.scatter([], [], color=c, label=f"{variant} prompts")
+    ax.set_xlabel("R̄ = mean entropy rate r_N (nats/token)")
+    ax.set_ylabel("semantic diversity D")
+    title = "D vs R̄ per prompt"
+    if math.isfinite(reg.get("ratio", math.nan)):
+        lo, hi = reg.get("ratio_ci", [math.nan, math.nan])
+        title += f"; slope ratio fine-tuned/base {_fmt(reg['ratio'], 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "diversity_vs_rate")
+
+
+def _fig_exact(out: Path, prompts: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    rows = [r for r in prompts if r.get("exact_ce_star") is not None]
+    if not rows:
+        return None
+    has_d = any(math.isfinite(_num(r.get("exact_semantic_diversity"))) for r in rows)
+    panels = [("ce_star", "CE*_max (nats)"), ("length_rate_corr", "ρ(N, r_N) Pearson")]
+    if has_d:
+        panels.append(("semantic_diversity", "semantic diversity D"))
+    fig = Figure(figsize=(4.3 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    models = sorted({r["model"] for r in rows})
+    for ax, (k, label) in zip(axes[0], panels):
+        lo, hi = math.inf, -math.inf
+        for m in models:
+            xs = np.array([_num(r.get(f"exact_{k}")) for r in rows if r["model"] == m])
+            ys = np.array([_num(r.get(f"exact_sampled_{k}")) for r in rows if r["model"] == m])
+            se = np.array([_num(r.get(f"exact_sampled_{k}_se")) for r in rows if r["model"] == m])
+            yerr = 1.96 * se if np.isfinite(se).any() else None
+            ax.errorbar(xs, ys, yerr=yerr, fmt="o", ms=4, capsize=2, label=m)
+            fin = np.concatenate([xs[np.isfinite(xs)], ys[np.isfinite(ys)]])
+            if fin.size:
+                lo, hi = min(lo, fin.min()), max(hi, fin.max())
+        if math.isfinite(lo):
+            ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
+        ax.set_xlabel(f"exact {label}")
+        ax.set_ylabel(f"sampled {label}")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("exact canopy vs M rollouts at the same policy (one point per prompt; bars: 95% CI)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out, "exact_vs_sampled")
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def study_figures(out: Path, *, models: Sequence[str], tasks: Sequence[str], max_new_tokens: int,
+                  pooled: Sequence[Mapping[str, Any]], trajectories: Mapping[tuple, tuple],
+                  rollouts: Sequence[Mapping[str, Any]], panel: Sequence[Mapping[str, Any]],
+                  regression: Mapping[str, Any], prompts: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """All the study's figures, PNG + SVG in the folder ``out``, from its tables (``pooled``, the running
+    entropy-rate ``trajectories`` per (model, task), ``rollouts``, the regression ``panel`` and its fit
+    ``regression``, ``prompts``); returns name -> PNG path relative to ``out``'s parent. Tasks without pooled
+    rows are left out."""
+    tasks = [t for t in tasks if any(r["task"] == t for r in pooled)]
+    figs: dict[str, str] = {}
+    if not tasks:
+        return figs
+    figs["decomposition"] = _fig_decomposition(out, pooled, tasks)
+    figs["entropy_rate"] = _fig_entropy_rate(out, trajectories, models, tasks)
+    figs["lengths"] = _fig_lengths(out, rollouts, models, tasks, max_new_tokens)
+    p = _fig_diversity_rate(out, panel, regression)
+    if p:
+        figs["diversity_vs_rate"] = p
+    p = _fig_exact(out, prompts)
+    if p:
+        figs["exact_vs_sampled"] = p
+    return figs
