@@ -26,9 +26,8 @@ import hashlib
 import json
 import math
 import os
-import socket
+import platform
 import time
-import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
 
@@ -69,7 +68,7 @@ def _atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
     flushed: a reader sees the old file or the new one, never a part. The file is created by a plain open,
     so the umask decides its mode (as for any other file the user writes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         with open(tmp, "xb") as f:
             write(f)
@@ -321,7 +320,7 @@ class RunDir:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}".encode())
+        os.write(fd, f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%H:%M:%S')}".encode())
         self._lock_fd = fd
 
     def close(self, ok: bool = True) -> None:

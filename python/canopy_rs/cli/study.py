@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from canopy_rs.cli._context import RunContext
-from canopy_rs.study import run_study
 
 HELP = "base-vs-fine-tuned study over prompt sets (TOML/YAML config), local or on Ray"
 
@@ -29,6 +28,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(ctx: RunContext) -> int:
+    # The study package (config, units, analysis, report) loads only when a study runs: the other commands
+    # and `canopy-rs --help` never need it (tests/test_layering.py allows this one import by name).
+    from canopy_rs.study import run_study
+
     a = ctx.args
     out = run_study(a.config, out=a.study_out, executor="ray" if a.ray is not None else None,
                 ray_address=a.ray or None, fresh=a.fresh, quiet=a.quiet)
