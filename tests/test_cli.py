@@ -403,8 +403,9 @@ def test_exact_refuses_a_canopy_that_cannot_fit_quickly(tiny: str, tmp_path: Pat
     import time
 
     t = time.perf_counter()
+    # (--context-length: past the tiny model's 64 positions, so that the size probe, not the window, refuses.)
     rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", "--top-k", "3", "--temperature", "4",
-                      "--max-new-tokens", "100000", "--out", str(tmp_path / "out"))
+                      "--max-new-tokens", "100000", "--context-length", "200000", "--out", str(tmp_path / "out"))
     # stderr also has the status lines ("loading ..."); the error itself is one line.
     line = _one_line_error(rc, "\n".join(ln for ln in err.splitlines() if ln.startswith("canopy-rs")))
     assert time.perf_counter() - t < 60
