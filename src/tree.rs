@@ -927,4 +927,44 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn brackets_and_beams_contain_brute_force() {
+        let (v, t) = (4usize, 5usize);
+        let (mut leaves, mut chain, mut internal) = (Vec::new(), 0.0f64, 0u64);
+        brute_enumerate(&mut vec![], 1.0, 0.0, v, t, 1.0, None, &mut leaves, &mut chain, &mut internal);
+        let en: f64 = leaves.iter().map(|l| l.p * l.len as f64).sum();
+        for order in [Order::BestFirst, Order::BreadthFirst, Order::Beam(1), Order::Beam(3)] {
+            let mut prefixes: std::collections::HashMap<i64, Vec<u32>> = std::collections::HashMap::new();
+            let mut tree = Tree::new(cfg(v, t as u32, order)).unwrap();
+            let mut last = f64::INFINITY;
+            loop {
+                let b = tree.bounds();
+                assert!(b.ce_star_lower <= chain + 1e-12 && chain <= b.ce_star_upper + 1e-12, "{order:?}");
+                assert!(b.expected_length_lower <= en + 1e-12 && en <= b.expected_length_upper + 1e-12, "{order:?}");
+                assert!(b.ce_star_upper - b.ce_star_lower <= last + 1e-12, "{order:?}");
+                last = b.ce_star_upper - b.ce_star_lower;
+                if tree.is_done() {
+                    break;
+                }
+                let batch = tree.next_batch(2).unwrap();
+                if batch.node_ids.is_empty() {
+                    break; // a beam that pruned the rest
+                }
+                let mut logits = Vec::new();
+                for i in 0..batch.node_ids.len() {
+                    let mut pre = if batch.parent_ids[i] < 0 { vec![] } else { prefixes[&batch.parent_ids[i]].clone() };
+                    if batch.parent_ids[i] >= 0 {
+                        pre.push(batch.tokens[i] as u32);
+                    }
+                    logits.extend(prefix_logits(&pre, v));
+                    prefixes.insert(batch.node_ids[i], pre);
+                }
+                tree.ingest_logits(&logits, batch.node_ids.len(), v).unwrap();
+            }
+            if matches!(order, Order::BestFirst | Order::BreadthFirst) {
+                assert!(last == 0.0 && (tree.bounds().ce_star_lower - chain).abs() < 1e-12, "{order:?}");
+            }
+        }
+    }
 }
