@@ -19,7 +19,8 @@ are recomputed or looked up.
 
 Writes ``benches/results/estimators_<case>.{csv,json,png}``, ``estimators_summary.{json,md}`` (the RMSE
 ratio to plain Rao-Blackwellised Monte Carlo at equal measured tokens, per estimator x budget x depth) and
-``estimators_rmse_vs_cost.png`` (all SmolLM2 canopies, log-log).
+``estimators_rmse_vs_cost.png`` (all SmolLM2 canopies, log-log), and derives the table ``best_estimator`` ships
+(``python/canopy_rs/estimators/_best_table.py``, ``canopy_rs.estimators.best.derive_best_table``).
 
     python benches/bench_estimators.py            # the full study (~45 min on a 2-core CPU shared with other jobs)
     python benches/bench_estimators.py --only sky --skip-existing   # some cases; --summarise rebuilds the summary
@@ -276,7 +277,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the cases whose name has one")
     ap.add_argument("--skip-existing", action="store_true", help="skip cases whose JSON is already in --out")
     ap.add_argument("--summarise", action="store_true",
-                    help="only rebuild the summary and the combined plot from the JSON files in --out")
+                    help="only rebuild the summary, the combined plot and best_estimator's table "
+                         "(python/canopy_rs/estimators/_best_table.py) from the JSON files in --out")
     args = ap.parse_args(argv)
     budgets = [64, 256, 1024] if args.quick else [64, 256, 1024, 4096]
     args.repeats = args.repeats or (20 if args.quick else 50)
