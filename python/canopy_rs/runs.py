@@ -274,6 +274,8 @@ def model_record(hf_model: Any, load_seconds: float) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "num_parameters": int(sum(x.numel() for x in hf_model.parameters())),
         "load_seconds": load_seconds,
+        # A hub model's commit (transformers sets it for a cache snapshot): the exact weights of the result.
+        "commit": getattr(cfg, "_commit_hash", None),
     }
 
 

@@ -16,7 +16,7 @@ from canopy_rs.cli._format import header, short
 from canopy_rs.drivers.progress import ProgressBar
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.models import library_versions, resolve_model
-from canopy_rs.prompts import read_prompts
+from canopy_rs.prompts import parse_prompts, read_prompts
 from canopy_rs.runs import RunDir, dumps, flatten, model_record, prompt_key
 
 MAX_PLOTTED_PROMPTS = 8
@@ -122,7 +122,10 @@ class RunContext:
     def spec(self) -> Any:
         """Where the model comes from (resolved without loading it)."""
         if self._spec is None:
-            self._spec = resolve_model(self.args.model, self.args.gguf)
+            a = self.args
+            self._spec = resolve_model(a.model, a.gguf, revision=getattr(a, "revision", None),
+                                       offline=True if getattr(a, "offline", False) else None,
+                                       progress=not self.quiet, log=self.say)
         return self._spec
 
     def load(self) -> tuple[Any, Any]:
@@ -132,7 +135,8 @@ class RunContext:
             self.say(f"loading {self.spec.name} from {self.spec.path} ...")
             t = time.perf_counter()
             self._model, self._tokenizer = load_model(
-                self.args.model, self.args.gguf, device=self.args.device, dtype=self.args.dtype, quiet=True
+                self.spec, device=self.args.device, dtype=self.args.dtype, quiet=True,
+                trust_remote_code=bool(getattr(self.args, "trust_remote_code", False)),
             )
             self.model_seconds = time.perf_counter() - t
             p = next(self._model.parameters())
@@ -180,7 +184,9 @@ class RunContext:
     def _read_prompts(self) -> list[dict[str, Any]]:
         a = self.args
         out: list[dict[str, Any]] = [{"id": f"prompt{i}", "prompt": text} for i, text in enumerate(a.prompt or [])]
-        if a.prompts:
+        if a.prompts == "-":
+            out.extend(parse_prompts(sys.stdin.read(), "--prompts - (standard input)"))
+        elif a.prompts:
             if not Path(a.prompts).is_file():
                 raise InvalidArgumentError(f"--prompts {a.prompts}: no such file")
             out.extend(read_prompts(a.prompts))
@@ -202,9 +208,12 @@ class RunContext:
         a = self.args
         cfg = {
             "command": self.command,
-            # The embedded model is keyed by its pinned version, not by where this machine keeps it.
+            # The embedded model is keyed by its pinned version and a hub model by its commit, not by where this
+            # machine keeps them.
             "model": {"kind": self.spec.kind, "gguf_file": self.spec.gguf_file,
-                      "path": self.spec.extra.get("requirement") if self.spec.kind == "embedded" else self.spec.path},
+                      "path": self.spec.extra.get("requirement") if self.spec.kind == "embedded" else
+                      f"{self.spec.extra['repo_id']}@{self.spec.extra['commit']}" if self.spec.kind == "hub" else
+                      self.spec.path},
             "dtype": a.dtype,
             "device": (a.device or "auto").split(":")[0],
             "chat": a.chat,
