@@ -28,7 +28,7 @@ except Exception:  # pragma: no cover - other transformers layouts
 from canopy_rs.errors import InvalidArgumentError  # noqa: E402
 from canopy_rs.models import DTYPES, ModelSpec, has_module, remote_code_class, resolve_model  # noqa: E402
 
-__all__ = ["load_model", "pick_device", "check_device", "hub_offline", "torch_dtype", "check_remote_code"]
+__all__ = ["load_model", "pick_device", "check_device", "hub_offline", "torch_dtype", "torch_threads", "check_remote_code"]
 
 
 def pick_device(device: Optional[str] = None) -> str:
@@ -72,6 +72,21 @@ def torch_dtype(dtype: Optional[str], device: str) -> Any:
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return getattr(torch, dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block and restored after it: a CPU reduction
+    split over another number of threads sums in another order, so the study fixes it per unit and gets the
+    same digits in any process (a Ray actor starts with one thread, a local run with one per core)."""
+    old = torch.get_num_threads()
+    if old != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
 
 
 @contextlib.contextmanager

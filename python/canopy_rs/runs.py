@@ -344,6 +344,16 @@ class RunDir:
             except OSError:
                 pass
 
+    @classmethod
+    def reader(cls, path: Union[str, os.PathLike]) -> "RunDir":
+        """The directory for reading checkpoints only (:meth:`load`, :meth:`finished`): no lock is taken and
+        nothing is created (``canopy-rs study CONFIG --plan`` reads a folder a running study may hold)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._created = False
+        self._lock_fd = None
+        return self
+
     def __enter__(self) -> "RunDir":
         return self
 
