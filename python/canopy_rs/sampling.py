@@ -142,12 +142,18 @@ class Rollouts:
         entropies: Sequence[Sequence[float]],
         logq: Optional[Sequence[Sequence[float]]] = None,
         *,
-        eos_token_ids: Iterable[int],
+        eos_token_ids: Iterable[int] = (),
         max_new_tokens: int,
+        eos: Optional[Sequence[bool]] = None,
     ) -> "Rollouts":
         """Build from per-rollout lists (root rollouts). ``logq`` may be omitted: the surprisal estimate is
-        then NaN. A rollout must end at its first EOS or have exactly ``max_new_tokens`` tokens."""
+        then NaN. A rollout must end at its first EOS or have exactly ``max_new_tokens`` tokens. ``eos`` (one
+        flag per rollout: ended by drawing an EOS) stands in for ``eos_token_ids`` when the ids are unknown."""
         eos_ids = tuple(int(e) for e in eos_token_ids)
+        if not eos_ids and eos is None:
+            raise InvalidArgumentError("give eos_token_ids (or eos, one flag per rollout)")
+        if eos is not None and len(eos) != len(tokens):
+            raise InvalidArgumentError("eos must have one flag per rollout")
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         m = len(tokens)
@@ -161,6 +167,7 @@ class Rollouts:
         ent = np.zeros((m, width), dtype=np.float64)
         lq = np.zeros((m, width), dtype=np.float64) if logq is not None else np.full((m, width), np.nan)
         eos_set = np.asarray(eos_ids, dtype=np.int64)
+        flags = None if eos is None else [bool(e) for e in eos]
         eos = np.zeros(m, dtype=bool)
         for i in range(m):
             n = int(lengths[i])
@@ -172,9 +179,12 @@ class Rollouts:
             hits = np.isin(t, eos_set)
             if hits[:-1].any():
                 raise InvalidArgumentError(f"rollout {i} continues after an EOS id")
-            if not hits[-1] and n != max_new_tokens:
+            ended = bool(hits[-1]) if flags is None else flags[i]
+            if flags is not None and eos_ids and ended != bool(hits[-1]):
+                raise InvalidArgumentError(f"rollout {i}: its eos flag says {ended}, its last token says {bool(hits[-1])}")
+            if not ended and n != max_new_tokens:
                 raise InvalidArgumentError(f"rollout {i} ends without EOS before max_new_tokens")
-            eos[i] = bool(hits[-1])
+            eos[i] = ended
             tok[i, :n] = t
             ent[i, :n] = np.asarray(entropies[i], dtype=np.float64)
             if logq is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_run_args, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, PromptJob, RunContext
+from canopy_rs.cli._rollouts_file import check_args, run_file
 from canopy_rs.cli._format import estimate_table, multi_estimate_table
 from canopy_rs.estimators import estimate, estimate_best, pool
 from canopy_rs.runs import rollout_rows
@@ -21,8 +22,17 @@ def add_parser(sub: Any) -> None:
                        "SE, GenPPL, branching factor, rho(N, r_N), truncation), pooled across prompts.")
     add_run_args(p)
     p.add_argument("--num-rollouts", type=positive_int, default=DEFAULT_ROLLOUTS, help=f"(default: {DEFAULT_ROLLOUTS})")
+    p.add_argument("--rollouts", metavar="FILE",
+                   help="score rollouts made elsewhere instead of sampling: JSONL (tokens, entropies, optional "
+                        "logq and eos per line; id groups prompts) or the rollouts.parquet/.csv canopy-rs writes; "
+                        "give the --max-new-tokens (and --eos-token-ids) they were drawn with")
     add_output_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, prepare=prepare)
+
+
+def prepare(args: Any) -> None:
+    if args.rollouts:
+        check_args(args)
 
 
 def sample_prompt(ctx: RunContext, job: PromptJob, num_rollouts: int) -> tuple[dict, list[dict]]:
@@ -57,6 +67,8 @@ def length_rate_figures(rec: dict, stem: str, exact: Any = None) -> list[Path]:
 
 def run(ctx: RunContext) -> int:
     a = ctx.args
+    if a.rollouts:
+        return run_file(ctx, length_rate_figures)
 
     def one(job: PromptJob) -> tuple[dict, dict]:
         rec, rows = sample_prompt(ctx, job, a.num_rollouts)
