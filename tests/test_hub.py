@@ -270,3 +270,50 @@ def test_cli_prompts_from_stdin(hub_cache: Path, monkeypatch: pytest.MonkeyPatch
     assert main(["exact", "--model", REPO, "--prompts", "-", "--max-new-tokens", "2", "--top-k", "2", "-q",
                  "--format", "json"]) == 0
     assert [p["prompt"] for p in json.loads(capsys.readouterr().out)["prompts"]] == ["a b", "c d e"]
+
+
+# --- the study ----------------------------------------------------------------------------------------------
+
+
+def test_study_models_by_hub_id_and_revision(hub_cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("statsmodels")
+    import canopy_rs
+    from canopy_rs.study import StudyConfigError, load_config, make_units
+    from study_helpers import LetterEncoder, make_tiny_pair
+
+    base, tuned = make_tiny_pair(tmp_path / "pair")
+    add_snapshot(hub_cache, "org/tiny", "1" * 40, base, refs=("main",))
+    add_snapshot(hub_cache, "org/tiny", "2" * 40, tuned, refs=("tuned",))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "p0", "prompt": "a b"}\n{"id": "p1", "prompt": "c d e"}\n')
+    cfg = {
+        "name": "hub pair", "out": str(tmp_path / "out"), "seed": 1,
+        "sampling": {"num_rollouts": 4, "max_new_tokens": 3, "top_k": 3},
+        "bootstrap": {"num_replicates": 50, "regression_replicates": 2},
+        "models": [
+            {"name": "b", "path": "org/tiny", "family": "t", "variant": "base", "chat": False},
+            {"name": "f", "path": "org/tiny", "revision": "tuned", "family": "t", "variant": "fine-tuned",
+             "chat": False},
+        ],
+        "tasks": [{"name": "letters", "prompts": str(prompts)}],
+    }
+    c = load_config(cfg)
+    assert c.model("b").fingerprint() == {"repo_id": "org/tiny", "revision": "main", "commit": "1" * 40}
+    assert c.model("f").fingerprint()["commit"] == "2" * 40
+    assert c.model("f").location()[0].endswith("2" * 40)
+    assert len({u.key for u in make_units(c)}) == len(make_units(c))
+    canopy_rs.run_study(cfg, encoder=LetterEncoder())
+    infos = {}
+    for rec in (tmp_path / "out").rglob("record.json"):
+        info = json.loads(rec.read_text()).get("model_info") or {}
+        if info:
+            infos[info["name"]] = info["commit"]
+    assert infos == {"b": "1" * 40, "f": "2" * 40}
+    # Refusals: a revision on a local folder; an id that is not cached, offline (when the study plans).
+    bad = json.loads(json.dumps(cfg))
+    bad["models"][0].update(path=str(base), revision="main")
+    with pytest.raises(StudyConfigError, match="revision"):
+        load_config(bad)
+    bad["models"][0].update(path="org/absent", revision=None)
+    with pytest.raises(FileNotFoundError, match="hf download org/absent"):
+        make_units(load_config(bad))

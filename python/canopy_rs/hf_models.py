@@ -156,7 +156,7 @@ def load_model(
     with hub_offline(quiet):
         tokenizer = AutoTokenizer.from_pretrained(spec.path, **kw)
         hf_model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=tdtype, **kw)
-    commit = spec.extra.get("commit") if spec.kind == "hub" else None
+    commit = spec.extra.get("commit")  # a hub id's, or a cache snapshot folder's
     if commit and not getattr(hf_model.config, "_commit_hash", None):
         hf_model.config._commit_hash = commit
     hf_model.to(dev)  # type: ignore[arg-type]

@@ -357,6 +357,15 @@ def resolve_hub(repo_id: str, revision: Optional[str] = None, gguf: Optional[str
                             "commit": commit if _COMMIT.match(commit) else None, "downloaded": downloaded})
 
 
+def _snapshot_extra(folder: Path) -> dict[str, Any]:
+    """``{"repo_id", "commit"}`` of a folder that is a hub cache snapshot (``models--org--name/snapshots/<commit>``),
+    else ``{}``: a snapshot named by its path still records the exact weights."""
+    repo = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not repo.startswith("models--") or not _COMMIT.match(folder.name):
+        return {}
+    return {"repo_id": repo[len("models--"):].replace("--", "/"), "commit": folder.name}
+
+
 def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, os.PathLike, None] = None, *,
                   revision: Optional[str] = None, offline: Optional[bool] = None, progress: bool = True,
                   log: Any = None) -> ModelSpec:
@@ -412,7 +421,7 @@ def resolve_model(model: Union[str, os.PathLike, None] = None, gguf: Union[str, 
         return ModelSpec(kind="gguf", path=str(m.parent), gguf_file=m.name, name=m.name)
     if m.is_dir():
         m = m.resolve()
-        return ModelSpec(kind="directory", path=str(m), name=m.name)
+        return ModelSpec(kind="directory", path=str(m), name=m.name, extra=_snapshot_extra(m))
     if isinstance(model, str) and is_hub_id(model) and not m.exists():
         return resolve_hub(model, revision, None, offline=offline, progress=progress, log=log)
     raise ModelNotFoundError(
