@@ -77,8 +77,11 @@ def positive_int_list(s: str) -> list[int]:
 
 
 def eos_ids(s: str) -> list[int]:
+    """EOS token ids: at least one, each >= 0 (the model's vocabulary is checked before it loads)."""
     vals = int_list(s)
-    if min(vals, default=0) < 0:
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected at least one token id, got {s!r}")
+    if min(vals) < 0:
         raise argparse.ArgumentTypeError(f"token ids are >= 0, got {s!r}")
     return vals
 
@@ -160,7 +163,8 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def byte_size(s: str) -> int:
     """A size in bytes: an integer with an optional K, M, G or T suffix (powers of 1024; a trailing B or
-    iB is allowed: 512M, 4GiB)."""
+    iB is allowed: 512M, 4GiB). Every memory flag (``exact --max-memory``, ``bound --budget-memory``)
+    takes this syntax."""
     t = s.strip().upper().removesuffix("B").removesuffix("I")
     unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
     try:

@@ -14,6 +14,9 @@ from canopy_rs.runs import rollout_rows
 from canopy_rs.sampling import sample
 
 HELP = "Monte Carlo rollouts and the paper's metrics"
+# What the tables and plots read from a resumed record (a checkpoint without it is recomputed).
+SAMPLE_SCHEMA = {"estimate": {"ce_star": (int, float), "num_rollouts": int}, "best": (dict, type(None)),
+                 "rollouts": {"lengths": list, "entropy_rates": list}, "rollout_cost": dict}
 
 
 def add_parser(sub: Any) -> None:
@@ -39,8 +42,9 @@ def sample_prompt(ctx: RunContext, job: PromptJob, num_rollouts: int) -> tuple[d
     """Rollouts of one prompt and their estimates: the record part and the rollout table's rows."""
     ro = sample(job.backend, num_rollouts=num_rollouts, seed=job.seed, batch_size=ctx.args.batch_size,
                 progress=ctx.show_progress, **ctx.policy())
-    # Beside the paper's estimator: the one the estimator study recommends, at the tokens the rollouts used.
-    best = estimate_best(job.backend, budget=max(1, int(ro.cost.get("rows_evaluated", 1))), seed=job.seed,
+    # Beside the paper's estimator: the one the estimator study recommends, given the model tokens (prompt
+    # excluded, the cost unit of every table) the rollouts used.
+    best = estimate_best(job.backend, budget=max(1, int(ro.cost.get("model_tokens", 1))), seed=job.seed,
                          batch_size=ctx.args.batch_size, **ctx.policy())
     rec = {
         "seed": job.seed,
@@ -74,7 +78,7 @@ def run(ctx: RunContext) -> int:
         rec, rows = sample_prompt(ctx, job, a.num_rollouts)
         return rec, {"rollouts": rows}
 
-    records = ctx.run_prompts(one, num_rollouts=a.num_rollouts)
+    records = ctx.run_prompts(one, schema=SAMPLE_SCHEMA, num_rollouts=a.num_rollouts)
     pooled = pool_estimates(records) if len(records) > 1 else None
     head = ctx.header(records) + f"\nrollouts: {a.num_rollouts} per prompt, seed {a.seed} (+ prompt index)"
     body = estimate_table(records[0]["estimate"], best=records[0].get("best")) if pooled is None else multi_estimate_table(records, pooled)
