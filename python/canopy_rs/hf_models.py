@@ -137,10 +137,10 @@ def load_model(
     ``"auto"`` (float32 on CPU, else the checkpoint's dtype; gguf files load as float32), ``"float32"``,
     ``"float16"`` or ``"bfloat16"``.
     The model is returned in eval mode on ``device``; a hub model's ``config._commit_hash`` names its commit.
-    ``quiet`` hides transformers' loading bars and a download's progress bar.
+    ``quiet`` hides transformers' loading bars (a hub download still shows its progress bar on stderr; resolve
+    the model first with ``resolve_model(..., progress=False)`` and pass the spec to download without it).
     """
-    spec = model if isinstance(model, ModelSpec) else resolve_model(model, gguf, revision=revision, offline=offline,
-                                                                    progress=not quiet)
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model, gguf, revision=revision, offline=offline)
     check_remote_code(spec, trust_remote_code)
     dev = pick_device(device)
     tdtype = torch_dtype(dtype, dev)

@@ -340,7 +340,8 @@ def resolve_hub(repo_id: str, revision: Optional[str] = None, gguf: Optional[str
         if offline_mode(offline):
             what = f"{gguf} of {repo_id}" if gguf else repo_id
             raise ModelNotFoundError(
-                f"{what}{'@' + revision if revision else ''} is not in the Hugging Face cache {cache}, and hub "
+                f"{what}{'@' + revision if revision else ''} is not a local path, and is not in the Hugging Face "
+                f"cache {cache} (read as a hub id), and hub "
                 f"access is off (--offline or HF_HUB_OFFLINE=1); fetch it with "
                 f"`{fetch_command(repo_id, revision, gguf)}` (then rerun), or run without --offline and with "
                 "HF_HUB_OFFLINE unset to let canopy-rs download it"
