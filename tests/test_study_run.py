@@ -686,3 +686,29 @@ def test_a_study_you_can_watch_and_plan(pair, tmp_path, capsys, monkeypatch):
     assert main(["study", str(toml), "--plan", "--fresh"]) == 0
     assert "0 done, 4 pending" in capsys.readouterr().out
     assert (tmp_path / "out" / "study.json").stat().st_mtime_ns == mtime  # nothing written
+
+
+def test_an_interval_from_one_defined_prompt_is_undefined(pair, tmp_path):
+    """Study defect 2 (the demo's `-0.637 [-0.637, -0.637]`): four paired prompts, but rho(N, r_N) is defined
+    in only one of the fine-tuned model's (N constant in the others): no interval, and a note saying why."""
+    from canopy_rs.study import report
+
+    cfg = load_config(config(pair, tmp_path))
+    prompts = [{"model": m, "task": "letters", "prompt_id": f"p{i}",
+                "length_rate_pearson": (-0.637 if (m == "tiny-tuned" and i == 0) else math.nan)}
+               for m in ("tiny-base", "tiny-tuned") for i in range(4)]
+    rollouts = [{"model": m, "task": "letters", "prompt_id": f"p{i}", "length": 5 if (i or m == "tiny-base") else j + 1,
+                 "entropy_rate": 1.0 + j, "diversity": 0.1 * j} for m in ("tiny-base", "tiny-tuned") for i in range(4)
+                for j in range(3)]
+    side = {"base": math.nan, "finetuned": -0.637, "delta": math.nan}
+    boot = [{"family": "tiny", "task": "letters", "base": "tiny-base", "finetuned": "tiny-tuned",
+             "metric": "length_rate_pearson", "side": k, "value": v, "se": 0.0 if k == "finetuned" else math.nan,
+             "ci_low": v, "ci_high": v} for k, v in side.items()]
+    summaries = [{"family": "tiny", "task": "letters", "prompt_ids": ["p0", "p1", "p2", "p3"]}]
+    summary = {"units_done": 8, "units_total": 8, "units_resumed": 0, "executor": "local", "wall_seconds": 1.0}
+    md = report.render_markdown(report.build_report(cfg, summary, [], boot, {"skipped": "test"}, prompts, {},
+                                                    rollouts=rollouts, boot_summaries=summaries))
+    row = next(line for line in md.splitlines() if line.startswith("| ρ(N, r_N) Pearson"))
+    assert "-0.637 [undefined] [" in row and "[-0.637, -0.637]" not in row
+    assert "defined for only 1 of the 4 prompts of tiny-tuned / letters" in md
+    assert "nan [" in row and "N is constant within every prompt of tiny-base / letters (every rollout reaches T_max = 5" in md

@@ -231,12 +231,12 @@ def _fig_exact(out: Path, prompts: Sequence[Mapping[str, Any]], colors: Mapping[
             fin = np.concatenate([xs[np.isfinite(xs)], ys[np.isfinite(ys)]])
             if fin.size:
                 lo, hi = min(lo, fin.min()), max(hi, fin.max())
-        if math.isfinite(lo):
+        if shown and math.isfinite(lo):
             ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
         if not shown:
-            why = ("undefined for every prompt (N constant within each canopy at this depth)"
-                   if k == "length_rate_corr" else "undefined for every prompt")
-            _no_data(ax, f"{label} {why}")
+            why = ("no prompt has it defined both exactly\nand sampled (N hardly varies at this depth)"
+                   if k == "length_rate_corr" else "no prompt has it defined both\nexactly and sampled")
+            _no_data(ax, f"{label}:\n{why}")
         ax.set_xlabel(f"exact {label}")
         ax.set_ylabel(f"sampled {label}")
     axes[0, 0].legend(fontsize=7)

@@ -206,7 +206,15 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
                         return c
                 return _nan_cause(metric, bm, task, const, t_max)
 
-            def interval(x: Mapping[str, Any], model: Optional[str] = None, digits: int = 3) -> str:
+            def defined(model: str, metric: str = metric) -> Optional[int]:
+                """How many of the cell's prompts give ``metric`` a finite value (None: not in the rows)."""
+                rows = [r for r in prompts if r["model"] == model and r["task"] == task]
+                if not any(metric in r for r in rows):
+                    return None
+                return sum(1 for r in rows if math.isfinite(_f(r.get(metric))))
+
+            def interval(x: Mapping[str, Any], model: Optional[str] = None, digits: int = 3,
+                         metric: str = metric) -> str:
                 v = notes.cell(x.get("value"), lambda: why(model), digits)
                 if not math.isfinite(_f(x.get("value"))):
                     return v
@@ -214,10 +222,17 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
                     return v + " [undefined]" + notes.mark(
                         f"{fam} / {task} has {n} paired prompt: a bootstrap over fewer than two prompts resamples the "
                         "same prompt every time, so it gives no interval")
+                for m in [model] if model else [bm, fm]:
+                    k = defined(m)
+                    if k is not None and k < 2 and n is not None:
+                        return v + " [undefined]" + notes.mark(
+                            f"{_METRIC_LABELS.get(metric, metric)} is defined for only {k} of the {n} prompts of "
+                            f"{m} / {task} (undefined in the others): the bootstrap resamples that "
+                            "one value, so it gives no interval")
                 if _zero_se(x.get("se"), x.get("value")):
                     return v + " [undefined]" + notes.mark(
-                        "SE 0: every bootstrap replicate gives the same value (every prompt has the same value), so "
-                        "the percentile interval has width 0 and is no confidence interval")
+                        "SE 0: every bootstrap replicate gives the same value, so the percentile interval has width 0 "
+                        "and is no confidence interval")
                 lo, hi = x.get("ci_low"), x.get("ci_high")
                 cause = "the bootstrap replicates give no finite value"
                 return f"{v} [{notes.cell(lo, cause, digits)}, {notes.cell(hi, cause, digits)}]"
