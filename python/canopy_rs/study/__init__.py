@@ -6,8 +6,9 @@ of D on entropy rate, and a report.
     out = canopy_rs.run_study("study.toml")              # or a dict with the same structure
     out.report                                        # OUT/report.md (and report.html next to it)
 
-``canopy-rs study CONFIG [--out DIR] [--ray [ADDRESS]] [--fresh]`` is the same from the shell. The config
-layout is documented in :mod:`canopy_rs.study.config`.
+``canopy-rs study CONFIG [--out DIR] [--ray [ADDRESS]] [--fresh]`` is the same from the shell;
+``--plan`` (:func:`plan_study`) lists the units, done, pending or damaged, with their keys, loading no model.
+The config layout is documented in :mod:`canopy_rs.study.config`.
 
 Output folder::
 
