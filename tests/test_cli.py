@@ -442,7 +442,7 @@ def test_context_window_is_a_limit(tiny: str, tmp_path: Path, capsys: pytest.Cap
 
 
 # --------------------------------------------------------------------------------------------------
-# Every file tells the truth (issue 17): one consistent run folder, one cost unit, checks before slow work.
+# Every file tells the truth: one consistent run folder, one cost unit, checks before slow work.
 
 
 def test_rerun_with_other_settings_leaves_no_stale_files(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -413,7 +413,7 @@ def test_shipped_prompt_sets_and_demo_config():
 
 
 # --------------------------------------------------------------------------------------------------
-# Issue 17, study defects: what the report says its statistics did, figures, equal numbers, checks, progress
+# The study's report says what its statistics did; figures, equal numbers, checks, progress
 # --------------------------------------------------------------------------------------------------
 
 
