@@ -11,8 +11,8 @@ Canopies:
 * ``callable``: ``random_logits_fn(vocab 8, scale 2, EOS id 0)``, depth 8;
 * ``tiny_llama``: a random-init tiny Llama (vocab 16, 2 layers) through ``TransformersModel``, top-k 4, depth 8.
 
-Cost model: every estimate's cost is the model tokens (node expansions) it would forward on a fresh
-backend. The expensive part runs once: each prompt's backend is wrapped in a ``CachedModel`` (prefix ->
+Cost model: every estimate's cost is ``model_tokens``, the model tokens (prompt excluded) it would forward
+on a fresh backend (its cost record's own value; through the ``CachedModel`` one token per evaluated row). The expensive part runs once: each prompt's backend is wrapped in a ``CachedModel`` (prefix ->
 policy support, per policy), the exact canopy fills the table, and the repeats are table lookups. This is
 statistically valid because the model is deterministic: a repeat sees the same distributions whether they
 are recomputed or looked up.
@@ -198,12 +198,12 @@ def per_case_lines(st):
     out = [f"### {s['case']}: {s['description']}", "",
            f"{ref} nats, {ex['num_internal_nodes']} internal nodes, E[N] = {ex['expected_length']:.3f}; "
            f"{s['repeats']} repeats per cell; {s['wall_seconds']:.0f} s.", "",
-           "| estimator | budget | tokens | bias | SD | RMSE | mean SE | coverage | RMSE / MC@tokens | judged |",
+           "| estimator | budget | model_tokens | bias | SD | RMSE | mean SE | coverage | RMSE / MC@model_tokens | judged |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     ratios = ratio_rows(st)
     for r in st.rows:
         rr = ratios.get((r["estimator"], r["budget"]), {}).get("ratio", math.nan)
-        out.append(f"| {r['estimator']} | {r['budget']} | {r['tokens']:.0f} | {r['bias']:+.4f} | {r['sd']:.4f} | "
+        out.append(f"| {r['estimator']} | {r['budget']} | {r['model_tokens']:.0f} | {r['bias']:+.4f} | {r['sd']:.4f} | "
                    f"{r['rmse']:.4f} | {r['mean_se']:.4f} | {r['coverage']:.2f} | {rr:.3f} | "
                    f"{'yes' if r['judged'] else 'no'} |")
     out.append("")
@@ -289,6 +289,10 @@ def main(argv=None):
     if args.summarise:
         from canopy_rs.estimators.comparison import ComparisonResult
 
+        # Files written before the cost column was named model_tokens call it "tokens" (rows evaluated, the
+        # root row included): ComparisonResult reads them with canopy_rs.estimators.comparison.upgrade_rows
+        # (model_tokens = their tokens_forwarded, the same number through the CachedModel every stored case
+        # ran on; tokens -> rows_evaluated). The summary is then written with today's names.
         for f in sorted(args.out.glob("estimators_*.json")):
             d = json.loads(f.read_text())
             if "rows" in d and "settings" in d and "case" in d["settings"]:

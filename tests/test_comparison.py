@@ -41,16 +41,20 @@ def test_rows_are_consistent_with_runs(study):
         assert row["rmse"] ** 2 == pytest.approx(row["bias"] ** 2 + row["sd"] ** 2 * 29 / 30)
         cov = np.mean([r["ci_low"] <= truth <= r["ci_high"] for r in runs])
         assert row["coverage"] == pytest.approx(cov)
-        assert row["tokens"] > 0 and row["model_calls"] > 0 and row["seconds"] > 0
+        assert row["model_tokens"] > 0 and row["model_calls"] > 0 and row["seconds"] > 0
+        # The cost unit is each run's own cost record (drivers.setup.cost): through the CachedModel compare
+        # wraps the model in, one token per evaluated row.
+        assert row["model_tokens"] == pytest.approx(np.mean([r["model_tokens"] for r in runs]))
+        assert row["model_tokens"] == row["rows_evaluated"] == row["tokens_forwarded"]
     # Estimators from one family share their runs (same seeds, same cost).
     rb = [r for r in study.runs if r["estimator"] == "mc_rb"]
     naive = [r for r in study.runs if r["estimator"] == "mc_surprisal"]
     assert [r["seed"] for r in rb] == [r["seed"] for r in naive]
-    assert [r["tokens"] for r in rb] == [r["tokens"] for r in naive]
+    assert [r["model_tokens"] for r in rb] == [r["model_tokens"] for r in naive]
     # More budget, less error, for plain Monte Carlo (RMSE ~ 1/sqrt(cost): 16x budget, ~4x less error).
     mc = [r for r in study.rows if r["estimator"] == "mc_rb"]
     assert mc[0]["rmse"] > 2 * mc[-1]["rmse"]
-    assert mc[0]["tokens"] < mc[1]["tokens"] < mc[2]["tokens"]
+    assert mc[0]["model_tokens"] < mc[1]["model_tokens"] < mc[2]["model_tokens"]
 
 
 def test_equal_cost_ratios(study):
@@ -97,7 +101,20 @@ def test_custom_estimator_and_validation():
     assert len(calls) == 6 and len({s for _, s in calls}) == 6
     assert [r["bias"] for r in res.rows] == pytest.approx([0.1, 0.1])
     assert [r["coverage"] for r in res.rows] == [1.0, 1.0]
-    assert [r["tokens"] for r in res.rows] == [10.0, 40.0]
+    # No model_tokens in this record: read with drivers.setup.model_tokens (rows_evaluated without token counts).
+    assert [r["model_tokens"] for r in res.rows] == [10.0, 40.0]
+    assert [r["rows_evaluated"] for r in res.rows] == [10.0, 40.0]
+
+    def counted(model, *, budget, seed, expected_length, **kw):  # a record with its own model_tokens: used as is
+        return SimpleNamespace(ce_star=truth, ce_star_se=0.05, cost={"model_calls": 1, "rows_evaluated": budget,
+                                                                    "tokens_forwarded": 3 * budget,
+                                                                    "prompt_tokens": budget,
+                                                                    "model_tokens": 2 * budget - 1})
+
+    res = compare(fn, estimators=[("counted", counted)], budgets=[10, 40], repeats=2, seed=0, **KW)
+    assert [r["model_tokens"] for r in res.rows] == [19.0, 79.0]
+    assert [r["rows_evaluated"] for r in res.rows] == [10.0, 40.0]
+    assert [r["tokens_forwarded"] for r in res.rows] == [30.0, 120.0]
     with pytest.raises(ValueError, match="unknown estimator"):
         compare(fn, estimators=["magic"], budgets=[10], repeats=2, **KW)
     with pytest.raises(ValueError, match="repeats"):
@@ -105,6 +122,25 @@ def test_custom_estimator_and_validation():
     with pytest.raises(ValueError, match="budgets"):
         compare(fn, budgets=[], repeats=2, **KW)
     assert set(BUILTIN_ESTIMATORS) >= {"mc_rb", "mc_surprisal", "sbs", "hybrid"}
+
+
+def test_files_written_before_model_tokens_are_read():
+    """benches/results holds comparisons whose cost column is "tokens" (rows evaluated, the root row
+    included): read back, it is rows_evaluated, model_tokens is their tokens_forwarded (the same numbers
+    through the CachedModel they ran on), and the ratios are the stored ones."""
+    from pathlib import Path
+
+    from canopy_rs.estimators.comparison import ComparisonResult
+
+    f = Path(__file__).resolve().parents[1] / "benches" / "results" / "estimators_smollm2_sky_k4_d6.json"
+    d = json.loads(f.read_text())
+    assert "tokens" in d["rows"][0] and "model_tokens" not in d["rows"][0]
+    st = ComparisonResult(d["exact_ce_star"], d["exact"], d["rows"], [], d["settings"])
+    assert [r["model_tokens"] for r in st.rows] == [r["tokens_forwarded"] for r in d["rows"]]
+    assert [r["rows_evaluated"] for r in st.rows] == [r["tokens"] for r in d["rows"]]
+    assert all("tokens" not in r for r in st.rows)
+    assert [r["ratio"] for r in st.equal_cost_ratios()] == [r["ratio"] for r in d["equal_cost_ratios"]]
+    assert "model_tokens" in st.format_table()
 
 
 def test_random_logits_fn_is_deterministic_and_prefix_dependent():

@@ -2,9 +2,11 @@
 
 :func:`compare` computes the exact value once (:func:`canopy_rs.exact`), then runs each estimator ``repeats``
 times per budget and reports mean, bias, standard deviation, RMSE, coverage of the nominal interval, the
-mean reported SE, and the cost (model calls, model tokens = rows evaluated = node expansions, wall seconds).
+mean reported SE, and the cost: ``model_tokens`` (model tokens forwarded, the prompt excluded: the estimator's
+own cost record, the unit of every result, :func:`canopy_rs.drivers.setup.model_tokens`), ``rows_evaluated``
+(node expansions, the root included), ``model_calls`` and wall ``seconds``.
 
-A budget is a target number of model tokens (node expansions) per estimate. It is turned into each
+A budget is a target number of model tokens per estimate. It is turned into each
 estimator's own size parameter with the exact E[N] (a harness convenience; the estimators do not see it):
 
 * ``mc_rb`` / ``mc_surprisal``: ``num_rollouts = round(budget / E[N])`` (one run gives both), every rollout
@@ -41,7 +43,7 @@ import numpy as np
 from canopy_rs.api import exact
 from canopy_rs.backends.cached import CachedModel
 from canopy_rs.drivers.progress import ProgressBar
-from canopy_rs.drivers.setup import check_positive_int
+from canopy_rs.drivers.setup import check_positive_int, model_tokens
 from canopy_rs.results import to_plain
 from canopy_rs.sampling import sample
 
@@ -49,7 +51,7 @@ from .beam import stochastic_beam_search
 from .hybrid import estimate_hybrid
 from .montecarlo import estimate
 
-__all__ = ["ComparisonResult", "compare", "BUILTIN_ESTIMATORS"]
+__all__ = ["ComparisonResult", "compare", "upgrade_rows", "BUILTIN_ESTIMATORS"]
 
 # name -> (family, attribute prefix on the family's result)
 BUILTIN_ESTIMATORS = {
@@ -65,7 +67,36 @@ BUILTIN_ESTIMATORS = {
     "hybrid_multinomial": ("hybrid_multinomial", "ce_star"),
 }
 
-_COST_KEYS = ("model_calls", "rows_evaluated", "tokens_forwarded", "seconds")
+_COST_KEYS = ("model_calls", "model_tokens", "rows_evaluated", "tokens_forwarded", "seconds")
+
+
+def _model_tokens(cost: dict) -> float:
+    """An estimate's ``model_tokens``: its cost record's own value (every built-in estimator's, from
+    :func:`canopy_rs.drivers.setup.cost`); a custom estimator's record without one is read with the same
+    definition (:func:`canopy_rs.drivers.setup.model_tokens`)."""
+    if "model_tokens" in cost:
+        return float(cost["model_tokens"])
+    if "tokens_forwarded" in cost or "rows_evaluated" in cost:
+        return model_tokens(cost)
+    return math.nan
+
+
+def upgrade_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (or runs) of a comparison written before the cost column was ``model_tokens``, in today's names.
+    Such files call their cost ``tokens``: rows evaluated (node expansions, the root row included). Their
+    ``model_tokens`` is their ``tokens_forwarded`` (every one of them ran through a backend reporting no prompt
+    tokens: a :class:`~canopy_rs.backends.cached.CachedModel`, one token per evaluated row, root included, so
+    the same number as ``tokens``, or an uncached callable), and ``tokens`` becomes ``rows_evaluated``.
+    Current rows are returned unchanged."""
+    out = []
+    for r in rows:
+        if "model_tokens" not in r and "tokens" in r:
+            r = dict(r)
+            old = r.pop("tokens")
+            r["model_tokens"] = r.get("tokens_forwarded", old)
+            r.setdefault("rows_evaluated", old)
+        out.append(r)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,13 +106,20 @@ _COST_KEYS = ("model_calls", "rows_evaluated", "tokens_forwarded", "seconds")
 
 @dataclass
 class ComparisonResult:
-    """Rows (one per estimator and budget) plus the exact reference."""
+    """Rows (one per estimator and budget) plus the exact reference. Cost columns: ``model_tokens`` (the cost
+    unit: model tokens forwarded, the prompt excluded), ``rows_evaluated``, ``tokens_forwarded`` (prompt
+    included), ``model_calls``, ``seconds``; each the mean over the row's repeats."""
 
     exact_ce_star: float
     exact: dict
     rows: list[dict[str, Any]]
     runs: list[dict[str, Any]] = field(default_factory=list, repr=False)
     settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Rows read back from a file written before the cost column was named model_tokens (upgrade_rows).
+        self.rows = upgrade_rows(self.rows)
+        self.runs = upgrade_rows(self.runs)
 
     def estimators(self) -> list[str]:
         return list(dict.fromkeys(r["estimator"] for r in self.rows))
@@ -112,12 +150,12 @@ class ComparisonResult:
         path.write_text(json.dumps(to_plain(self.to_dict()), indent=2, allow_nan=True))
         return path
 
-    def _curve(self, name: str, cost_key: str = "tokens"):
+    def _curve(self, name: str, cost_key: str = "model_tokens"):
         rows = [r for r in self.rows if r["estimator"] == name and r["rmse"] > 0 and r[cost_key] > 0]
         rows.sort(key=lambda r: r[cost_key])
         return np.array([r[cost_key] for r in rows], dtype=float), np.array([r["rmse"] for r in rows], dtype=float)
 
-    def equal_cost_ratios(self, reference: str = "mc_rb", cost_key: str = "tokens") -> list[dict[str, Any]]:
+    def equal_cost_ratios(self, reference: str = "mc_rb", cost_key: str = "model_tokens") -> list[dict[str, Any]]:
         """For each row: its RMSE divided by the reference's RMSE at the same measured cost. The reference
         curve is a least-squares line in log-log space (Monte Carlo: slope near -1/2), so costs just outside
         its measured range are extrapolated along it."""
@@ -140,7 +178,7 @@ class ComparisonResult:
         return out
 
     def format_table(self) -> str:
-        cols = [("estimator", "{:<18}"), ("budget", "{:>7}"), ("tokens", "{:>9.1f}"), ("model_calls", "{:>7.1f}"),
+        cols = [("estimator", "{:<18}"), ("budget", "{:>7}"), ("model_tokens", "{:>12.1f}"), ("model_calls", "{:>7.1f}"),
                 ("seconds", "{:>8.4f}"), ("mean", "{:>9.4f}"), ("bias", "{:>+9.4f}"), ("sd", "{:>8.4f}"),
                 ("rmse", "{:>8.4f}"), ("mean_se", "{:>8.4f}"), ("coverage", "{:>6.3f}")]
         ratio = {(r["estimator"], r["budget"]): r["ratio"] for r in self.equal_cost_ratios()}
@@ -156,7 +194,7 @@ class ComparisonResult:
             lines.append(" ".join(cells) + f"  {rr:>8.3f}")
         return "\n".join(lines)
 
-    def plot(self, path: Union[str, Path], *, title: Optional[str] = None, cost_key: str = "tokens") -> Path:
+    def plot(self, path: Union[str, Path], *, title: Optional[str] = None, cost_key: str = "model_tokens") -> Path:
         """Log-log RMSE vs measured cost, one line per estimator; PNG or SVG by the file suffix
         (:func:`canopy_rs.plots.estimators.plot_rmse_vs_cost`)."""
         from canopy_rs.plots.estimators import plot_rmse_vs_cost  # imports matplotlib: only when drawing
@@ -284,7 +322,8 @@ def compare(
                         "estimator": name, "budget": budget, "repeat": rep, "seed": s,
                         "value": value, "se": se, "ci_low": lo, "ci_high": hi,
                         "model_calls": float(cost.get("model_calls", math.nan)),
-                        "tokens": float(cost.get("rows_evaluated", cost.get("nodes_expanded", math.nan))),
+                        "model_tokens": _model_tokens(cost),
+                        "rows_evaluated": float(cost.get("rows_evaluated", cost.get("nodes_expanded", math.nan))),
                         "tokens_forwarded": float(cost.get("tokens_forwarded", math.nan)),
                         "seconds": secs,
                     })
@@ -315,7 +354,8 @@ def compare(
                 "mean_se": float(math.sqrt(np.nanmean(ses * ses))) if np.isfinite(ses).any() else math.nan,
                 "coverage": float(np.mean(covered)),
                 "model_calls": float(np.mean([r["model_calls"] for r in rr])),
-                "tokens": float(np.mean([r["tokens"] for r in rr])),
+                "model_tokens": float(np.mean([r["model_tokens"] for r in rr])),
+                "rows_evaluated": float(np.mean([r["rows_evaluated"] for r in rr])),
                 "tokens_forwarded": float(np.mean([r["tokens_forwarded"] for r in rr])),
                 "seconds": float(np.mean([r["seconds"] for r in rr])),
                 # Exact reference, or a bracket at most a quarter of the estimator's SD from its midpoint.

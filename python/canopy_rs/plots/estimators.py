@@ -12,7 +12,7 @@ from canopy_rs.plots.figure import new_axes
 __all__ = ["plot_rmse_vs_cost", "rmse_curve"]
 
 
-def rmse_curve(rows: Sequence[Mapping[str, Any]], name: str, cost_key: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
+def rmse_curve(rows: Sequence[Mapping[str, Any]], name: str, cost_key: str = "model_tokens") -> tuple[np.ndarray, np.ndarray]:
     """``(cost, rmse)`` of estimator ``name``'s rows with a positive RMSE and cost, by increasing cost."""
     sel = sorted((r for r in rows if r["estimator"] == name and r["rmse"] > 0 and r[cost_key] > 0),
                  key=lambda r: r[cost_key])
@@ -23,7 +23,7 @@ def plot_rmse_vs_cost(
     rows: Sequence[Mapping[str, Any]],
     *,
     exact_ce_star: float,
-    cost_key: str = "tokens",
+    cost_key: str = "model_tokens",
     reference: str = "mc_rb",
     title: Optional[str] = None,
     ax: Any = None,
@@ -44,7 +44,7 @@ def plot_rmse_vs_cost(
     if x.shape[0]:
         xs = np.geomspace(x.min(), x.max(), 8)
         ax.loglog(xs, y[0] * np.sqrt(x[0] / xs), ls=":", color="grey", lw=1.0, label="slope -1/2")
-    ax.set_xlabel("model tokens per estimate (node expansions)" if cost_key == "tokens" else cost_key)
+    ax.set_xlabel("model tokens per estimate (prompt excluded)" if cost_key == "model_tokens" else cost_key)
     ax.set_ylabel("RMSE vs exact CE*$_{max}$ (nats)")
     ax.set_title(title or f"Estimator RMSE vs cost (exact CE* = {exact_ce_star:.3f})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
