@@ -37,6 +37,7 @@ def exact(
     return_leaves: bool = False,
     progress: Union[bool, Callable[[CanopyBounds], None]] = False,
     progress_interval: float = 0.5,
+    streaming: Optional[bool] = None,
 ) -> CanopyResult:
     """The exact canopy entropy CE*_max of ``model`` under the decoding policy, and its companions.
 
@@ -49,6 +50,10 @@ def exact(
     EOS id (counted in N) or of length ``max_new_tokens``. ``batch_size`` rows go to the model per call;
     ``max_nodes`` bounds the tree (nodes, leaves included): past it a :class:`canopy_rs.TreeTooLargeError` is
     raised before memory runs out. ``order`` changes only how much model state is alive at once.
+    ``streaming`` (default: on for depth-first without ``return_nodes`` / ``return_leaves``) keeps only the
+    live path and its pending children in the engine, recycling the nodes of finished subtrees, so the
+    engine's memory does not grow with the canopy; ``max_nodes`` then limits the work (nodes reached), not
+    memory, and can be raised freely. ``streaming=False`` keeps every internal node (the arena path).
     ``return_nodes=True`` adds per-node arrays (``parent, token, depth, log_reach, entropy, is_leaf``) as
     ``result.nodes``. ``return_leaves=True`` adds the per-leaf columns ``leaf_tokens``, ``leaf_probs``,
     ``leaf_lengths``, ``leaf_rates`` (leaves in lexicographic token order; for :func:`canopy_rs.embed` and
@@ -62,7 +67,13 @@ def exact(
                                    "order='beam', beam_width=B) for a certified bracket")
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
-    run = TreeRun(s, order=order, max_nodes=max_nodes, record_nodes=return_nodes or return_leaves,
+    record = return_nodes or return_leaves
+    if streaming is None:
+        streaming = order == "depth-first" and not record
+    elif streaming and (order != "depth-first" or record):
+        raise InvalidArgumentError("streaming=True needs order='depth-first' without return_nodes / return_leaves "
+                                   "(the other orders and the node arrays keep every node)")
+    run = TreeRun(s, order=order, max_nodes=max_nodes, record_nodes=record, streaming=bool(streaming),
                   progress=progress, progress_interval=progress_interval)
     try:
         run.expand()

@@ -59,6 +59,8 @@ class TreeRun:
         support_cap: Optional[int] = None,
         progress: Union[bool, Callable[[CanopyBounds], None]] = False,
         progress_interval: float = 0.5,
+        streaming: bool = False,
+        root: Optional[tuple[tuple[int, ...], float, float]] = None,
     ) -> None:
         self.setup = s
         self.backend = s.backend
@@ -76,6 +78,8 @@ class TreeRun:
             max_nodes=check_positive_int("max_nodes", max_nodes),
             record_nodes=record_nodes,
             support_cap=support_cap,
+            streaming=streaming,
+            root=None if root is None else (list(root[0]), float(root[1]), float(root[2])),
         )
         self.callback = progress if callable(progress) else None
         self.bar = ProgressBar(progress is True, desc="canopy", unit="node")
@@ -138,10 +142,15 @@ class TreeRun:
                     return "memory"
         return None
 
-    def expand(self, budget: Optional[Budget] = None, stop: Optional[Callable[[], bool]] = None) -> Optional[str]:
+    def expand(self, budget: Optional[Budget] = None, stop: Optional[Callable[[], bool]] = None,
+               max_depth: Optional[int] = None) -> Optional[str]:
         """Resets the backend and expands until the canopy is complete (returns None) or the budget is hit
         (returns which limit), or ``stop()`` (checked before every batch) says so (returns ``"stop"``).
+        With ``max_depth`` (breadth-first only) nodes at that depth or deeper are left on the frontier
+        (returns ``"depth"`` once only those remain): the head of a split canopy.
         KeyboardInterrupt propagates with the tree in a consistent state."""
+        if max_depth is not None and self.order != "breadth-first":
+            raise InvalidArgumentError("max_depth needs order='breadth-first'")
         tree, backend, policy = self.tree, self.backend, self.setup.policy
         start = time.perf_counter()
         last_report = start
@@ -160,6 +169,12 @@ class TreeRun:
                     rows = min(rows, max(1, tree.frontier_size // BEST_FIRST_SHARE))
                 if budget is not None and budget.nodes is not None:
                     rows = min(rows, budget.nodes - tree.num_expanded)
+                if max_depth is not None:
+                    # The queue holds nodes in depth order: those above max_depth come first.
+                    shallow = int((tree.frontier()[3] < max_depth).sum())
+                    if shallow == 0:
+                        return "depth"
+                    rows = min(rows, shallow)
                 ids, parents, tokens, depths = tree.next_batch(rows)
                 batch = NodeBatch(ids, parents, tokens, depths, lambda ids=ids: tree.prefixes(ids))
                 out = expand_checked(backend, batch, policy)
