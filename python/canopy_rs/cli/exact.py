@@ -1,7 +1,9 @@
 """``canopy-rs exact``: enumerate the whole canopy (:func:`canopy_rs.exact`).
 
 A canopy that cannot fit ends early with an error suggesting ``bound``: the node count is limited by
-min(--max-nodes, --max-memory / bytes per node) and the live KV cache by --max-memory, and when the policy
+min(--max-nodes, --max-memory / bytes per node) and the live KV cache by --max-memory (a depth-first run
+without --nodes streams, so its engine memory stays far below that; the node limit then bounds the work),
+and when the policy
 allows a canopy beyond that limit, a few short rollouts first estimate its size
 (:func:`canopy_rs.drivers.size_probe.check_canopy_size`)."""
 
@@ -9,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from canopy_rs.api import exact
 from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
-from canopy_rs.drivers.size_probe import check_canopy_size
+from canopy_rs.drivers.size_probe import SizeEstimate, check_canopy_size
 from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
 from canopy_rs.estimators.pooling import pool_exact
 from canopy_rs.runs import node_rows
@@ -72,14 +74,16 @@ def _too_large(why: str) -> str:
             "budget, or lower --max-new-tokens / --top-k (or raise --max-nodes / --max-memory)")
 
 
-def check_size(ctx: RunContext, backend: Any, node_limit: int) -> None:
-    """Refuses, early, a canopy far larger than ``node_limit`` nodes (:func:`check_canopy_size`)."""
+def check_size(ctx: RunContext, backend: Any, node_limit: int) -> Optional[SizeEstimate]:
+    """Refuses, early, a canopy far larger than ``node_limit`` nodes (:func:`check_canopy_size`); returns
+    what the probe saw."""
     try:
         probe = check_canopy_size(backend, node_limit=node_limit, batch_size=ctx.args.batch_size, **ctx.policy())
     except TreeTooLargeError as e:
         raise TreeTooLargeError(_too_large(f"{e} (--max-nodes, --max-memory)")) from None
     if probe is not None:
         ctx.say(f"size check: {probe.describe()}; enumerating (up to {node_limit:,})")
+    return probe
 
 
 def run(ctx: RunContext) -> int:
@@ -92,13 +96,14 @@ def run(ctx: RunContext) -> int:
         return {"max_live_kv_tokens": max(1, kv // kv_bytes_per_token(model))}
 
     def one(job: PromptJob) -> tuple[dict, dict]:
-        check_size(ctx, job.backend, node_limit)
+        probe = check_size(ctx, job.backend, node_limit)
         prog = BracketProgress(not ctx.show_progress, "canopy")
         try:
             res = exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
                                   order=a.order, return_nodes=a.nodes, progress=prog, progress_interval=0.25)
         except (TreeTooLargeError, KVBudgetExceededError) as e:
-            raise type(e)(_too_large(str(e).rstrip("."))) from None
+            seen = f" (size check: {probe.describe()})" if probe is not None and isinstance(e, TreeTooLargeError) else ""
+            raise type(e)(_too_large(str(e).rstrip(".") + seen)) from None
         finally:
             prog.close()
         tables = {"nodes": node_rows(res.nodes, job.index)} if a.nodes and res.nodes is not None else {}

@@ -18,13 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from canopy_rs._core import Partial
+from canopy_rs._core import Partial, Policy, Tree
 from canopy_rs.drivers.canopy import Budget, TreeRun
 from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, check_positive_int, setup
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
 
-__all__ = ["Shard", "PartialCanopy", "split_canopy", "run_shard", "merge_partials", "finish", "split_budget"]
+__all__ = ["Shard", "PartialCanopy", "split_canopy", "run_shard", "merge_partials", "finish", "split_budget",
+           "unexpanded"]
 
 # Counters that add across shards; peak_live_kv_tokens is a maximum.
 _ADDED = ("model_calls", "rows_evaluated", "tokens_forwarded", "prompt_tokens", "seconds")
@@ -75,16 +76,20 @@ def _setup(model: Any, kw: dict[str, Any]) -> Any:
                  top_k=kw.get("top_k"), top_p=kw.get("top_p", 1.0), batch_size=kw.get("batch_size"))
 
 
-def split_canopy(model: Any, *, depth: int, max_nodes: int = DEFAULT_MAX_NODES,
-                 **policy: Any) -> tuple[PartialCanopy, list[Shard]]:
-    """Expands the head of ``model``'s canopy (every internal node above ``depth``) and returns its sums
-    (without the frontier, which the shards cover) and the frontier's nodes as shards, most probable first.
+def split_canopy(model: Any, *, depth: Optional[int] = None, min_shards: Optional[int] = None,
+                 max_nodes: int = DEFAULT_MAX_NODES, **policy: Any) -> tuple[PartialCanopy, list[Shard]]:
+    """Expands the head of ``model``'s canopy (every internal node above ``depth``, or above the first
+    depth holding at least ``min_shards`` nodes) and returns its sums (without the frontier, which the
+    shards cover) and the frontier's nodes as shards, most probable first.
     ``policy`` takes the keywords of :func:`canopy_rs.exact` that define the canopy (``max_new_tokens``,
     ``temperature``, ``top_k``, ``top_p``, ``vocab_size``, ``eos_token_ids``, ``batch_size``). A canopy that
     ends above ``depth`` has no shards: the head is the whole canopy."""
-    depth = check_positive_int("depth", depth)
+    if (depth is None) == (min_shards is None):
+        raise InvalidArgumentError("split_canopy needs exactly one of depth and min_shards")
+    depth = None if depth is None else check_positive_int("depth", depth)
+    min_shards = None if min_shards is None else check_positive_int("min_shards", min_shards)
     run = TreeRun(_setup(model, policy), order="breadth-first", max_nodes=max_nodes)
-    run.expand(max_depth=depth)
+    run.expand(max_depth=depth, min_frontier=min_shards)
     shards = [Shard(tuple(p), lr, pe) for p, lr, pe in run.tree.frontier_roots()]
     return PartialCanopy(run.tree.partial(with_frontier=False), run.info()), shards
 
@@ -137,3 +142,13 @@ def split_budget(nodes: int, shards: Sequence[Shard]) -> list[int]:
     if not shards or not mass > 0:
         return [max(1, nodes // max(1, len(shards)))] * len(shards)
     return [max(1, int(nodes * s.reach / mass)) for s in shards]
+
+
+def unexpanded(shard: Shard, like: PartialCanopy, *, vocab_size: int, eos_token_ids: Sequence[int],
+               max_new_tokens: int, policy: Policy, support_cap: Optional[int] = None) -> PartialCanopy:
+    """A shard not (yet) run, as a partial: only its root's certified bound terms (its reach, and at most
+    ``(T - depth) log S`` nats below it), so a bracket can be given before every shard is back."""
+    tree = Tree(vocab_size, list(eos_token_ids), max_new_tokens, policy, support_cap=support_cap,
+                root=(list(shard.prefix), shard.log_reach, shard.path_entropy))
+    zero = {k: 0 for k in _ADDED} | {"peak_live_kv_tokens": 0}
+    return PartialCanopy(tree.partial(), dataclasses.replace(like.info, **zero), "interrupt")
