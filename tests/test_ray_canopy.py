@@ -73,3 +73,23 @@ def test_a_dead_worker_changes_nothing(local_ray, tmp_path):
     assert os.path.exists(flag)  # a worker did die
     assert_same_result(res, one)
     assert np.isfinite(res.ce_star)
+
+
+def test_cli_exact_on_ray_equals_the_local_run(local_ray, tmp_path, capsys):
+    import json
+
+    from canopy_rs.cli import main
+    from tiny_models import make_tiny_model
+
+    tiny = str(make_tiny_model(tmp_path / "tiny"))
+    argv = ["exact", "--model", tiny, "--prompt", "a b", "--max-new-tokens", "4", "--top-k", "3", "--format",
+            "json", "-q"]
+    assert main(argv) == 0
+    local = json.loads(capsys.readouterr().out)["prompts"][0]["exact"]
+    assert main(argv + ["--ray"]) == 0
+    on_ray = json.loads(capsys.readouterr().out)["prompts"][0]["exact"]
+    # A float32 model's logits depend on the batch they were computed in (the shards batch differently), so
+    # the tolerance is test_transformers_backend's between orders and batch sizes, not the merge's 1e-12.
+    for f in canopy_rs.CanopyResult.SCALAR_FIELDS:
+        assert on_ray[f] == pytest.approx(local[f], rel=1e-6, abs=1e-6, nan_ok=True), f
+    assert (on_ray["num_internal_nodes"], on_ray["num_leaves"]) == (local["num_internal_nodes"], local["num_leaves"])

@@ -10,6 +10,7 @@ allows a canopy beyond that limit, a few short rollouts first estimate its size
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positi
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
 from canopy_rs.drivers.size_probe import SizeEstimate, check_canopy_size
-from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
+from canopy_rs.errors import Interrupted, InvalidArgumentError, KVBudgetExceededError, TreeTooLargeError
 from canopy_rs.estimators.pooling import pool_exact
 from canopy_rs.runs import node_rows
 
@@ -39,6 +40,9 @@ def add_parser(sub: Any) -> None:
                    help="memory for the canopy and the model's live KV cache, e.g. 8G (default: 4G)")
     p.add_argument("--order", choices=["depth-first", "breadth-first", "best-first"], default="depth-first")
     p.add_argument("--nodes", action="store_true", help="also write the per-node table (nodes.csv)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="split each prompt's canopy into shards run by Ray actors (each loads the model once); "
+                        "ADDRESS picks the cluster (default: a new local Ray)")
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 
@@ -86,6 +90,32 @@ def check_size(ctx: RunContext, backend: Any, node_limit: int) -> Optional[SizeE
     return probe
 
 
+def load_backend(args: argparse.Namespace, prompt: str, chat: bool, options: dict[str, Any]) -> Any:
+    """The prompt's transformers backend, built from the command's arguments (what a Ray actor calls once,
+    so that the model is loaded on the worker rather than pickled)."""
+    from canopy_rs.backends.transformers import TransformersModel  # imports torch: only on a worker
+    from canopy_rs.hf_models import load_model
+
+    model, tok = load_model(args.model, args.gguf, device=args.device, dtype=args.dtype, quiet=True)
+    return TransformersModel(model, tok, prompt=prompt, chat=chat, strategy=args.strategy,
+                             eos_token_ids=args.eos_token_ids, context_length=args.context_length, **options)
+
+
+def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], node_limit: int) -> Any:
+    """One prompt's canopy as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`)."""
+    from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for --ray
+    from canopy_rs.drivers.shards import finish
+
+    a = ctx.args
+    kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit)
+    factory = functools.partial(load_backend, a, job.prompt, ctx.chat(), options)
+    merged, complete = run_ray(None, kw, model_factory=factory, ray_address=a.ray or None)
+    res = finish(merged)
+    if not complete:
+        raise Interrupted(res)
+    return res
+
+
 def run(ctx: RunContext) -> int:
     a: argparse.Namespace = ctx.args
     node_limit = min(a.max_nodes, a.max_memory // NODE_BYTES)
@@ -97,6 +127,11 @@ def run(ctx: RunContext) -> int:
 
     def one(job: PromptJob) -> tuple[dict, dict]:
         probe = check_size(ctx, job.backend, node_limit)
+        if a.ray is not None:
+            if a.nodes:
+                raise InvalidArgumentError("--ray merges the shards' sums: --nodes needs one process")
+            res = exact_on_ray(ctx, job, backend_options(ctx.load()[0]), node_limit)
+            return {"exact": exact_record(res)}, {}
         prog = BracketProgress(not ctx.show_progress, "canopy")
         try:
             res = exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
