@@ -9,6 +9,8 @@
 //! Leaves (last token an EOS id, or depth == max_new_tokens) are aggregated on creation and, unless
 //! `record_nodes` is set, never stored: memory is proportional to the internal nodes.
 
+use std::collections::HashMap;
+
 use rayon::prelude::*;
 
 use crate::error::{invalid, CanopyError, Result};
@@ -274,13 +276,15 @@ pub struct NodeArrays {
 pub struct Tree {
     cfg: TreeConfig,
     is_eos: Vec<bool>,
-    /// Arena, indexed by slot. Leaves are stored only with `record_nodes`. Without streaming a node's id is
-    /// its slot; streaming recycles slots and a node's id is `generation << 32 | slot`, unique in the run.
+    /// Arena, indexed by slot. Leaves are stored only with `record_nodes`. A node's id is its creation
+    /// index (the arena path's ids exactly); without streaming that is its slot, while streaming recycles
+    /// slots and maps the live nodes' ids to them.
     nodes: Vec<Node>,
-    /// Streaming only, per slot: the slot's generation (bumped when it is freed) and the node's internal
-    /// children still holding a slot (the node is freed when it is expanded and this reaches 0).
-    generation: Vec<u32>,
+    /// Streaming only, per slot: the node's id and its internal children still holding a slot (the node is
+    /// freed when it is expanded and this reaches 0); the live nodes' slots by id.
+    serial: Vec<u64>,
     live_children: Vec<u32>,
+    slot_by_id: HashMap<u64, u32>,
     free: Vec<u32>,
     /// Nodes created (ghosts and recorded leaves included); `nodes.len()` without streaming.
     created: u64,
@@ -308,8 +312,9 @@ impl Tree {
             frontier: Frontier::new(cfg.order),
             is_eos,
             nodes: Vec::new(),
-            generation: Vec::new(),
+            serial: Vec::new(),
             live_children: Vec::new(),
+            slot_by_id: HashMap::new(),
             free: Vec::new(),
             created: 0,
             in_flight: Vec::new(),
@@ -350,18 +355,28 @@ impl Tree {
             is_leaf: leaf,
             ghost: false,
         };
+        let serial = self.created;
         self.created += 1;
         if self.cfg.streaming {
             if parent != NO_NODE {
                 self.live_children[parent as usize] += 1;
             }
-            if let Some(slot) = self.free.pop() {
-                self.nodes[slot as usize] = node;
-                self.live_children[slot as usize] = 0;
-                return slot;
-            }
-            self.generation.push(0);
-            self.live_children.push(0);
+            let slot = match self.free.pop() {
+                Some(slot) => {
+                    self.nodes[slot as usize] = node;
+                    self.live_children[slot as usize] = 0;
+                    self.serial[slot as usize] = serial;
+                    slot
+                }
+                None => {
+                    self.nodes.push(node);
+                    self.serial.push(serial);
+                    self.live_children.push(0);
+                    (self.nodes.len() - 1) as u32
+                }
+            };
+            self.slot_by_id.insert(serial, slot);
+            return slot;
         }
         let id = self.nodes.len() as u32;
         assert!(id != NO_NODE, "the arena is full (2^32 - 1 nodes)");
@@ -374,7 +389,7 @@ impl Tree {
     fn free_subtree(&mut self, mut u: u32) {
         loop {
             let i = u as usize;
-            self.generation[i] = self.generation[i].wrapping_add(1) & 0x7fff_ffff;
+            self.slot_by_id.remove(&self.serial[i]);
             self.free.push(u);
             let p = self.nodes[i].parent;
             if p == NO_NODE {
@@ -393,7 +408,7 @@ impl Tree {
         if slot == NO_NODE {
             -1
         } else if self.cfg.streaming {
-            ((self.generation[slot as usize] as i64) << 32) | slot as i64
+            self.serial[slot as usize] as i64
         } else {
             slot as i64
         }
@@ -404,9 +419,10 @@ impl Tree {
         if id < 0 {
             return None;
         }
-        let (slot, gen) = ((id & 0xffff_ffff) as usize, (id >> 32) as u32);
-        let live = slot < self.nodes.len() && if self.cfg.streaming { self.generation[slot] == gen } else { gen == 0 };
-        live.then_some(slot)
+        if self.cfg.streaming {
+            return self.slot_by_id.get(&(id as u64)).map(|&s| s as usize);
+        }
+        (id < self.nodes.len() as i64).then_some(id as usize)
     }
 
     /// Nothing left to expand (a beam may leave pruned frontier nodes behind).
@@ -1238,7 +1254,8 @@ mod tests {
         for split_depth in [1u32, 2] {
             let mut head = Tree::new(cfg(4, 5, Order::BreadthFirst)).unwrap();
             loop {
-                let shallow = head.frontier_ids().iter().filter(|&&u| head.nodes[u as usize].depth < split_depth).count();
+                let shallow =
+                    head.frontier_ids().iter().filter(|&&u| head.nodes[u as usize].depth < split_depth).count();
                 if shallow == 0 {
                     break;
                 }
@@ -1247,7 +1264,9 @@ mod tests {
                     .tokens
                     .iter()
                     .zip(&b.depths)
-                    .flat_map(|(&tok, &d)| (0..4).map(move |j| (((tok + 1) as usize * 7 + j * 3 + d as usize) % 5) as f64 * 0.7))
+                    .flat_map(|(&tok, &d)| {
+                        (0..4).map(move |j| (((tok + 1) as usize * 7 + j * 3 + d as usize) % 5) as f64 * 0.7)
+                    })
                     .collect();
                 head.ingest_logits(&logits, b.node_ids.len(), 4).unwrap();
             }
@@ -1271,4 +1290,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn streaming_gives_the_arena_paths_ids() {
+        let ids = |streaming: bool| {
+            let mut c = cfg(3, 6, Order::DepthFirst);
+            c.streaming = streaming;
+            let mut tree = Tree::new(c).unwrap();
+            let (mut ids, mut parents, mut released) = (vec![], vec![], vec![]);
+            while !tree.is_done() {
+                let b = tree.next_batch(3).unwrap();
+                ids.extend(b.node_ids.iter().copied());
+                parents.extend(b.parent_ids.iter().copied());
+                let logits = vec![0.0f64; 3 * b.node_ids.len()];
+                tree.ingest_logits(&logits, b.node_ids.len(), 3).unwrap();
+                released.extend(tree.take_released());
+            }
+            (ids, parents, released)
+        };
+        assert_eq!(ids(true), ids(false));
+    }
 }

@@ -93,3 +93,18 @@ def test_cli_exact_on_ray_equals_the_local_run(local_ray, tmp_path, capsys):
     for f in canopy_rs.CanopyResult.SCALAR_FIELDS:
         assert on_ray[f] == pytest.approx(local[f], rel=1e-6, abs=1e-6, nan_ok=True), f
     assert (on_ray["num_internal_nodes"], on_ray["num_leaves"]) == (local["num_internal_nodes"], local["num_leaves"])
+
+
+def test_interrupt_returns_a_certified_bracket(local_ray):
+    model = reference.RandomModel(5, 21)
+    one = canopy_rs.exact(model, **KW)
+
+    def stop(bounds):  # Ctrl-C as the first shard comes back
+        raise KeyboardInterrupt
+
+    with pytest.raises(canopy_rs.Interrupted) as e:
+        canopy_rs.exact(model, executor="ray", progress=stop, **KW)
+    b = e.value.bounds
+    assert isinstance(b, canopy_rs.CanopyBounds) and b.stopped_by == "interrupt"
+    assert b.frontier_mass > 0 and b.ce_star_lower <= one.ce_star <= b.ce_star_upper
+    assert b.truncation_prob_lower <= one.truncation_prob <= b.truncation_prob_upper

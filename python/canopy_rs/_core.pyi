@@ -78,8 +78,8 @@ class Tree:
     upper bound may assume (default: ``vocab_size``); every expanded node is checked against it.
 
     ``streaming`` (depth-first without ``record_nodes`` only) recycles the slots of finished subtrees, so the
-    engine holds only the live paths and their pending children; node ids then are ``generation << 32 |
-    slot``, still unique within the run. ``root=(prefix, log_reach, path_entropy)`` enumerates only the
+    engine holds only the live paths and their pending children; node ids are still numbered in creation
+    order (those of the arena path), and :meth:`prefixes` takes only live nodes' ids. ``root=(prefix, log_reach, path_entropy)`` enumerates only the
     subtree below that prefix (a shard): the canopy's root and the prefix's nodes are expanded first, one
     per batch, to walk the backend down the prefix, and add nothing to the sums."""
 
@@ -134,7 +134,7 @@ class Tree:
     @property
     def num_nodes(self) -> int:
         """Arena slots used so far (internal nodes; leaves too when ``record_nodes``). Without streaming the
-        ids are ``0..num_nodes``; with streaming this is the arena's high-water mark."""
+        ids are ``0..num_nodes``; with streaming this is the arena's high-water mark, not an id bound."""
     @property
     def live_nodes(self) -> int:
         """Arena slots holding a node now."""
