@@ -18,6 +18,7 @@ from canopy_rs.api import exact
 from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
+from canopy_rs.drivers.shards import finish
 from canopy_rs.drivers.size_probe import SizeEstimate, check_canopy_size
 from canopy_rs.errors import Interrupted, InvalidArgumentError, KVBudgetExceededError, TreeTooLargeError
 from canopy_rs.estimators.pooling import pool_exact
@@ -104,7 +105,6 @@ def load_backend(args: argparse.Namespace, prompt: str, chat: bool, options: dic
 def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], node_limit: int) -> Any:
     """One prompt's canopy as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`)."""
     from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for --ray
-    from canopy_rs.drivers.shards import finish
 
     a = ctx.args
     kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit)

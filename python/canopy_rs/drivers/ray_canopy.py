@@ -131,8 +131,9 @@ def run_ray(
                     if isinstance(b, CanopyBounds):
                         progress(b)
         except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            # Actor tasks cannot be force-cancelled: the busy actors are killed instead.
+            for a_busy in {a for a, _ in pending.values()}:
+                ray.kill(actors[a_busy])
             return bracket(), False
         merged = merge_partials([head] + [done[i] for i in range(len(shards))])
         if budget is not None:
