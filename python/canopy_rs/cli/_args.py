@@ -77,16 +77,28 @@ def positive_int_list(s: str) -> list[int]:
 
 
 def eos_ids(s: str) -> list[int]:
+    """EOS token ids: at least one, each >= 0 (the model's vocabulary is checked before it loads)."""
     vals = int_list(s)
-    if min(vals, default=0) < 0:
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected at least one token id, got {s!r}")
+    if min(vals) < 0:
         raise argparse.ArgumentTypeError(f"token ids are >= 0, got {s!r}")
     return vals
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (default: the embedded SmolLM2-135M-Instruct gguf; never downloads)")
-    g.add_argument("--model", metavar="PATH", help="a local transformers model directory (save_pretrained) or .gguf file")
-    g.add_argument("--gguf", metavar="FILE", help="a local gguf file (with --model: the file inside that directory)")
+    g = p.add_argument_group("model (default: the embedded SmolLM2-135M-Instruct gguf, no network)")
+    g.add_argument("--model", metavar="PATH|ID",
+                   help="a local transformers model directory (save_pretrained) or .gguf file, or a Hugging Face "
+                        "hub id (org/name): from the hub cache, else downloaded unless --offline")
+    g.add_argument("--gguf", metavar="FILE", help="a gguf file (with --model: the file inside that directory or "
+                                                  "hub repository)")
+    g.add_argument("--revision", metavar="REV", help="with a hub id: a branch, tag or commit (default: main); the "
+                                                     "run records the commit it resolved to")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model whose architecture is code shipped with it (runs that code; off by default)")
+    g.add_argument("--offline", action="store_true",
+                   help="never contact the hub: a hub id must already be in the cache (as with HF_HUB_OFFLINE=1)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps, ... (default: cuda when available, else cpu)")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="model dtype (auto: float32 on CPU, else the checkpoint's dtype)")
@@ -106,7 +118,8 @@ def add_prompt_args(p: argparse.ArgumentParser, default_prompt: Optional[str] = 
     help_default = f' (default: "{default_prompt}")' if default_prompt else ""
     g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several" + help_default)
     g.add_argument("--prompts", metavar="FILE",
-                   help="prompts file: JSONL (field prompt/text/question/input) or one prompt per line")
+                   help="prompts file: JSONL (field prompt/text/question/input) or one prompt per line; - reads "
+                        "standard input")
     g.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N prompts")
 
 
@@ -150,7 +163,8 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def byte_size(s: str) -> int:
     """A size in bytes: an integer with an optional K, M, G or T suffix (powers of 1024; a trailing B or
-    iB is allowed: 512M, 4GiB)."""
+    iB is allowed: 512M, 4GiB). Every memory flag (``exact --max-memory``, ``bound --budget-memory``)
+    takes this syntax."""
     t = s.strip().upper().removesuffix("B").removesuffix("I")
     unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
     try:

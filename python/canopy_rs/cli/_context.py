@@ -4,6 +4,7 @@ model, the per-prompt loop with its checkpoints, and the final result."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -16,10 +17,78 @@ from canopy_rs.cli._format import header, short
 from canopy_rs.drivers.progress import ProgressBar
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.models import library_versions, resolve_model
-from canopy_rs.prompts import read_prompts
-from canopy_rs.runs import RunDir, dumps, flatten, model_record, prompt_key
+from canopy_rs.prompts import parse_prompts, read_prompts
+from canopy_rs.runs import RECORD_SCHEMA, RESULT_JSON, RunDir, dumps, flatten, model_record, prompt_key
 
 MAX_PLOTTED_PROMPTS = 8
+# The resolution of a progress bar over the probability mass covered (per mille).
+MASS_STEPS = 1000
+
+# What a transformers model folder holds (config.json, weights and a tokenizer): checked before loading.
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_model_files(spec: Any) -> Optional[dict[str, Any]]:
+    """That ``spec`` (:func:`canopy_rs.models.resolve_model`) names a model that can load, checked from its
+    files alone (nothing is imported or loaded): a folder with ``config.json``, weights and a tokenizer, or a
+    file that starts like a gguf. Returns the folder's ``config.json`` (a dict) when there is one; raises
+    :class:`InvalidArgumentError` naming what is missing and what a loadable model holds."""
+    if spec.kind == "embedded":
+        return None  # the pinned file, checked by its SHA-256 when fetched
+    base = Path(spec.path)
+    if spec.gguf_file is not None:
+        f = base / spec.gguf_file
+        try:
+            with open(f, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as e:
+            raise InvalidArgumentError(f"gguf file {f}: cannot be read ({e.strerror or e})") from None
+        if magic != b"GGUF":
+            raise InvalidArgumentError(f"gguf file {f}: not a gguf file (it does not start with GGUF); give a "
+                                       "llama.cpp .gguf model, or --model DIR for a transformers model folder")
+        cfg_path = base / "config.json"
+        return _read_config(cfg_path) if cfg_path.is_file() and spec.kind == "directory" else None
+    if not base.is_dir():
+        return None  # nothing on disk to look at yet
+    what = f"--model {spec.path}"
+    holds = ("a transformers model folder (save_pretrained) holds config.json, its weights (*.safetensors or "
+             "*.bin) and its tokenizer files; for a llama.cpp model give the .gguf file (--model FILE.gguf or --gguf)")
+    ggufs = sorted(x.name for x in base.glob("*.gguf"))
+    if not (base / "config.json").is_file():
+        if ggufs:
+            raise InvalidArgumentError(f"{what}: no config.json, but {ggufs[0]} is there: use --gguf {ggufs[0]}")
+        listing = "empty" if not any(base.iterdir()) else "no config.json"
+        raise InvalidArgumentError(f"{what}: {listing}, not a loadable model; {holds}")
+    cfg = _read_config(base / "config.json")
+    if not any(any(base.glob(pat)) for pat in WEIGHT_FILES):
+        raise InvalidArgumentError(f"{what}: config.json but no weights (*.safetensors, *.bin); {holds}")
+    if not any((base / name).is_file() for name in TOKENIZER_FILES):
+        raise InvalidArgumentError(f"{what}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
+                                   f"{holds}")
+    return cfg
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"{path}: not readable JSON ({e}); a model's config.json must be") from None
+    if not isinstance(cfg, dict):
+        raise InvalidArgumentError(f"{path}: holds {type(cfg).__name__}, not a JSON object")
+    return cfg
+
+
+def config_vocab_size(cfg: Optional[dict[str, Any]]) -> Optional[int]:
+    """The vocabulary size a model's config.json declares (its text config's for multimodal models)."""
+    if not cfg:
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        v = c.get("vocab_size") if isinstance(c, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 @dataclass(frozen=True)
@@ -46,25 +115,36 @@ def tqdm_available() -> bool:
 
 
 class BracketProgress:
-    """A ``progress=`` callback for :func:`canopy_rs.exact` / :func:`canopy_rs.bounded`: shows nodes
-    expanded, nodes/s, mass covered and the bracket width on a tqdm bar (unless ``quiet``) and, with
-    ``record``, keeps each snapshot (for the bracket-vs-budget plot)."""
+    """A ``progress=`` callback for :func:`canopy_rs.exact` / :func:`canopy_rs.bounded`: a tqdm bar (unless
+    ``quiet``) with a total and an ETA, and, with ``record``, each snapshot kept (for the bracket-vs-budget
+    plot). With ``total_nodes`` (a node budget) the bar counts nodes expanded towards it; otherwise, the
+    number of nodes being unknown until the end, it counts the probability mass covered towards 1 (the
+    canopy is done when all of it is), with the nodes expanded beside it."""
 
-    def __init__(self, quiet: bool, desc: str, record: bool = False) -> None:
+    def __init__(self, quiet: bool, desc: str, record: bool = False, total_nodes: Optional[int] = None) -> None:
         self.snapshots: list[dict[str, Any]] = []
         self.record = record
         self.t0 = time.perf_counter()
-        self.bar = ProgressBar(not quiet, desc=desc, unit="node", file=sys.stderr)
+        self.total_nodes = total_nodes
+        if total_nodes is not None:
+            self.bar = ProgressBar(not quiet, desc=desc, unit="node", total=total_nodes, file=sys.stderr)
+        else:
+            self.bar = ProgressBar(not quiet, desc=desc + " (mass covered)", unit="", total=MASS_STEPS,
+                                   file=sys.stderr)
 
     def __call__(self, b: Any) -> None:
         if self.record:
             self.snapshots.append({
                 "num_expanded": int(b.num_expanded), "ce_star_lower": float(b.ce_star_lower),
                 "ce_star_upper": float(b.ce_star_upper), "explored_mass": float(b.explored_mass),
-                "tokens_forwarded": int(b.info.tokens_forwarded), "seconds": time.perf_counter() - self.t0,
+                "model_tokens": int(b.info.model_tokens), "seconds": time.perf_counter() - self.t0,
             })
-        self.bar.show(int(b.num_expanded), {"mass": f"{b.explored_mass:.4f}",
-                                            "width": f"{b.ce_star_upper - b.ce_star_lower:.2e}"})
+        width = {"width": f"{b.ce_star_upper - b.ce_star_lower:.2e}"}
+        if self.total_nodes is not None:
+            self.bar.show(min(int(b.num_expanded), self.total_nodes), {"mass": f"{b.explored_mass:.4f}", **width})
+        else:
+            self.bar.show(int(min(max(float(b.explored_mass), 0.0), 1.0) * MASS_STEPS),
+                          {"nodes": f"{int(b.num_expanded):,}", **width})
 
     def close(self) -> None:
         self.bar.close()
@@ -94,11 +174,14 @@ class RunContext:
 
     # --- before and after the command ------------------------------------------------------------------
     def open(self) -> None:
-        """Everything that can fail without the model, checked before it loads: the model's location, the
-        prompts, the device, and the output directory (created and locked)."""
+        """Everything that can fail without the model, checked before it loads: the model's location and
+        files (a loadable model: config.json, weights and a tokenizer, or a gguf file), ``--eos-token-ids``
+        against the vocabulary config.json declares, the prompts, the device, and the output directory
+        (created and locked; with ``--fresh``, cleared of what the tool wrote there)."""
         a = self.args
         if hasattr(a, "model"):
-            _ = self.spec
+            cfg = check_model_files(self.spec)
+            self.check_eos_flag(config_vocab_size(cfg), "vocab_size in config.json")
             self.prompts()
             if a.device:
                 from canopy_rs.hf_models import check_device  # imports torch: only to check a given device
@@ -106,6 +189,24 @@ class RunContext:
                 check_device(a.device)
         if getattr(a, "out", None):
             self.out = RunDir(a.out)
+            if getattr(a, "fresh", False):
+                removed = self.out.clear()
+                if removed:
+                    self.say(f"--fresh: removed {len(removed)} file(s) and checkpoint(s) an earlier run wrote in "
+                             f"{self.out.path}")
+
+    def check_eos_flag(self, vocab: Optional[int], where: str) -> None:
+        """``--eos-token-ids`` against the model's vocabulary (``vocab`` ids, read from ``where``), in the
+        flag's words."""
+        ids = getattr(self.args, "eos_token_ids", None)
+        if not ids or vocab is None:
+            return
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise InvalidArgumentError(
+                f"--eos-token-ids {','.join(map(str, ids))}: {', '.join(map(str, bad))} "
+                f"{'is' if len(bad) == 1 else 'are'} outside the model's vocabulary (token ids 0 to {vocab - 1}, "
+                f"{where}); give EOS ids below {vocab} or leave the flag out (the model's generation config)")
 
     def close(self, ok: bool) -> None:
         """Releases --out; after a failure, removes what this run created there and left empty."""
@@ -122,7 +223,10 @@ class RunContext:
     def spec(self) -> Any:
         """Where the model comes from (resolved without loading it)."""
         if self._spec is None:
-            self._spec = resolve_model(self.args.model, self.args.gguf)
+            a = self.args
+            self._spec = resolve_model(a.model, a.gguf, revision=getattr(a, "revision", None),
+                                       offline=True if getattr(a, "offline", False) else None,
+                                       progress=not self.quiet, log=self.say)
         return self._spec
 
     def load(self) -> tuple[Any, Any]:
@@ -132,7 +236,8 @@ class RunContext:
             self.say(f"loading {self.spec.name} from {self.spec.path} ...")
             t = time.perf_counter()
             self._model, self._tokenizer = load_model(
-                self.args.model, self.args.gguf, device=self.args.device, dtype=self.args.dtype, quiet=True
+                self.spec, device=self.args.device, dtype=self.args.dtype, quiet=True,
+                trust_remote_code=bool(getattr(self.args, "trust_remote_code", False)),
             )
             self.model_seconds = time.perf_counter() - t
             p = next(self._model.parameters())
@@ -155,6 +260,10 @@ class RunContext:
         if self._first_backend is not None:  # the strategy and its self-check hold for the model: reused
             return self._first_backend.with_prompt(prompt, **options)
         model, tok = self.load()
+        emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        width = getattr(getattr(emb, "weight", None), "shape", [None])[0]
+        self.check_eos_flag(int(width) if width is not None else config_vocab_size(model.config.to_dict()),
+                            "the width of its logits")
         self._first_backend = TransformersModel(
             model, tok, prompt=prompt, chat=self.chat(), strategy=self.args.strategy,
             eos_token_ids=self.args.eos_token_ids, context_length=self.args.context_length, **options,
@@ -180,7 +289,9 @@ class RunContext:
     def _read_prompts(self) -> list[dict[str, Any]]:
         a = self.args
         out: list[dict[str, Any]] = [{"id": f"prompt{i}", "prompt": text} for i, text in enumerate(a.prompt or [])]
-        if a.prompts:
+        if a.prompts == "-":
+            out.extend(parse_prompts(sys.stdin.read(), "--prompts - (standard input)"))
+        elif a.prompts:
             if not Path(a.prompts).is_file():
                 raise InvalidArgumentError(f"--prompts {a.prompts}: no such file")
             out.extend(read_prompts(a.prompts))
@@ -202,25 +313,33 @@ class RunContext:
         a = self.args
         cfg = {
             "command": self.command,
-            # The embedded model is keyed by its pinned version, not by where this machine keeps it.
+            # The embedded model is keyed by its pinned version and a hub model by its commit, not by where this
+            # machine keeps them.
             "model": {"kind": self.spec.kind, "gguf_file": self.spec.gguf_file,
-                      "path": self.spec.extra.get("requirement") if self.spec.kind == "embedded" else self.spec.path},
+                      "path": self.spec.extra.get("requirement") if self.spec.kind == "embedded" else
+                      f"{self.spec.extra['repo_id']}@{self.spec.extra['commit']}" if self.spec.kind == "hub" else
+                      self.spec.path},
             "dtype": a.dtype,
             "device": (a.device or "auto").split(":")[0],
             "chat": a.chat,
             "eos_token_ids": a.eos_token_ids,
             "policy": self.policy(),
             "index_seed": self.seed_for(index),
+            # Prompts are keyed by position and text: two prompts with the same text are two prompts.
+            "position": index,
         }
         cfg.update(extra)
         return cfg
 
     # --- the per-prompt loop ----------------------------------------------------------------------
     def run_prompts(self, fn: PromptFn, backend_options: Optional[Callable[[Any], dict]] = None,
-                    **key_extra: Any) -> list[dict[str, Any]]:
+                    schema: Optional[dict[str, Any]] = None, **key_extra: Any) -> list[dict[str, Any]]:
         """Calls ``fn(job)`` for each prompt not already finished in ``--out`` and checkpoints its record and
-        tables. ``backend_options(hf_model)`` gives extra keyword arguments for the prompt's backend. Returns
-        the records in prompt order."""
+        tables. ``backend_options(hf_model)`` gives extra keyword arguments for the prompt's backend.
+        ``schema``: the fields (and their types) the command reads from a record beside
+        :data:`~canopy_rs.runs.RECORD_SCHEMA`'s; a checkpoint without them is recomputed with a warning.
+        Returns the records in prompt order."""
+        full_schema = {**RECORD_SCHEMA, **(schema or {})}
         prompts = self.prompts()
         records = []
         n = len(prompts)
@@ -232,10 +351,14 @@ class RunContext:
                     print(f"canopy-rs: warning: {tag}prompt {p['id']!r}: the checkpoint in {self.out.path} is "
                           f"damaged ({why}); recomputing it", file=sys.stderr, flush=True)
 
-                rec = self.out.finished(key, fresh=self.args.fresh, damaged=damaged)
+                rec = self.out.finished(key, fresh=self.args.fresh, damaged=damaged, schema=full_schema)
+                if rec is not None and (rec["index"] != i or rec["prompt"] != p["prompt"]):
+                    damaged(f"it holds prompt {rec['index']} ({short(rec['prompt'], 30)!r}), not this one")
+                    rec = None
                 if rec is not None:
                     self.say(f"{tag}prompt {p['id']!r}: already done in {self.out.path} (skipped; --fresh recomputes)")
                     rec["resumed"] = True
+                    rec["id"] = p["id"]  # the id is a label, not a setting: this run's
                     if self._saved_model_info is None and isinstance(rec.get("model"), dict):
                         self._saved_model_info = rec["model"]
                     records.append(rec)
@@ -289,34 +412,68 @@ class RunContext:
     def finish(self, records: list[dict], result: dict[str, Any], table: str,
                plots: Callable[[], list[Path]] = lambda: [],
                files: Callable[[], list[Path]] = lambda: []) -> int:
-        """Writes tables, ``files()``, ``plots()`` and result.json to --out; prints the table or JSON."""
+        """Writes tables, ``files()``, ``plots()`` and result.json to --out; prints the table or JSON.
+
+        The folder ends as one consistent set: the files an earlier run wrote there (its manifest) that this
+        run does not write again are removed before the new result.json lands, and the manifest names
+        what this run wrote (updated as it goes, so that an interrupted run's files are known too)."""
         if self.out is not None:
-            rows = []
-            for r in records:
-                row = {k: r.get(k) for k in ("index", "id", "prompt", "key", "prompt_tokens", "seconds", "resumed")}
-                for part in ("exact", "bounds", "estimate"):
-                    if isinstance(r.get(part), dict):
-                        row.update(flatten(r[part], part + "_"))
-                rows.append(row)
-            self.files += [str(p) for p in self.out.write_table("prompts", rows)]
+            out = self.out
+            earlier = out.owned()
+
+            def rel(paths: list[str]) -> list[str]:
+                return [os.path.relpath(f, out.path) for f in paths]
+
+            def written(paths: Any) -> None:
+                self.files += [str(p) for p in paths]
+                out.own(earlier + rel(self.files))
+
+            written(out.write_table("prompts", [prompt_row(r) for r in records]))
             for table_name in ("rollouts", "nodes"):
                 trows: list[dict] = []
                 for r in records:
-                    trows.extend(self.out.rows(r["key"], table_name + ".csv"))
+                    trows.extend(out.rows(r["key"], table_name + ".csv"))
                 if trows:
-                    self.files += [str(p) for p in self.out.write_table(table_name, trows)]
-            self.files += [str(p) for p in files()]
+                    written(out.write_table(table_name, trows))
+            written(files())
             if not getattr(self.args, "no_plots", True):
                 try:
-                    self.files += [str(p) for p in plots()]
+                    written(plots())
                 except ImportError as e:
                     self.say(f"plots skipped: {e}")
-            result["files"] = sorted(os.path.relpath(f, self.out.path) for f in self.files) + ["result.json"]
+            names = sorted(rel(self.files))
+            removed = out.remove_owned(earlier, keep=names + [RESULT_JSON])
+            if removed:
+                self.say(f"removed {len(removed)} file(s) an earlier run wrote in {out.path} that this run does "
+                         f"not: {', '.join(removed[:6])}{', ...' if len(removed) > 6 else ''}")
+            result["files"] = names + [RESULT_JSON]
             result["wall_seconds"] = time.time() - self.t_start
-            p = self.out.write_result(result)
-            self.say(f"wrote {p} and {len(self.files)} more file(s) in {self.out.path}")
+            out.own(result["files"])
+            p = out.write_result(result)
+            self.say(f"wrote {p} and {len(self.files)} more file(s) in {out.path}")
         if self.args.format == "json":
             print(dumps(result, strict=True))
         else:
             print(table)
         return 0
+
+
+def prompt_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A record's row of prompts.csv: its scalar fields flattened (``exact_*``, ``bounds_*``,
+    ``estimate_*``), the recommended estimator's value beside the paper's (``best_*``) and what the rollouts
+    cost (``rollouts_model_tokens``): every number a command's table prints."""
+    row = {k: r.get(k) for k in ("index", "id", "prompt", "key", "prompt_tokens", "seconds", "resumed")}
+    for part in ("exact", "bounds", "estimate"):
+        if isinstance(r.get(part), dict):
+            row.update(flatten(r[part], part + "_"))
+    best = r.get("best")
+    if isinstance(best, dict):
+        row.update(best_estimator=best.get("estimator"), best_budget=best.get("budget"), best_ce_star=best.get("ce_star"),
+                   best_ce_star_se=best.get("ce_star_se"))
+        ci = best.get("ce_star_ci") or [None, None]
+        row.update(best_ce_star_ci_lo=ci[0], best_ce_star_ci_hi=ci[1],
+                   best_model_tokens=(best.get("cost") or {}).get("model_tokens"))
+    cost = r.get("rollout_cost")
+    if isinstance(cost, dict):
+        row["rollouts_model_tokens"] = cost.get("model_tokens")
+    return row

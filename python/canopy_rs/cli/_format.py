@@ -104,7 +104,7 @@ def exact_table(ex: Mapping[str, Any]) -> str:
             rows.append([label, num(math.exp(ex["ce_star"]), 2)])
         else:
             rows.append([label, f"{ex['num_internal_nodes']:,} / {ex['num_leaves']:,}"])
-    rows.append(["model tokens forwarded", f"{ex.get('tokens_forwarded', 0):,}"])
+    rows.append(["model tokens (prompt excluded)", f"{int(ex.get('model_tokens', 0)):,}"])
     rows.append(["seconds", num(ex.get("seconds"), 2)])
     return format_table(["quantity", "exact"], rows)
 
@@ -150,7 +150,9 @@ def estimate_table(est: Mapping[str, Any], ex: Optional[Mapping[str, Any]] = Non
     table = list(ESTIMATE_ROWS)
     if best is not None:
         est.update(best_ce_star=best["ce_star"], best_ce_star_se=best["ce_star_se"], best_ce_star_ci=best["ce_star_ci"])
-        table.insert(2, (f"CE*_max, {best['estimator']} (best at {best['budget']} tokens)", "best_ce_star",
+        used = (best.get("cost") or {}).get("model_tokens")
+        table.insert(2, (f"CE*_max, {best['estimator']} ({int(used):,} model tokens)" if used is not None else
+                         f"CE*_max, {best['estimator']} (budget {best['budget']:,} model tokens)", "best_ce_star",
                          "best_ce_star_se", "ce_star"))
     p, m = est.get("truncation_prob"), est.get("num_rollouts")
     if p is not None and m:  # the SE of the sampled no-EOS fraction (binomial)

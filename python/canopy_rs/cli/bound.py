@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from canopy_rs.api import bounded
-from canopy_rs.cli._args import add_output_args, add_run_args, positive_float, positive_int
+from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_float, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import format_table, num, short
 from canopy_rs.cli.exact import exact_record
@@ -25,9 +25,9 @@ def add_parser(sub: Any) -> None:
     add_run_args(p, max_new_tokens=8)
     g = p.add_argument_group("budget (at least one)")
     g.add_argument("--budget", type=positive_int, metavar="NODES", help=f"expanded nodes (default: {DEFAULT_BUDGET_NODES})")
-    g.add_argument("--budget-tokens", type=positive_int, metavar="N", help="model tokens forwarded")
+    g.add_argument("--budget-tokens", type=positive_int, metavar="N", help="model tokens forwarded (prompt excluded)")
     g.add_argument("--budget-seconds", type=positive_float, metavar="S", help="wall seconds")
-    g.add_argument("--budget-memory", type=positive_int, metavar="BYTES", help="engine + KV memory")
+    g.add_argument("--budget-memory", type=byte_size, metavar="SIZE", help="engine + KV memory, e.g. 1G or 512M")
     p.add_argument("--support-cap", type=positive_int,
                    help="largest policy support the upper bound may assume (default: the vocabulary size, which "
                    "needs no assumption; --support-cap K with top-k K is tighter but assumes no ties at the "
@@ -55,7 +55,7 @@ def run(ctx: RunContext) -> int:
         raise InvalidArgumentError("--beam-width B goes with --order beam (and only with it): give both or neither")
 
     def one(job: PromptJob) -> tuple[dict, dict]:
-        prog = BracketProgress(not ctx.show_progress, "bracket", record=True)
+        prog = BracketProgress(not ctx.show_progress, "bracket", record=True, total_nodes=nodes)
         try:
             res = bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
                                     beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
@@ -68,7 +68,8 @@ def run(ctx: RunContext) -> int:
             rec["exact"] = exact_record(res)
         return rec, {}
 
-    records = ctx.run_prompts(one, budget=[nodes, a.budget_tokens, a.budget_seconds, a.budget_memory],
+    records = ctx.run_prompts(one, schema={"bounds": dict},
+                              budget=[nodes, a.budget_tokens, a.budget_seconds, a.budget_memory],
                               support_cap=cap, order=a.order, beam_width=a.beam_width)
     rows = []
     for r in records:

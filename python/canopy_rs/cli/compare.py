@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from canopy_rs.cli._format import short
 from canopy_rs.cli.exact import exact_record
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.estimators.comparison import BUILTIN_ESTIMATORS, ComparisonResult, compare
+from canopy_rs.runs import write_csv
 
 HELP = "estimators vs the exact value"
 DEFAULT_ESTIMATORS = ["mc_rb", "mc_surprisal", "sbs", "hybrid"]
@@ -54,7 +56,8 @@ def run(ctx: RunContext) -> int:
         ex = study.exact if isinstance(study.exact, dict) else exact_record(study.exact)
         return {"seed": job.seed, "exact": ex, "study": study.to_dict()}, {}
 
-    records = ctx.run_prompts(one, estimators=a.estimators, budgets=a.budgets, repeats=a.repeats)
+    records = ctx.run_prompts(one, schema={"study": {"exact_ce_star": (int, float), "rows": list}, "exact": dict},
+                              estimators=a.estimators, budgets=a.budgets, repeats=a.repeats)
     studies = [study_of(r) for r in records]
     parts = [ctx.header(records)]
     for r, st in zip(records, studies):
@@ -64,9 +67,11 @@ def run(ctx: RunContext) -> int:
 
     def files() -> list[Path]:
         out: list[Path] = []
-        for r, st in zip(records, studies):
+        for r, st in zip(records, studies):  # written atomically, as every file in --out
             stem = ctx.plot_stem(r, len(records))
-            out += [st.to_csv(stem + "study.csv"), st.to_json(stem + "study.json")]
+            write_csv(stem + "study.csv", st.rows)
+            out += [Path(stem + "study.csv"),
+                    ctx.out.write_json(os.path.relpath(stem + "study.json", ctx.out.path), st.to_dict())]
         return out
 
     def plots() -> list[Path]:

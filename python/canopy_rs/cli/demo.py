@@ -12,8 +12,8 @@ from canopy_rs.api import bounded
 from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_run_args, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import estimate_table, format_table, num
-from canopy_rs.cli.exact import exact_figures, exact_record
-from canopy_rs.cli.sample import length_rate_figures, pool_estimates, sample_prompt
+from canopy_rs.cli.exact import EXACT_SCHEMA, exact_figures, exact_record
+from canopy_rs.cli.sample import SAMPLE_SCHEMA, length_rate_figures, pool_estimates, sample_prompt
 from canopy_rs.errors import CanopyError, InvalidArgumentError
 from canopy_rs.estimators.pooling import pool_exact
 
@@ -91,17 +91,21 @@ def run(ctx: RunContext) -> int:
         rec.update(exact=ex, bracket_trajectory=traj)
         return rec, {"rollouts": rows}
 
-    records = ctx.run_prompts(one, num_rollouts=a.num_rollouts, demo=True)
+    records = ctx.run_prompts(one, schema={"exact": EXACT_SCHEMA, **SAMPLE_SCHEMA}, num_rollouts=a.num_rollouts,
+                              demo=True)
     r0 = records[0]
     ex, est = r0["exact"], r0["estimate"]
     cost = r0.get("rollout_cost", {})
+    # One cost unit throughout: model tokens forwarded, the prompt excluded (``model_tokens``).
     lines = [ctx.header(records),
              f"exact canopy: {ex['num_internal_nodes']:,} expanded nodes, {ex['num_leaves']:,} leaves, "
-             f"{ex.get('tokens_forwarded', 0):,} model tokens, {num(ex.get('seconds'), 1)} s",
+             f"{int(ex.get('model_tokens', 0)):,} model tokens, {num(ex.get('seconds'), 1)} s",
              f"Monte Carlo: {est['num_rollouts']} rollouts (seed {r0.get('seed')}), "
-             f"{int(cost.get('tokens_forwarded', 0)):,} model tokens, {num(cost.get('seconds'), 1)} s",
-             f"best estimator for that budget: {r0['best']['estimator']} ({r0['best']['description']}), "
-             f"{int(r0['best']['cost'].get('rows_evaluated', 0)):,} model tokens" if r0.get("best") else "",
+             f"{int(cost.get('model_tokens', 0)):,} model tokens, {num(cost.get('seconds'), 1)} s",
+             f"best estimator for a budget of {r0['best']['budget']:,} model tokens: {r0['best']['estimator']} "
+             f"({r0['best']['description']}), {int(r0['best']['cost'].get('model_tokens', 0)):,} model tokens"
+             if r0.get("best") else "",
+             "(model tokens: tokens run through the model, the prompt excluded)",
              "", estimate_table(est, ex, r0.get("best")), "",
              f"H(N) = {num(ex['length_entropy'])}  H(Y|N) = {num(ex['content_entropy'])}  "
              f"exp(CE*) = {math.exp(ex['ce_star']):.1f} effective leaves  "

@@ -28,6 +28,9 @@ HELP = "exact CE*_max and its companions"
 DEFAULT_MAX_MEMORY = 4 << 30
 # Engine memory per stored node (its arena entry and frontier share); with --nodes, the per-node arrays too.
 NODE_BYTES = 64
+# What the tables read from a resumed record's exact part (a checkpoint without it is recomputed).
+EXACT_SCHEMA = {"ce_star": (int, float), "expected_length": (int, float), "num_internal_nodes": int,
+                "num_leaves": int}
 
 
 def add_parser(sub: Any) -> None:
@@ -80,10 +83,12 @@ def _too_large(why: str) -> str:
 
 
 def check_size(ctx: RunContext, backend: Any, node_limit: int) -> Optional[SizeEstimate]:
-    """Refuses, early, a canopy far larger than ``node_limit`` nodes (:func:`check_canopy_size`); returns
-    what the probe saw."""
+    """Refuses, early, a canopy far larger than ``node_limit`` nodes (:func:`check_canopy_size`), saying
+    what it does and showing the probe's progress (it can take a while on a large model); returns what the
+    probe saw."""
     try:
-        probe = check_canopy_size(backend, node_limit=node_limit, batch_size=ctx.args.batch_size, **ctx.policy())
+        probe = check_canopy_size(backend, node_limit=node_limit, batch_size=ctx.args.batch_size,
+                                  progress=ctx.show_progress, status=ctx.say, **ctx.policy())
     except TreeTooLargeError as e:
         raise TreeTooLargeError(_too_large(f"{e} (--max-nodes, --max-memory)")) from None
     if probe is not None:
@@ -144,7 +149,7 @@ def run(ctx: RunContext) -> int:
         tables = {"nodes": node_rows(res.nodes, job.index)} if a.nodes and res.nodes is not None else {}
         return {"exact": exact_record(res)}, tables
 
-    records = ctx.run_prompts(one, backend_options=backend_options, nodes=a.nodes)
+    records = ctx.run_prompts(one, backend_options=backend_options, schema={"exact": EXACT_SCHEMA}, nodes=a.nodes)
     exacts = [r["exact"] for r in records]
     pooled = pool_exact(exacts) if len(records) > 1 else None
     body = exact_table(exacts[0]) if pooled is None else multi_exact_table(records, pooled)

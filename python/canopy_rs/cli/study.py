@@ -23,6 +23,9 @@ def add_parser(sub: Any) -> None:
                    help="run units as Ray actors (put it after CONFIG); ADDRESS is a cluster (auto, ray://head:10001, ...); "
                    "without it a local Ray is started")
     p.add_argument("--fresh", action="store_true", help="recompute every unit instead of resuming")
+    p.add_argument("--plan", action="store_true",
+                   help="list the units, done and pending, with their keys, and exit (no model is loaded, nothing "
+                   "is written)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
@@ -30,9 +33,12 @@ def add_parser(sub: Any) -> None:
 def run(ctx: RunContext) -> int:
     # The study package (config, units, analysis, report) loads only when a study runs: the other commands
     # and `canopy-rs --help` never need it (tests/test_layering.py allows this one import by name).
-    from canopy_rs.study import run_study
+    from canopy_rs.study import format_plan, plan_study, run_study
 
     a = ctx.args
+    if a.plan:
+        print(format_plan(plan_study(a.config, out=a.study_out, fresh=a.fresh)))
+        return 0
     out = run_study(a.config, out=a.study_out, executor="ray" if a.ray is not None else None,
                 ray_address=a.ray or None, fresh=a.fresh, quiet=a.quiet)
     print(out.report.read_text(encoding="utf-8"))

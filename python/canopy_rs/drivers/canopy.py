@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 from canopy_rs._core import Tree
 from canopy_rs.backends.output import blame_backend, expand_checked
 from canopy_rs.drivers.progress import ProgressBar, bracket_postfix
-from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, Setup, check_positive_int, counters, describe
+from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, Setup, check_positive_int, counters, describe, model_tokens
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.protocol import NextTokenLogits, NodeBatch
 from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
@@ -28,8 +28,9 @@ ARENA_BYTES_PER_NODE = 48
 
 @dataclass(frozen=True)
 class Budget:
-    """Stop expanding when any limit is reached: expanded ``nodes``, model ``tokens`` forwarded, wall
-    ``seconds``, or ``memory_bytes`` (engine arena plus the backend's reported ``kv_bytes``)."""
+    """Stop expanding when any limit is reached: expanded ``nodes``, model ``tokens`` forwarded (the prompt
+    excluded: ``model_tokens``), wall ``seconds``, or ``memory_bytes`` (engine arena plus the backend's
+    reported ``kv_bytes``)."""
 
     nodes: Optional[int] = None
     tokens: Optional[int] = None
@@ -108,6 +109,7 @@ class TreeRun:
             rows_evaluated=int(c.get("rows_evaluated", 0)),
             tokens_forwarded=int(c.get("tokens_forwarded", 0)),
             prompt_tokens=int(c.get("prompt_tokens", 0)),
+            model_tokens=int(model_tokens(c)),
             peak_live_kv_tokens=self.peak_kv,
             seconds=self.seconds,
             **describe(self.backend),
@@ -134,7 +136,7 @@ class TreeRun:
             return "seconds"
         if budget.tokens is not None or budget.memory_bytes is not None:
             c = self.counters()
-            if budget.tokens is not None and c.get("tokens_forwarded", 0) >= budget.tokens:
+            if budget.tokens is not None and model_tokens(c) >= budget.tokens:
                 return "tokens"
             if budget.memory_bytes is not None:
                 used = self.tree.num_nodes * ARENA_BYTES_PER_NODE + c.get("kv_bytes", 0)

@@ -26,6 +26,13 @@ class ProgressBar:
             self._bar.n = n
             self._bar.set_postfix(postfix, refresh=True)
 
+    def finish(self) -> None:
+        """Marks the work done: a total that was an upper bound (rollouts that ended early) becomes the count
+        reached, so the bar ends at 100%."""
+        if self._bar is not None:
+            self._bar.total = self._bar.n
+            self._bar.refresh()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -124,9 +124,19 @@ def describe(backend: Backend) -> dict[str, Optional[str]]:
     return {k: (None if d.get(k) is None else str(d[k])) for k in ("dtype", "logits_dtype", "strategy")}
 
 
+def model_tokens(c: dict[str, float]) -> float:
+    """The cost unit of every result: model tokens forwarded, the prompt excluded (``tokens_forwarded -
+    prompt_tokens`` of a backend's counters; its ``rows_evaluated`` when it does not count tokens)."""
+    if "tokens_forwarded" in c:
+        return max(float(c["tokens_forwarded"]) - float(c.get("prompt_tokens", 0)), 0.0)
+    return float(c.get("rows_evaluated", 0))
+
+
 def cost(backend: Backend, nodes_expanded: int, t0: float) -> dict[str, float]:
-    """A sampler's cost record: the backend's counters, distinct nodes expanded and wall seconds."""
+    """A sampler's cost record: the backend's counters, ``model_tokens`` (:func:`model_tokens`), distinct
+    nodes expanded and wall seconds."""
     c = counters(backend)
+    c["model_tokens"] = model_tokens(c)
     c["nodes_expanded"] = float(nodes_expanded)
     c["seconds"] = time.perf_counter() - t0
     return c

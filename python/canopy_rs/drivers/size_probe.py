@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -58,6 +58,8 @@ def check_canopy_size(
     top_k: Optional[int] = None,
     top_p: float = 1.0,
     batch_size: Optional[int] = None,
+    progress: bool = False,
+    status: Optional[Callable[[str], None]] = None,
 ) -> Optional[SizeEstimate]:
     """Refuses (:class:`~canopy_rs.errors.TreeTooLargeError`), early, a canopy that is far larger than
     ``node_limit`` nodes. Returns None when the policy cannot make a canopy beyond the limit at all (nothing is
@@ -69,13 +71,19 @@ def check_canopy_size(
       :data:`PROBE_MARGIN` times the true count with probability at most 1/PROBE_MARGIN;
     * entropy: the mean summed step entropy estimates CE* of the canopy cut at that depth, and exp(CE*) is
       at most its number of leaves, each a node of the full canopy (a lower confidence bound is used).
+
+    ``progress=True`` shows the probe's rollouts on a tqdm bar; ``status(line)`` is told what it is about to
+    do (it can take a while on a large model).
     """
     support = top_k or backend.vocab_size
     if log_worst_case_nodes(support, max_new_tokens) <= math.log(node_limit):
         return None
     depth = min(max_new_tokens, PROBE_DEPTH)
+    if status is not None:
+        status(f"size check: the policy allows more than {node_limit:,} nodes; {PROBE_ROLLOUTS} rollouts of the "
+               f"first {depth} tokens estimate the canopy's size before enumerating it")
     ro = sample(backend, num_rollouts=PROBE_ROLLOUTS, seed=0, batch_size=batch_size, max_new_tokens=depth,
-                temperature=temperature, top_k=top_k, top_p=top_p)
+                temperature=temperature, top_k=top_k, top_p=top_p, progress=progress)
     steps = np.arange(ro.logq.shape[1])[None, :] < ro.lengths[:, None]
     log_inv_reach = np.where(steps, -np.cumsum(ro.logq, axis=1), -np.inf)
     per_rollout = np.logaddexp(0.0, np.logaddexp.reduce(log_inv_reach, axis=1))  # log(1 + sum 1/pi), the root too

@@ -112,6 +112,7 @@ def estimate_hybrid(
     frontier_sampling: str = "stratified",
     confidence: float = 0.95,
     share_prefixes: bool = True,
+    frontier_order: str = "tree",
 ) -> HybridEstimate:
     """Unbiased CE*_max estimate: the exact sum over a best-first head plus rollouts started at frontier
     nodes drawn in proportion to pi. Model and policy arguments are those of :func:`canopy_rs.exact`.
@@ -119,7 +120,13 @@ def estimate_hybrid(
     Give either ``budget`` (model tokens, i.e. node expansions, for the whole estimate: the head grows while
     that lowers the predicted tail error, see the module docstring, and the rest buys rollouts) or both
     ``budget_nodes`` (head size) and ``num_rollouts``. If the whole canopy fits in the head the result is
-    exact (``is_exact``, SE 0) and no rollout is run."""
+    exact (``is_exact``, SE 0) and no rollout is run.
+
+    ``frontier_order="depth"`` (stratified sampling only; experimental, not yet measured on SmolLM2) first
+    splits the frontier by depth: each depth group gets pairs of draws in proportion to its mass (at least
+    one pair), stratified in tree order inside the group, and the tail is the mass-weighted sum of the group
+    means, with the paired-difference variance per group. On bushy canopies a rollout's summed entropy is
+    mostly set by its start depth (about h per remaining step), which tree-ordered strata mix."""
     if budget is None:
         if budget_nodes is None or num_rollouts is None:
             raise InvalidArgumentError("estimate_hybrid needs budget= (model tokens) or both budget_nodes= and num_rollouts=")
@@ -129,6 +136,8 @@ def estimate_hybrid(
         budget_nodes = check_positive_int("budget_nodes", budget_nodes)
     if num_rollouts is not None:
         num_rollouts = check_positive_int("num_rollouts", num_rollouts)
+    if frontier_order not in ("tree", "depth"):
+        raise InvalidArgumentError(f"frontier_order must be 'tree' or 'depth', got {frontier_order!r}")
     if frontier_sampling not in ("stratified", "multinomial"):
         raise InvalidArgumentError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
@@ -160,7 +169,11 @@ def estimate_hybrid(
         num_rollouts = max(2, int((budget - tree.num_expanded) / max(per, 1.0)))
     # Tree order (lexicographic prefixes) puts siblings in neighbouring strata.
     prefixes = tree.prefixes(f_ids)
-    order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
+    by_depth = frontier_order == "depth" and frontier_sampling == "stratified"
+    if by_depth:  # depth groups, tree order inside each: every group is one contiguous piece of the cdf
+        order = sorted(range(len(prefixes)), key=lambda i: (int(f_dep[i]), prefixes[i]))
+    else:
+        order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
     f_ids, f_par, f_tok, f_dep, f_logr = f_ids[order], f_par[order], f_tok[order], f_dep[order], f_logr[order]
     prefixes = [prefixes[i] for i in order]
     w = np.exp(f_logr - f_logr.max())
@@ -168,7 +181,27 @@ def estimate_hybrid(
     cdf /= cdf[-1]
     n = num_rollouts
     strata = None
-    if frontier_sampling == "stratified":
+    groups = None
+    if by_depth:
+        # Group j (one depth) spans [a_j, b_j) of the cdf and gets p_j >= 1 pairs, p_j ~ its mass x n/2;
+        # pair k of group j shares the stratum [a_j + (b_j - a_j) k / p_j, a_j + (b_j - a_j) (k + 1) / p_j).
+        last = np.flatnonzero(np.diff(f_dep) != 0)
+        b_edges = np.append(cdf[last], 1.0)
+        a_edges = np.concatenate([[0.0], b_edges[:-1]])
+        mass = b_edges - a_edges
+        pairs = np.maximum(1, np.rint(mass * max(1, n // 2))).astype(np.int64)
+        u_l, lo_l, hi_l = [], [], []
+        for a, b_, p in zip(a_edges, b_edges, pairs):
+            k = np.arange(p)
+            lo_k, hi_k = a + (b_ - a) * k / p, a + (b_ - a) * (k + 1) / p
+            d1, d2 = stratified_uniforms(int(p), rng), stratified_uniforms(int(p), rng)
+            u_l.append(np.column_stack([a + (b_ - a) * d1, a + (b_ - a) * d2]).ravel())
+            lo_l.append(np.repeat(lo_k, 2))
+            hi_l.append(np.repeat(hi_k, 2))
+        u = np.minimum(np.concatenate(u_l), np.nextafter(np.concatenate(hi_l), -np.inf))
+        n = int(u.shape[0])
+        groups = (mass, np.repeat(np.arange(pairs.shape[0]), 2 * pairs), pairs)
+    elif frontier_sampling == "stratified":
         # Two independent draws per stratum (n/2 strata): the within-stratum differences give an unbiased
         # variance estimate, so the interval is neither optimistic nor (as collapsed strata) conservative.
         n = max(2, n - n % 2)
@@ -178,7 +211,11 @@ def estimate_hybrid(
     else:
         u = rng.random(n)
     assignment = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
-    if frontier_sampling == "stratified":
+    if by_depth:
+        before = np.concatenate([[0.0], cdf[:-1]])
+        strata = Strata(u=u, lo=np.concatenate(lo_l), hi=np.concatenate(hi_l),
+                        node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
+    elif frontier_sampling == "stratified":
         # Keep descending with u inside the frontier node's subtree while its interval straddles the
         # rollout's stratum: the strata then reach below the frontier.
         before = np.concatenate([[0.0], cdf[:-1]])
@@ -195,7 +232,14 @@ def estimate_hybrid(
     )
     h = run.entropies.sum(axis=1)
     tail = float(h.mean())
-    if frontier_sampling == "stratified":
+    if groups is not None:
+        mass, gid, pairs = groups
+        means = np.bincount(gid, weights=h, minlength=pairs.shape[0]) / (2 * pairs)
+        tail = float(np.sum(mass * means))
+        sq = np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=pairs.shape[0])
+        var = float(np.sum(mass**2 * sq / (2 * pairs) ** 2))
+        dof = int(pairs.sum())
+    elif frontier_sampling == "stratified":
         var = float(np.sum((h[0::2] - h[1::2]) ** 2)) / (n * n)
         dof = n // 2
     else:

@@ -170,7 +170,7 @@ def plot_bracket_vs_budget(
 ) -> Any:
     """The certified bracket on CE* against the budget: ``brackets`` are :class:`~canopy_rs.CanopyBounds` /
     :class:`~canopy_rs.CanopyResult` objects (or dicts with ``ce_star_lower``, ``ce_star_upper`` and the ``x``
-    field, e.g. ``num_expanded`` or ``tokens_forwarded``) at growing budgets; ``exact`` (a CanopyResult or
+    field, e.g. ``num_expanded`` or ``model_tokens``) at growing budgets; ``exact`` (a CanopyResult or
     a float) draws the true value."""
     fig, ax = _new_axes(ax)
     xs, lo, hi = _bracket_arrays(brackets, x)
@@ -191,7 +191,8 @@ def plot_bracket_vs_budget(
     ymax = max(top, lo.max()) * 1.05
     if math.isfinite(ymax) and ymax > 0:
         ax.set_ylim(0, ymax)
-    labels = {"num_expanded": "expanded nodes", "tokens_forwarded": "model tokens forwarded", "seconds": "seconds"}
+    labels = {"num_expanded": "expanded nodes", "model_tokens": "model tokens, prompt excluded",
+              "tokens_forwarded": "tokens forwarded, prompt included", "seconds": "seconds"}
     ax.set_xlabel(f"budget ({labels.get(x, x)})")
     ax.set_ylabel("CE* (nats)")
     ax.grid(alpha=0.3)

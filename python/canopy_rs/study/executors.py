@@ -13,12 +13,13 @@ nodes (a shared filesystem, or the same paths on each machine).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 from .config import StudyConfig
 from .units import Unit, UnitRunner
 
-__all__ = ["run_local", "by_model"]
+__all__ = ["run_local", "by_model", "Progress"]
 
 OnResult = Callable[[dict[str, Any]], None]
 Say = Callable[[str], None]
@@ -31,14 +32,46 @@ def by_model(units: Sequence[Unit]) -> dict[str, list[Unit]]:
     return out
 
 
+def _hms(seconds: float) -> str:
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """Progress lines of the executors: a model load with its own time, then per unit its time, the elapsed
+    total and an ETA (the wall time per unit so far, model loads left out, times the units left)."""
+
+    def __init__(self, total: int, say: Say) -> None:
+        self.total, self.say = total, say
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.loads = 0.0  # load seconds on the critical path (the local executor's; Ray's overlap)
+
+    def loaded(self, model: str, seconds: Optional[float], where: str = "", serial: bool = True) -> None:
+        if seconds is None:
+            return
+        if serial:
+            self.loads += seconds
+        self.say(f"loaded {model} in {seconds:.1f} s{where}")
+
+    def unit(self, unit: Unit, seconds: float, where: str = "") -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        per = max(elapsed - self.loads, 0.0) / self.done
+        eta = per * (self.total - self.done)
+        self.say(f"[{self.done}/{self.total}] {unit.label()}: {seconds:.1f} s{where}; elapsed {_hms(elapsed)}, "
+                 f"ETA {_hms(eta)}" + (" (+ model loads)" if self.done < self.total else ""))
+
+
 def run_local(cfg: StudyConfig, units: Sequence[Unit], on_result: OnResult, say: Say) -> None:
-    """Runs the units in this process, one model at a time (each model loaded once)."""
+    """Runs the units in this process, one model at a time (each model loaded once, and timed apart)."""
     runner = UnitRunner(cfg)
-    done = 0
+    progress = Progress(len(units), say)
     for model, group in by_model(units).items():
         say(f"loading {model} ...")
+        progress.loaded(model, runner.load(model))
         for u in group:
             out = runner.run(u)
-            done += 1
-            say(f"[{done}/{len(units)}] {u.label()}: {out['record']['seconds']:.1f} s")
+            progress.loaded(model, out.get("load_seconds"))
+            progress.unit(u, out["record"]["seconds"])
             on_result(out)

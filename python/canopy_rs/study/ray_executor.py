@@ -11,7 +11,7 @@ except ImportError:
     raise ImportError('executor="ray" needs Ray: pip install "canopy_rs[ray]"') from None
 
 from .config import StudyConfig
-from .executors import OnResult, Say, by_model
+from .executors import OnResult, Progress, Say, by_model
 from .units import Unit, UnitRunner
 
 __all__ = ["run_ray"]
@@ -75,14 +75,14 @@ def run_ray(cfg: StudyConfig, units: Sequence[Unit], on_result: OnResult, say: S
 
         for w in range(n_workers):
             submit(w)
-        done = 0
+        progress = Progress(len(units), say)
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 worker, u = pending.pop(ready[0])
                 out = ray.get(ready[0])
-                done += 1
-                say(f"[{done}/{len(units)}] {u.label()}: {out['record']['seconds']:.1f} s (ray worker {worker})")
+                progress.loaded(u.model, out.get("load_seconds"), f" (ray worker {worker})", serial=False)
+                progress.unit(u, out["record"]["seconds"], f" (ray worker {worker})")
                 on_result(out)
                 submit(worker)
         finally:

@@ -29,7 +29,12 @@ from canopy_rs.semantic import embed, exact_semantics, rollout_diversity, rollou
 
 from .config import StudyConfig
 
-__all__ = ["Unit", "make_units", "UnitRunner"]
+__all__ = ["Unit", "make_units", "UnitRunner", "UNIT_THREADS"]
+
+# torch's CPU thread count while a unit runs, in every executor (restored after the unit): a reduction split
+# over another number of threads sums in another order and changes the 5th-6th digit, so a fixed count keeps
+# local and Ray runs bit-identical. It is part of the resume key.
+UNIT_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ def _key_settings(cfg: StudyConfig, fingerprints: dict[str, Any]) -> dict[str, d
         "sampling": {**cfg.sampling.policy(), "num_rollouts": cfg.sampling.num_rollouts},
         "exact": None if cfg.exact is None else {**cfg.exact.policy(cfg.sampling), "max_nodes": cfg.exact.max_nodes},
         "encoder": cfg.encoder,
+        "torch_threads": UNIT_THREADS,
     }
     out = {}
     for m in cfg.models:
@@ -99,9 +105,10 @@ class UnitRunner:
         self._bin_step = max(1, cfg.sampling.max_new_tokens // 50)
 
     # --- the model --------------------------------------------------------------------------------
-    def _load(self, name: str) -> None:
+    def load(self, name: str) -> Optional[float]:
+        """Loads the model ``name`` unless it is the one held; the seconds it took, or None when it was held."""
         if self._name == name:
-            return
+            return None
         from canopy_rs.hf_models import load_model  # imports torch and transformers: only to load
 
         self._model = self._tokenizer = self._first_backend = None  # drop the previous model before the next
@@ -113,6 +120,7 @@ class UnitRunner:
         self._info = {"name": name, "path": path, "gguf": gguf, "chat": entry.use_chat,
                       **model_record(self._model, self.load_seconds)}
         self._name = name
+        return self.load_seconds
 
     def model_info(self) -> dict[str, Any]:
         return dict(self._info)
@@ -147,9 +155,19 @@ class UnitRunner:
 
     # --- one unit ---------------------------------------------------------------------------------
     def run(self, unit: Unit) -> dict[str, Any]:
-        """``{"record": ..., "rollouts": [rows]}`` for one unit."""
+        """``{"record": ..., "rollouts": [rows], "load_seconds": s}`` for one unit (``load_seconds``: the time
+        this call spent loading the unit's model, None when it was already loaded; the record's ``seconds``
+        counts the unit alone). torch runs with :data:`UNIT_THREADS` threads inside the unit."""
+        loaded = self.load(unit.model)
+        from canopy_rs.hf_models import torch_threads  # imports torch: loaded with the model above
+
+        with torch_threads(UNIT_THREADS):
+            out = self._run(unit)
+        out["load_seconds"] = loaded
+        return out
+
+    def _run(self, unit: Unit) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self._load(unit.model)
         entry = self.cfg.model(unit.model)
         backend = self._backend(unit)
         s = self.cfg.sampling

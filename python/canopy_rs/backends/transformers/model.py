@@ -115,7 +115,6 @@ class TransformersModel:
         chat_template_kwargs: Optional[dict] = None,
         context_length: Optional[int] = None,
     ) -> None:
-        context_length_override = context_length
         if prompt is None:
             raise ArgumentTypeError("TransformersModel needs a prompt: pass prompt= a string or a list of token ids")
         strategy = _STRATEGY_ALIASES.get(strategy, strategy)
@@ -151,11 +150,9 @@ class TransformersModel:
         self._host_policy = self.debug_logits or policy_on == "host" or (policy_on == "auto" and self.device.type == "cpu")
         self.max_live_kv_tokens = None if max_live_kv_tokens is None else int(max_live_kv_tokens)
         self.runner = ModelRunner(model)
-        self.context_length, context_field = declared_context_length(model)
-        self.context_source = f"config.{context_field}" if context_field else None
-        if context_length_override is not None:
-            self.context_length = check_context_length(context_length_override)
-            self.context_source = "context_length="
+        declared, context_field = declared_context_length(model)
+        self.context_length = declared if context_length is None else check_context_length(context_length)
+        self.context_source = (f"config.{context_field}" if context_field else None) if context_length is None else "context_length="
         if self.context_length is not None and self.prompt_len >= self.context_length:
             raise InvalidArgumentError(
                 f"the prompt ({self.prompt_len} tokens{' after the chat template' if self.chat else ''}) fills the "
