@@ -54,7 +54,7 @@ impl TreeConfig {
             return Err(invalid("vocab_size", format!("must be in [1, 2^32 - 2], got {}", self.vocab_size)));
         }
         if self.eos_token_ids.is_empty() {
-            return Err(invalid("eos_token_ids", "needs at least one EOS id (the spec's leaves end in EOS)"));
+            return Err(invalid("eos_token_ids", "needs at least one EOS id (a leaf ends in an EOS id or at max_new_tokens)"));
         }
         for &e in &self.eos_token_ids {
             if e as usize >= self.vocab_size {
