@@ -10,7 +10,7 @@ use pyo3::types::PyDict;
 use crate::error::CanopyError as CoreError;
 use crate::frontier::Order;
 use crate::policy::{policy_rows, Policy, RowsOut};
-use crate::tree::{Tree, TreeConfig, NO_NODE};
+use crate::tree::{Bounds, CanopyStats, Partial, Root, Tree, TreeConfig, NO_NODE};
 
 // The exception classes live in Python (canopy_rs/errors.py, the one hierarchy); the core raises them.
 import_exception!(canopy_rs.errors, InvalidArgumentError);
@@ -167,7 +167,7 @@ struct PyTree {
 #[pymethods]
 impl PyTree {
     #[new]
-    #[pyo3(signature = (vocab_size, eos_token_ids, max_new_tokens, policy, order = "depth-first", max_nodes = 10_000_000, record_nodes = false, support_cap = None, beam_width = None))]
+    #[pyo3(signature = (vocab_size, eos_token_ids, max_new_tokens, policy, order = "depth-first", max_nodes = 10_000_000, record_nodes = false, support_cap = None, beam_width = None, streaming = false, root = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         vocab_size: i64,
@@ -179,6 +179,8 @@ impl PyTree {
         record_nodes: bool,
         support_cap: Option<i64>,
         beam_width: Option<i64>,
+        streaming: bool,
+        root: Option<(Vec<u32>, f64, f64)>,
     ) -> PyResult<Self> {
         // Range checks are the core's (TreeConfig::validate); only the conversion to unsigned is here.
         let cfg = TreeConfig {
@@ -190,13 +192,20 @@ impl PyTree {
             max_nodes: unsigned(max_nodes),
             record_nodes,
             support_cap: support_cap.map_or(unsigned(vocab_size), unsigned),
+            streaming,
+            root: root.map(|(prefix, log_reach, path_entropy)| Root { prefix, log_reach, path_entropy }),
         };
         Ok(Self { inner: Tree::new(cfg).map_err(to_py)? })
     }
 
     fn next_batch<'py>(&mut self, py: Python<'py>, max_rows: i64) -> PyResult<Bound<'py, PyAny>> {
         let b = self.inner.next_batch(unsigned(max_rows)).map_err(to_py)?;
-        Ok((b.node_ids.into_pyarray(py), b.parent_ids.into_pyarray(py), b.tokens.into_pyarray(py), b.depths.into_pyarray(py))
+        Ok((
+            b.node_ids.into_pyarray(py),
+            b.parent_ids.into_pyarray(py),
+            b.tokens.into_pyarray(py),
+            b.depths.into_pyarray(py),
+        )
             .into_pyobject(py)?
             .into_any())
     }
@@ -204,7 +213,7 @@ impl PyTree {
     fn prefixes(&self, node_ids: PyReadonlyArray1<'_, i64>) -> PyResult<Vec<Vec<u32>>> {
         let ids = node_ids.as_array();
         // A negative id maps past the arena, so the core reports it as an id that does not exist.
-        ids.iter().map(|&i| self.inner.prefix(usize::try_from(i).unwrap_or(usize::MAX)).map_err(to_py)).collect()
+        ids.iter().map(|&i| self.inner.prefix(i).map_err(to_py)).collect()
     }
 
     fn ingest_logits(&mut self, py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -237,19 +246,33 @@ impl PyTree {
     }
 
     fn take_released<'py>(&mut self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<i64>> {
-        let v: Vec<i64> = self.inner.take_released().into_iter().map(i64::from).collect();
-        v.into_pyarray(py)
+        self.inner.take_released().into_pyarray(py)
+    }
+
+    fn frontier_roots(&self) -> PyResult<Vec<(Vec<u32>, f64, f64)>> {
+        let roots = self.inner.frontier_roots().map_err(to_py)?;
+        Ok(roots.into_iter().map(|r| (r.prefix, r.log_reach, r.path_entropy)).collect())
+    }
+
+    #[pyo3(signature = (with_frontier = true))]
+    fn partial(&self, with_frontier: bool) -> PyPartial {
+        PyPartial { inner: self.inner.partial(with_frontier) }
     }
 
     fn frontier<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let ids = self.inner.frontier_ids();
         let n = ids.len();
-        let (mut node_ids, mut parents, mut tokens, mut depths, mut log_reach) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut node_ids, mut parents, mut tokens, mut depths, mut log_reach) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for id in ids {
             let (p, t, d, lr) = self.inner.node(id);
-            node_ids.push(id as i64);
-            parents.push(if p == NO_NODE { -1 } else { p as i64 });
+            node_ids.push(self.inner.node_id(id));
+            parents.push(self.inner.node_id(p));
             tokens.push(if t == NO_NODE { -1 } else { t as i64 });
             depths.push(d as i64);
             log_reach.push(lr);
@@ -281,48 +304,18 @@ impl PyTree {
     fn frontier_size(&self) -> usize {
         self.inner.frontier_size()
     }
+    #[getter]
+    fn live_nodes(&self) -> usize {
+        self.inner.live_nodes()
+    }
 
     fn bounds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let b = py.detach(|| self.inner.bounds());
-        let d = PyDict::new(py);
-        d.set_item("ce_star_lower", b.ce_star_lower)?;
-        d.set_item("ce_star_upper", b.ce_star_upper)?;
-        d.set_item("expected_length_lower", b.expected_length_lower)?;
-        d.set_item("expected_length_upper", b.expected_length_upper)?;
-        d.set_item("truncation_prob_lower", b.truncation_prob_lower)?;
-        d.set_item("truncation_prob_upper", b.truncation_prob_upper)?;
-        d.set_item("explored_mass", b.explored_mass)?;
-        d.set_item("frontier_mass", b.frontier_mass)?;
-        d.set_item("num_expanded", b.num_expanded)?;
-        d.set_item("frontier_size", b.frontier_size)?;
-        d.set_item("num_nodes", b.num_nodes)?;
-        Ok(d)
+        bounds_dict(py, b)
     }
 
     fn result<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats().map_err(to_py)?;
-        let d = PyDict::new(py);
-        d.set_item("ce_star", s.ce_star)?;
-        d.set_item("ce_star_leaves", s.ce_star_leaves)?;
-        d.set_item("total_mass", s.total_mass)?;
-        d.set_item("length_entropy", s.length_entropy)?;
-        d.set_item("content_entropy", s.content_entropy)?;
-        d.set_item("expected_length", s.expected_length)?;
-        d.set_item("entropy_rate", s.entropy_rate)?;
-        d.set_item("length_var", s.length_var)?;
-        d.set_item("rate_var", s.rate_var)?;
-        d.set_item("length_rate_cov", s.length_rate_cov)?;
-        d.set_item("length_rate_corr", s.length_rate_corr)?;
-        d.set_item("gen_ppl", s.gen_ppl)?;
-        d.set_item("branching_factor", s.branching_factor)?;
-        d.set_item("truncation_prob", s.truncation_prob)?;
-        d.set_item("length_pmf", s.length_pmf.into_pyarray(py))?;
-        d.set_item("entropy_by_depth", s.entropy_by_depth.into_pyarray(py))?;
-        d.set_item("num_internal_nodes", s.num_internal_nodes)?;
-        d.set_item("num_leaves", s.num_leaves)?;
-        d.set_item("max_support", s.max_support)?;
-        d.set_item("engine_calls", s.engine_calls)?;
-        Ok(d)
+        stats_dict(py, self.inner.stats().map_err(to_py)?)
     }
 
     fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -336,6 +329,86 @@ impl PyTree {
         d.set_item("entropy", a.entropy.into_pyarray(py))?;
         d.set_item("is_leaf", a.is_leaf.into_pyarray(py))?;
         Ok(d)
+    }
+}
+
+fn bounds_dict(py: Python<'_>, b: Bounds) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("ce_star_lower", b.ce_star_lower)?;
+    d.set_item("ce_star_upper", b.ce_star_upper)?;
+    d.set_item("expected_length_lower", b.expected_length_lower)?;
+    d.set_item("expected_length_upper", b.expected_length_upper)?;
+    d.set_item("truncation_prob_lower", b.truncation_prob_lower)?;
+    d.set_item("truncation_prob_upper", b.truncation_prob_upper)?;
+    d.set_item("explored_mass", b.explored_mass)?;
+    d.set_item("frontier_mass", b.frontier_mass)?;
+    d.set_item("num_expanded", b.num_expanded)?;
+    d.set_item("frontier_size", b.frontier_size)?;
+    d.set_item("num_nodes", b.num_nodes)?;
+    Ok(d)
+}
+
+fn stats_dict(py: Python<'_>, s: CanopyStats) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("ce_star", s.ce_star)?;
+    d.set_item("ce_star_leaves", s.ce_star_leaves)?;
+    d.set_item("total_mass", s.total_mass)?;
+    d.set_item("length_entropy", s.length_entropy)?;
+    d.set_item("content_entropy", s.content_entropy)?;
+    d.set_item("expected_length", s.expected_length)?;
+    d.set_item("entropy_rate", s.entropy_rate)?;
+    d.set_item("length_var", s.length_var)?;
+    d.set_item("rate_var", s.rate_var)?;
+    d.set_item("length_rate_cov", s.length_rate_cov)?;
+    d.set_item("length_rate_corr", s.length_rate_corr)?;
+    d.set_item("gen_ppl", s.gen_ppl)?;
+    d.set_item("branching_factor", s.branching_factor)?;
+    d.set_item("truncation_prob", s.truncation_prob)?;
+    d.set_item("length_pmf", s.length_pmf.into_pyarray(py))?;
+    d.set_item("entropy_by_depth", s.entropy_by_depth.into_pyarray(py))?;
+    d.set_item("num_internal_nodes", s.num_internal_nodes)?;
+    d.set_item("num_leaves", s.num_leaves)?;
+    d.set_item("max_support", s.max_support)?;
+    d.set_item("engine_calls", s.engine_calls)?;
+    Ok(d)
+}
+
+/// The sums of a run over part of a canopy (`Tree.partial()`); partials of disjoint parts merge into the
+/// canopy's values. Picklable (a flat float64 array), so shards can run in other processes.
+#[pyclass(name = "Partial", module = "canopy_rs._core", frozen)]
+struct PyPartial {
+    inner: Partial,
+}
+
+#[pymethods]
+impl PyPartial {
+    #[staticmethod]
+    fn from_array(values: PyReadonlyArray1<'_, f64>) -> PyResult<Self> {
+        let v = slice1(&values, "values")?;
+        Ok(Self { inner: Partial::from_slice(v).map_err(to_py)? })
+    }
+    fn to_array<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<f64>> {
+        self.inner.to_vec().into_pyarray(py)
+    }
+    fn merge(&self, other: &Bound<'_, PyPartial>) -> PyResult<Self> {
+        let mut p = self.inner.clone();
+        p.merge(&other.get().inner).map_err(to_py)?;
+        Ok(Self { inner: p })
+    }
+    #[getter]
+    fn max_new_tokens(&self) -> u32 {
+        self.inner.max_new_tokens()
+    }
+    fn bounds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        bounds_dict(py, self.inner.bounds())
+    }
+    fn result<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        stats_dict(py, self.inner.stats().map_err(to_py)?)
+    }
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, numpy::PyArray1<f64>>,))> {
+        let py = slf.py();
+        let f = slf.get_type().getattr("from_array")?;
+        Ok((f, (slf.get().inner.to_vec().into_pyarray(py),)))
     }
 }
 
@@ -359,6 +432,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyPolicy>()?;
     m.add_class::<PyTree>()?;
+    m.add_class::<PyPartial>()?;
     m.add_function(wrap_pyfunction!(policy_support, m)?)?;
     m.add_function(wrap_pyfunction!(normalise_support, m)?)?;
     Ok(())

@@ -30,6 +30,14 @@ impl Neumaier {
         self.add(other.sum);
         self.add(other.comp);
     }
+
+    /// The running sum and its compensation, for moving a partial sum between processes.
+    pub fn parts(&self) -> [f64; 2] {
+        [self.sum, self.comp]
+    }
+    pub fn from_parts(p: [f64; 2]) -> Self {
+        Self { sum: p[0], comp: p[1] }
+    }
 }
 
 /// Weighted running moments of (N, r) (West 1979). The squared-deviation updates use `W_old / W_new * d^2`
@@ -87,6 +95,13 @@ impl LeafMoments {
 
     pub fn weight(&self) -> f64 {
         self.weight
+    }
+    /// (weight, mean_n, mean_r, m2_n, m2_r, c_nr), for moving the moments between processes.
+    pub fn parts(&self) -> [f64; 6] {
+        [self.weight, self.mean_n, self.mean_r, self.m2_n, self.m2_r, self.c_nr]
+    }
+    pub fn from_parts(p: [f64; 6]) -> Self {
+        Self { weight: p[0], mean_n: p[1], mean_r: p[2], m2_n: p[3], m2_r: p[4], c_nr: p[5] }
     }
     pub fn mean_n(&self) -> f64 {
         self.mean_n
@@ -173,7 +188,11 @@ mod tests {
         let (mut a, mut b) = (LeafMoments::default(), LeafMoments::default());
         for (i, &(w, n, r)) in data.iter().enumerate() {
             all.add(w, n, r);
-            if i < 2 { a.add(w, n, r) } else { b.add(w, n, r) }
+            if i < 2 {
+                a.add(w, n, r)
+            } else {
+                b.add(w, n, r)
+            }
         }
         a.merge(&b);
         assert!((a.var_n() - all.var_n()).abs() < 1e-14);

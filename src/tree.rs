@@ -9,6 +9,8 @@
 //! Leaves (last token an EOS id, or depth == max_new_tokens) are aggregated on creation and, unless
 //! `record_nodes` is set, never stored: memory is proportional to the internal nodes.
 
+use std::collections::HashMap;
+
 use rayon::prelude::*;
 
 use crate::error::{invalid, CanopyError, Result};
@@ -29,6 +31,21 @@ pub struct TreeConfig {
     pub record_nodes: bool,
     /// Largest policy support the certified upper bound may assume; checked on every expanded node.
     pub support_cap: usize,
+    /// Depth-first only, without `record_nodes`: recycle the arena slots of finished subtrees, so the arena
+    /// holds only the live path and its pending children (O(depth x support)) however large the canopy.
+    pub streaming: bool,
+    /// Enumerate only the subtree below this prefix (a shard); `None` is the whole canopy.
+    pub root: Option<Root>,
+}
+
+/// The root of a shard: a prefix of generated tokens with its reach and path entropy, as the run that
+/// split the canopy computed them. The shard's sums are in the whole canopy's units (pi includes the
+/// prefix's reach), so they add to the other shards' and the head's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Root {
+    pub prefix: Vec<u32>,
+    pub log_reach: f64,
+    pub path_entropy: f64,
 }
 
 impl TreeConfig {
@@ -37,7 +54,7 @@ impl TreeConfig {
             return Err(invalid("vocab_size", format!("must be in [1, 2^32 - 2], got {}", self.vocab_size)));
         }
         if self.eos_token_ids.is_empty() {
-            return Err(invalid("eos_token_ids", "needs at least one EOS id (the spec's leaves end in EOS)"));
+            return Err(invalid("eos_token_ids", "needs at least one EOS id (a leaf ends in an EOS id or at max_new_tokens)"));
         }
         for &e in &self.eos_token_ids {
             if e as usize >= self.vocab_size {
@@ -56,6 +73,41 @@ impl TreeConfig {
         }
         if self.support_cap == 0 || self.support_cap > self.vocab_size {
             return Err(invalid("support_cap", format!("must be in [1, vocab_size={}]", self.vocab_size)));
+        }
+        if self.streaming && (self.order != Order::DepthFirst || self.record_nodes) {
+            return Err(invalid(
+                "streaming",
+                "needs order='depth-first' without record_nodes (other orders and the node arrays keep the arena)",
+            ));
+        }
+        if let Some(r) = &self.root {
+            if r.prefix.len() >= self.max_new_tokens as usize {
+                return Err(invalid(
+                    "root",
+                    format!(
+                        "a prefix of {} tokens is not an internal node when max_new_tokens={}",
+                        r.prefix.len(),
+                        self.max_new_tokens
+                    ),
+                ));
+            }
+            if let Some(&t) =
+                r.prefix.iter().find(|&&t| t as usize >= self.vocab_size || self.eos_token_ids.contains(&t))
+            {
+                return Err(invalid("root", format!("prefix token {t} is an EOS id or outside the vocabulary")));
+            }
+            if !(r.log_reach <= 0.0) || !(r.path_entropy >= 0.0) || !r.path_entropy.is_finite() {
+                return Err(invalid(
+                    "root",
+                    format!(
+                        "needs log_reach <= 0 and a finite path_entropy >= 0, got {} and {}",
+                        r.log_reach, r.path_entropy
+                    ),
+                ));
+            }
+            if self.record_nodes {
+                return Err(invalid("root", "a shard does not record nodes (its node ids start below the prefix)"));
+            }
         }
         Ok(())
     }
@@ -206,6 +258,9 @@ struct Node {
     /// h(u) once expanded; NaN before; 0 for recorded leaves.
     entropy: f64,
     is_leaf: bool,
+    /// An ancestor of a shard's root: expanded only to bring the backend's state down the prefix; it adds
+    /// nothing to the sums (the run that split the canopy counted it).
+    ghost: bool,
 }
 
 /// Per-node columns for users who want node-level data.
@@ -221,11 +276,21 @@ pub struct NodeArrays {
 pub struct Tree {
     cfg: TreeConfig,
     is_eos: Vec<bool>,
-    /// Arena, indexed by node id. Leaves are stored only with `record_nodes`.
+    /// Arena, indexed by slot. Leaves are stored only with `record_nodes`. A node's id is its creation
+    /// index (the arena path's ids exactly); without streaming that is its slot, while streaming recycles
+    /// slots and maps the live nodes' ids to them.
     nodes: Vec<Node>,
+    /// Streaming only, per slot: the node's id and its internal children still holding a slot (the node is
+    /// freed when it is expanded and this reaches 0); the live nodes' slots by id.
+    serial: Vec<u64>,
+    live_children: Vec<u32>,
+    slot_by_id: HashMap<u64, u32>,
+    free: Vec<u32>,
+    /// Nodes created (ghosts and recorded leaves included); `nodes.len()` without streaming.
+    created: u64,
     frontier: Frontier,
     in_flight: Vec<u32>,
-    released: Vec<u32>,
+    released: Vec<i64>,
     // Accumulators.
     chain: Neumaier,
     chain_by_depth: Vec<Neumaier>,
@@ -247,6 +312,11 @@ impl Tree {
             frontier: Frontier::new(cfg.order),
             is_eos,
             nodes: Vec::new(),
+            serial: Vec::new(),
+            live_children: Vec::new(),
+            slot_by_id: HashMap::new(),
+            free: Vec::new(),
+            created: 0,
             in_flight: Vec::new(),
             released: Vec::new(),
             chain: Neumaier::default(),
@@ -257,14 +327,24 @@ impl Tree {
             engine_calls: 0,
             cfg,
         };
-        let root = tree.push_node(NO_NODE, NO_NODE, 0, 0.0, 0.0, false);
-        tree.frontier.push(root, 0.0);
+        let root = match &tree.cfg.root {
+            None => tree.push_node(NO_NODE, NO_NODE, 0, 0.0, 0.0, false),
+            Some(r) if r.prefix.is_empty() => tree.push_node(NO_NODE, NO_NODE, 0, r.log_reach, r.path_entropy, false),
+            // The canopy's root, expanded first as a ghost; its path down to the shard root follows.
+            Some(r) => {
+                let lr = r.log_reach;
+                let id = tree.push_node(NO_NODE, NO_NODE, 0, lr, 0.0, false);
+                tree.nodes[id as usize].ghost = true;
+                id
+            }
+        };
+        let lr = tree.nodes[root as usize].log_reach;
+        tree.frontier.push(root, lr);
         Ok(tree)
     }
 
     fn push_node(&mut self, parent: u32, token: u32, depth: u32, log_reach: f64, path_entropy: f64, leaf: bool) -> u32 {
-        let id = self.nodes.len() as u32;
-        self.nodes.push(Node {
+        let node = Node {
             parent,
             token,
             depth,
@@ -273,8 +353,76 @@ impl Tree {
             path_entropy,
             entropy: if leaf { 0.0 } else { f64::NAN },
             is_leaf: leaf,
-        });
+            ghost: false,
+        };
+        let serial = self.created;
+        self.created += 1;
+        if self.cfg.streaming {
+            if parent != NO_NODE {
+                self.live_children[parent as usize] += 1;
+            }
+            let slot = match self.free.pop() {
+                Some(slot) => {
+                    self.nodes[slot as usize] = node;
+                    self.live_children[slot as usize] = 0;
+                    self.serial[slot as usize] = serial;
+                    slot
+                }
+                None => {
+                    self.nodes.push(node);
+                    self.serial.push(serial);
+                    self.live_children.push(0);
+                    (self.nodes.len() - 1) as u32
+                }
+            };
+            self.slot_by_id.insert(serial, slot);
+            return slot;
+        }
+        let id = self.nodes.len() as u32;
+        assert!(id != NO_NODE, "the arena is full (2^32 - 1 nodes)");
+        self.nodes.push(node);
         id
+    }
+
+    /// Streaming: gives back the slot of an expanded node whose internal children are all freed, then of
+    /// each ancestor this leaves with no live child.
+    fn free_subtree(&mut self, mut u: u32) {
+        loop {
+            let i = u as usize;
+            self.slot_by_id.remove(&self.serial[i]);
+            self.free.push(u);
+            let p = self.nodes[i].parent;
+            if p == NO_NODE {
+                return;
+            }
+            self.live_children[p as usize] -= 1;
+            if self.live_children[p as usize] != 0 {
+                return;
+            }
+            u = p;
+        }
+    }
+
+    /// The id the driver and the backend see for a slot.
+    pub fn node_id(&self, slot: u32) -> i64 {
+        if slot == NO_NODE {
+            -1
+        } else if self.cfg.streaming {
+            self.serial[slot as usize] as i64
+        } else {
+            slot as i64
+        }
+    }
+
+    /// The slot of a live node's id.
+    fn slot_of(&self, id: i64) -> Option<usize> {
+        if id < 0 {
+            return None;
+        }
+        if self.cfg.streaming {
+            return self.slot_by_id.get(&(id as u64)).map(|&s| s as usize);
+        }
+        (id < self.nodes.len() as i64).then_some(id as usize)
     }
 
     /// Nothing left to expand (a beam may leave pruned frontier nodes behind).
@@ -292,15 +440,17 @@ impl Tree {
     }
     /// Nodes created so far, leaves included (what `max_nodes` limits).
     pub fn nodes_reached(&self) -> usize {
-        self.nodes.len() + if self.cfg.record_nodes { 0 } else { self.leaves.count as usize }
+        self.created as usize + if self.cfg.record_nodes { 0 } else { self.leaves.count as usize }
+    }
+    /// Arena slots in use (streaming: the live path and its pending children).
+    pub fn live_nodes(&self) -> usize {
+        self.nodes.len() - self.free.len()
     }
 
     /// Pops up to `max_rows` frontier nodes for the driver to evaluate.
     pub fn next_batch(&mut self, max_rows: usize) -> Result<Batch> {
         if !self.in_flight.is_empty() {
-            return Err(CanopyError::Protocol(
-                "next_batch called before the previous batch was ingested".into(),
-            ));
+            return Err(CanopyError::Protocol("next_batch called before the previous batch was ingested".into()));
         }
         if max_rows == 0 {
             return Err(invalid("batch_size", "must be >= 1"));
@@ -309,7 +459,7 @@ impl Tree {
             let p = self.nodes[u as usize].parent as usize;
             self.nodes[p].pending_children -= 1;
             if self.nodes[p].pending_children == 0 {
-                self.released.push(p as u32);
+                self.released.push(p as i64); // a beam never streams: the id is the slot
             }
         }
         let mut b = Batch::default();
@@ -317,8 +467,8 @@ impl Tree {
             let Some(id) = self.frontier.pop() else { break };
             self.in_flight.push(id);
             let i = id as usize;
-            b.node_ids.push(id as i64);
-            b.parent_ids.push(if self.nodes[i].parent == NO_NODE { -1 } else { self.nodes[i].parent as i64 });
+            b.node_ids.push(self.node_id(id));
+            b.parent_ids.push(self.node_id(self.nodes[i].parent));
             b.tokens.push(if self.nodes[i].token == NO_NODE { -1 } else { self.nodes[i].token as i64 });
             b.depths.push(self.nodes[i].depth as i64);
         }
@@ -326,12 +476,12 @@ impl Tree {
     }
 
     /// The generated tokens of each node (prompt excluded).
-    pub fn prefix(&self, id: usize) -> Result<Vec<u32>> {
-        if id >= self.nodes.len() {
+    pub fn prefix(&self, id: i64) -> Result<Vec<u32>> {
+        let Some(slot) = self.slot_of(id) else {
             return Err(invalid("node_ids", format!("node id {id} does not exist (num_nodes={})", self.nodes.len())));
-        }
-        let mut out = Vec::with_capacity(self.nodes[id].depth as usize);
-        let mut u = id as u32;
+        };
+        let mut out = Vec::with_capacity(self.nodes[slot].depth as usize);
+        let mut u = slot as u32;
         while self.nodes[u as usize].parent != NO_NODE {
             out.push(self.nodes[u as usize].token);
             u = self.nodes[u as usize].parent;
@@ -345,7 +495,10 @@ impl Tree {
         if vocab != self.cfg.vocab_size || logits.len() < rows * vocab {
             let e = CanopyError::Shape {
                 param: "logits",
-                message: format!("has {vocab} columns but vocab_size is {}; pass the model's full vocabulary width", self.cfg.vocab_size),
+                message: format!(
+                    "has {vocab} columns but vocab_size is {}; pass the model's full vocabulary width",
+                    self.cfg.vocab_size
+                ),
             };
             return Err(self.requeue_on_error(e));
         }
@@ -445,6 +598,11 @@ impl Tree {
             Ok(c) => c,
             Err(e) => return Err(self.requeue_on_error(e)),
         };
+        // A ghost (an ancestor of a shard's root) is the only node on the frontier when it is popped, so it
+        // is alone in its batch.
+        if self.nodes[self.in_flight[0] as usize].ghost {
+            return self.commit_ghost(chunks);
+        }
         let supports = chunks.iter().flat_map(|c| c.support.iter().copied());
         let new_nodes: usize = supports.clone().map(|s| s as usize).sum();
         if let Some((row, size)) = supports.enumerate().find(|&(_, s)| s as usize > self.cfg.support_cap) {
@@ -462,7 +620,12 @@ impl Tree {
         if self.nodes_reached() + new_nodes > self.cfg.max_nodes {
             let depth = self.in_flight.iter().map(|&u| self.nodes[u as usize].depth).max().unwrap_or(0);
             let reached = self.nodes_reached() + new_nodes;
-            let e = CanopyError::TreeTooLarge { max_nodes: self.cfg.max_nodes, reached, expanded: self.num_expanded as usize, depth };
+            let e = CanopyError::TreeTooLarge {
+                max_nodes: self.cfg.max_nodes,
+                reached,
+                expanded: self.num_expanded as usize,
+                depth,
+            };
             return Err(self.requeue_on_error(e));
         }
         let batch = std::mem::take(&mut self.in_flight);
@@ -489,14 +652,11 @@ impl Tree {
                 }
                 self.nodes[u as usize].pending_children = internal_children;
                 if internal_children == 0 {
-                    self.released.push(u);
+                    self.released.push(self.node_id(u));
                 }
-                if node.parent != NO_NODE {
-                    let pc = &mut self.nodes[node.parent as usize].pending_children;
-                    *pc -= 1;
-                    if *pc == 0 {
-                        self.released.push(node.parent);
-                    }
+                self.child_expanded(node.parent);
+                if internal_children == 0 && self.cfg.streaming {
+                    self.free_subtree(u);
                 }
                 row += 1;
             }
@@ -505,7 +665,45 @@ impl Tree {
         Ok(())
     }
 
-    pub fn take_released(&mut self) -> Vec<u32> {
+    /// One more of `parent`'s internal children was expanded: its state is released after the last one.
+    fn child_expanded(&mut self, parent: u32) {
+        if parent != NO_NODE {
+            let pc = &mut self.nodes[parent as usize].pending_children;
+            *pc -= 1;
+            if *pc == 0 {
+                self.released.push(self.node_id(parent));
+            }
+        }
+    }
+
+    /// A ghost's row only takes the backend one token down the shard's prefix: its entropy, leaves and
+    /// other children belong to the run that split the canopy, so nothing is added here.
+    fn commit_ghost(&mut self, chunks: Vec<ChunkOut>) -> Result<()> {
+        let u = self.in_flight[0];
+        let node = self.nodes[u as usize];
+        let root = self.cfg.root.clone().expect("ghosts exist only below a shard root");
+        let depth = node.depth as usize;
+        let token = root.prefix[depth];
+        if !chunks.iter().flat_map(|c| &c.children).any(|c| c.token == token && !c.leaf) {
+            let e = invalid(
+                "root",
+                format!("prefix token {token} at depth {depth} is not in the policy support of its parent"),
+            );
+            return Err(self.requeue_on_error(e));
+        }
+        self.in_flight.clear();
+        let is_root = depth + 1 == root.prefix.len();
+        let path = if is_root { root.path_entropy } else { 0.0 };
+        let id = self.push_node(u, token, node.depth + 1, root.log_reach, path, false);
+        self.nodes[id as usize].ghost = !is_root;
+        self.frontier.push(id, root.log_reach);
+        self.nodes[u as usize].pending_children = 1;
+        self.child_expanded(node.parent);
+        self.engine_calls += 1;
+        Ok(())
+    }
+
+    pub fn take_released(&mut self) -> Vec<i64> {
         std::mem::take(&mut self.released)
     }
 
@@ -521,49 +719,247 @@ impl Tree {
         (self.nodes[i].parent, self.nodes[i].token, self.nodes[i].depth, self.nodes[i].log_reach)
     }
 
+    /// The frontier's nodes as shard roots: (prefix, log_reach, path_entropy) each, most probable first
+    /// (ties to the older node). Only between batches.
+    pub fn frontier_roots(&self) -> Result<Vec<Root>> {
+        let mut ids = self.frontier_ids();
+        ids.sort_by(|&a, &b| {
+            self.nodes[b as usize].log_reach.total_cmp(&self.nodes[a as usize].log_reach).then(a.cmp(&b))
+        });
+        ids.iter()
+            .map(|&u| {
+                let n = &self.nodes[u as usize];
+                if n.ghost {
+                    return Err(CanopyError::Protocol("the shard's prefix is not expanded yet".into()));
+                }
+                Ok(Root { prefix: self.prefix(self.node_id(u))?, log_reach: n.log_reach, path_entropy: n.path_entropy })
+            })
+            .collect()
+    }
+
+    /// The run's sums so far, to merge with other runs over disjoint parts of the canopy. With
+    /// `with_frontier` the unexpanded nodes' bound terms are included; without, they are left to the runs
+    /// that will expand them (the head of a split canopy hands its frontier to the shards).
+    pub fn partial(&self, with_frontier: bool) -> Partial {
+        let t = self.cfg.max_new_tokens as f64;
+        let log_s = (self.cfg.support_cap as f64).ln();
+        let mut p = Partial::new(self.cfg.max_new_tokens);
+        if with_frontier {
+            for id in self.frontier_ids() {
+                let i = id as usize;
+                let q = self.nodes[i].log_reach.exp();
+                // A ghost stands for the shard's root (its reach is the root's): bound at the root's depth.
+                let d = match (&self.cfg.root, self.nodes[i].ghost) {
+                    (Some(r), true) => r.prefix.len() as f64,
+                    _ => self.nodes[i].depth as f64,
+                };
+                p.frontier_mass.add(q);
+                p.gap.add(q * (t - d) * log_s);
+                p.len_lo.add(q * (d + 1.0));
+                p.len_hi.add(q * t);
+            }
+            p.frontier_size = self.frontier_size() as u64;
+        }
+        p.chain = self.chain;
+        p.chain_by_depth = self.chain_by_depth.clone();
+        p.leaves = self.leaves.clone();
+        p.num_expanded = self.num_expanded;
+        p.max_support = self.max_support;
+        p.engine_calls = self.engine_calls;
+        p.num_nodes = self.nodes.len() as u64;
+        p
+    }
+
     /// Certified brackets. Proof sketch: CE*_max = sum over internal u of pi(u) h(u) with h >= 0, so the
     /// expanded nodes' sum is a lower bound; an unexpanded node u at depth d heads a subtree whose leaf
     /// entropy is at most log(#leaves) <= (T - d) log S (S = support_cap), contributing pi(u) times that.
     pub fn bounds(&self) -> Bounds {
-        let t = self.cfg.max_new_tokens as f64;
-        let log_s = (self.cfg.support_cap as f64).ln();
-        let mut gap = Neumaier::default();
-        let mut mass = Neumaier::default();
-        let mut len_lo = Neumaier::default();
-        let mut len_hi = Neumaier::default();
-        for id in self.frontier_ids() {
-            let i = id as usize;
-            let p = self.nodes[i].log_reach.exp();
-            let d = self.nodes[i].depth as f64;
-            mass.add(p);
-            gap.add(p * (t - d) * log_s);
-            len_lo.add(p * (d + 1.0));
-            len_hi.add(p * t);
-        }
-        let lower = self.chain.value();
-        let explored_len = self.leaves.length.value();
-        let truncated = self.leaves.truncated.value();
-        Bounds {
-            ce_star_lower: lower,
-            ce_star_upper: lower + gap.value(),
-            expected_length_lower: explored_len + len_lo.value(),
-            expected_length_upper: explored_len + len_hi.value(),
-            truncation_prob_lower: truncated,
-            truncation_prob_upper: truncated + mass.value(),
-            explored_mass: self.leaves.mass.value(),
-            frontier_mass: mass.value(),
-            num_expanded: self.num_expanded,
-            frontier_size: self.frontier_size() as u64,
-            num_nodes: self.nodes.len() as u64,
-        }
+        self.partial(true).bounds()
     }
 
     /// Exact values; only once the whole canopy is expanded.
     pub fn stats(&self) -> Result<CanopyStats> {
-        if self.frontier_size() > 0 {
+        self.partial(true).stats()
+    }
+
+    /// Per-node columns (leaves included only with `record_nodes`).
+    pub fn node_arrays(&self) -> NodeArrays {
+        let n = &self.nodes;
+        NodeArrays {
+            parent: n.iter().map(|x| x.parent).collect(),
+            token: n.iter().map(|x| x.token).collect(),
+            depth: n.iter().map(|x| x.depth).collect(),
+            log_reach: n.iter().map(|x| x.log_reach).collect(),
+            entropy: n.iter().map(|x| x.entropy).collect(),
+            is_leaf: n.iter().map(|x| x.is_leaf).collect(),
+        }
+    }
+}
+
+/// The sums of one run over part of a canopy (the head of a split canopy, or a shard below a prefix).
+/// Runs over disjoint parts merge by adding their sums (compensated sums, length pmf, leaf moments), so
+/// the merged partial gives the same values as one run, up to the order of summation.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    max_new_tokens: u32,
+    chain: Neumaier,
+    chain_by_depth: Vec<Neumaier>,
+    leaves: LeafAcc,
+    num_expanded: u64,
+    max_support: u64,
+    engine_calls: u64,
+    num_nodes: u64,
+    frontier_size: u64,
+    frontier_mass: Neumaier,
+    gap: Neumaier,
+    len_lo: Neumaier,
+    len_hi: Neumaier,
+}
+
+impl Partial {
+    pub fn new(max_new_tokens: u32) -> Self {
+        let t = max_new_tokens as usize;
+        Self {
+            max_new_tokens,
+            chain: Neumaier::default(),
+            chain_by_depth: vec![Neumaier::default(); t],
+            leaves: LeafAcc::new(t),
+            num_expanded: 0,
+            max_support: 0,
+            engine_calls: 0,
+            num_nodes: 0,
+            frontier_size: 0,
+            frontier_mass: Neumaier::default(),
+            gap: Neumaier::default(),
+            len_lo: Neumaier::default(),
+            len_hi: Neumaier::default(),
+        }
+    }
+
+    /// Adds another run's sums (a disjoint part of the same canopy).
+    pub fn merge(&mut self, o: &Self) -> Result<()> {
+        if o.max_new_tokens != self.max_new_tokens {
+            return Err(invalid(
+                "partial",
+                format!("cannot merge canopies cut at max_new_tokens={} and {}", self.max_new_tokens, o.max_new_tokens),
+            ));
+        }
+        self.chain.merge(&o.chain);
+        for (a, b) in self.chain_by_depth.iter_mut().zip(&o.chain_by_depth) {
+            a.merge(b);
+        }
+        self.leaves.merge(&o.leaves);
+        self.num_expanded += o.num_expanded;
+        self.max_support = self.max_support.max(o.max_support);
+        self.engine_calls += o.engine_calls;
+        self.num_nodes += o.num_nodes;
+        self.frontier_size += o.frontier_size;
+        self.frontier_mass.merge(&o.frontier_mass);
+        self.gap.merge(&o.gap);
+        self.len_lo.merge(&o.len_lo);
+        self.len_hi.merge(&o.len_hi);
+        Ok(())
+    }
+
+    pub fn max_new_tokens(&self) -> u32 {
+        self.max_new_tokens
+    }
+
+    /// Flat f64 layout (counts are exact below 2^53): a header of counts, the compensated sums as
+    /// (sum, compensation) pairs, the leaf moments, then the per-depth and per-length sums.
+    pub fn to_vec(&self) -> Vec<f64> {
+        let l = &self.leaves;
+        let mut v = vec![
+            self.max_new_tokens as f64,
+            self.num_expanded as f64,
+            self.max_support as f64,
+            self.engine_calls as f64,
+            self.num_nodes as f64,
+            self.frontier_size as f64,
+            l.count as f64,
+        ];
+        for n in [
+            &self.chain,
+            &self.frontier_mass,
+            &self.gap,
+            &self.len_lo,
+            &self.len_hi,
+            &l.mass,
+            &l.plogp,
+            &l.length,
+            &l.truncated,
+        ] {
+            v.extend(n.parts());
+        }
+        v.extend(l.moments.parts());
+        for n in self.chain_by_depth.iter().chain(&l.pmf) {
+            v.extend(n.parts());
+        }
+        v
+    }
+
+    pub fn from_slice(v: &[f64]) -> Result<Self> {
+        let bad = || invalid("partial", "not a Partial's array (wrong length or header)");
+        let t = *v.first().ok_or_else(bad)?;
+        if !(t >= 1.0 && t <= (u32::MAX / 2) as f64 && t.fract() == 0.0) {
+            return Err(bad());
+        }
+        let t = t as usize;
+        if v.len() != 7 + 18 + 6 + 2 * t + 2 * (t + 1) {
+            return Err(bad());
+        }
+        let mut p = Self::new(t as u32);
+        p.num_expanded = v[1] as u64;
+        p.max_support = v[2] as u64;
+        p.engine_calls = v[3] as u64;
+        p.num_nodes = v[4] as u64;
+        p.frontier_size = v[5] as u64;
+        p.leaves.count = v[6] as u64;
+        let pair = |i: usize| Neumaier::from_parts([v[i], v[i + 1]]);
+        let mut i = 7;
+        for n in [&mut p.chain, &mut p.frontier_mass, &mut p.gap, &mut p.len_lo, &mut p.len_hi] {
+            *n = pair(i);
+            i += 2;
+        }
+        for n in [&mut p.leaves.mass, &mut p.leaves.plogp, &mut p.leaves.length, &mut p.leaves.truncated] {
+            *n = pair(i);
+            i += 2;
+        }
+        p.leaves.moments = LeafMoments::from_parts([v[i], v[i + 1], v[i + 2], v[i + 3], v[i + 4], v[i + 5]]);
+        i += 6;
+        for n in p.chain_by_depth.iter_mut().chain(p.leaves.pmf.iter_mut()) {
+            *n = pair(i);
+            i += 2;
+        }
+        Ok(p)
+    }
+
+    pub fn bounds(&self) -> Bounds {
+        let lower = self.chain.value();
+        let explored_len = self.leaves.length.value();
+        let truncated = self.leaves.truncated.value();
+        let mass = self.frontier_mass.value();
+        Bounds {
+            ce_star_lower: lower,
+            ce_star_upper: lower + self.gap.value(),
+            expected_length_lower: explored_len + self.len_lo.value(),
+            expected_length_upper: explored_len + self.len_hi.value(),
+            truncation_prob_lower: truncated,
+            truncation_prob_upper: truncated + mass,
+            explored_mass: self.leaves.mass.value(),
+            frontier_mass: mass,
+            num_expanded: self.num_expanded,
+            frontier_size: self.frontier_size,
+            num_nodes: self.num_nodes,
+        }
+    }
+
+    /// Exact values; only when no unexpanded node is left.
+    pub fn stats(&self) -> Result<CanopyStats> {
+        if self.frontier_size > 0 {
             return Err(CanopyError::Protocol(format!(
                 "the canopy is not fully expanded ({} frontier nodes left); use bounds() for a bracket",
-                self.frontier_size()
+                self.frontier_size
             )));
         }
         let m = &self.leaves.moments;
@@ -610,19 +1006,6 @@ impl Tree {
             engine_calls: self.engine_calls,
         })
     }
-
-    /// Per-node columns (leaves included only with `record_nodes`).
-    pub fn node_arrays(&self) -> NodeArrays {
-        let n = &self.nodes;
-        NodeArrays {
-            parent: n.iter().map(|x| x.parent).collect(),
-            token: n.iter().map(|x| x.token).collect(),
-            depth: n.iter().map(|x| x.depth).collect(),
-            log_reach: n.iter().map(|x| x.log_reach).collect(),
-            entropy: n.iter().map(|x| x.entropy).collect(),
-            is_leaf: n.iter().map(|x| x.is_leaf).collect(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -657,6 +1040,8 @@ mod tests {
             max_nodes: 10_000_000,
             record_nodes: false,
             support_cap: v,
+            streaming: false,
+            root: None,
         }
     }
 
@@ -766,7 +1151,7 @@ mod tests {
         let (mut expanded, mut released) = (vec![], vec![]);
         while !tree.is_done() {
             let b = tree.next_batch(1).unwrap();
-            expanded.extend(b.node_ids.iter().map(|&u| u as u32));
+            expanded.extend(b.node_ids.iter().copied());
             let logits: Vec<f64> = b.node_ids.iter().flat_map(|_| row.iter().copied()).collect();
             tree.ingest_logits(&logits, b.node_ids.len(), 3).unwrap();
             released.extend(tree.take_released());
@@ -809,7 +1194,7 @@ mod tests {
         }
         released.sort();
         // Every internal node (1 + 2 + 4) is released exactly once.
-        assert_eq!(released, (0..7).collect::<Vec<u32>>());
+        assert_eq!(released, (0..7).collect::<Vec<i64>>());
     }
 
     #[test]
@@ -819,6 +1204,110 @@ mod tests {
         tree.next_batch(1).unwrap();
         assert!(matches!(tree.next_batch(1), Err(CanopyError::Protocol(_))));
         assert!(matches!(tree.ingest_logits(&[0.0f64; 4], 1, 4), Err(CanopyError::Shape { .. })));
+    }
+
+    #[test]
+    fn streaming_matches_arena_in_bounded_memory() {
+        for t in [3u32, 5, 7] {
+            let arena = run_varied(cfg(4, t, Order::DepthFirst), 3).0;
+            let mut c = cfg(4, t, Order::DepthFirst);
+            c.streaming = true;
+            let (stream, _) = run_varied(c, 3);
+            let (a, b) = (arena.stats().unwrap(), stream.stats().unwrap());
+            assert_eq!(a.ce_star.to_bits(), b.ce_star.to_bits());
+            assert_eq!(a.length_pmf, b.length_pmf);
+            assert_eq!(a.length_rate_cov.to_bits(), b.length_rate_cov.to_bits());
+            assert_eq!((a.num_internal_nodes, a.num_leaves), (b.num_internal_nodes, b.num_leaves));
+            // The arena holds the live paths of one batch (3 rows) and their pending children.
+            assert!(stream.nodes.len() <= (t as usize) * 4 * 3 + 1, "depth {t}: {} slots", stream.nodes.len());
+            if t == 7 {
+                assert!(stream.nodes.len() * 10 < arena.nodes.len(), "{} vs {}", stream.nodes.len(), arena.nodes.len());
+            }
+            assert_eq!(stream.live_nodes(), 0);
+            assert_eq!(arena.nodes.len() as u64, a.num_internal_nodes);
+        }
+    }
+
+    #[test]
+    fn streaming_ids_are_never_reused() {
+        let mut c = cfg(3, 6, Order::DepthFirst);
+        c.streaming = true;
+        let mut tree = Tree::new(c).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        while !tree.is_done() {
+            let b = tree.next_batch(2).unwrap();
+            for &id in &b.node_ids {
+                assert!(id >= 0 && seen.insert(id), "id {id} given twice");
+                let p = tree.prefix(id).unwrap();
+                assert_eq!(p.len() as i64, b.depths[b.node_ids.iter().position(|&x| x == id).unwrap()]);
+            }
+            let logits = vec![0.0f64; 3 * b.node_ids.len()];
+            tree.ingest_logits(&logits, b.node_ids.len(), 3).unwrap();
+            tree.take_released();
+        }
+        assert!(tree.nodes.len() < 20 && seen.len() > 60);
+    }
+
+    #[test]
+    fn shards_merge_into_one_run() {
+        let full = run_varied(cfg(4, 5, Order::DepthFirst), 3).0.stats().unwrap();
+        for split_depth in [1u32, 2] {
+            let mut head = Tree::new(cfg(4, 5, Order::BreadthFirst)).unwrap();
+            loop {
+                let shallow =
+                    head.frontier_ids().iter().filter(|&&u| head.nodes[u as usize].depth < split_depth).count();
+                if shallow == 0 {
+                    break;
+                }
+                let b = head.next_batch(shallow).unwrap();
+                let logits: Vec<f64> = b
+                    .tokens
+                    .iter()
+                    .zip(&b.depths)
+                    .flat_map(|(&tok, &d)| {
+                        (0..4).map(move |j| (((tok + 1) as usize * 7 + j * 3 + d as usize) % 5) as f64 * 0.7)
+                    })
+                    .collect();
+                head.ingest_logits(&logits, b.node_ids.len(), 4).unwrap();
+            }
+            let mut merged = head.partial(false);
+            for root in head.frontier_roots().unwrap() {
+                let mut c = cfg(4, 5, Order::DepthFirst);
+                c.streaming = true;
+                c.root = Some(root);
+                let shard = run_varied(c, 2).0.partial(true);
+                let restored = Partial::from_slice(&shard.to_vec()).unwrap();
+                merged.merge(&restored).unwrap();
+            }
+            let m = merged.stats().unwrap();
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * a.abs().max(1.0);
+            assert!(close(m.ce_star, full.ce_star) && close(m.ce_star_leaves, full.ce_star_leaves));
+            assert!(close(m.length_rate_cov, full.length_rate_cov) && close(m.rate_var, full.rate_var));
+            assert!(close(m.expected_length, full.expected_length) && close(m.entropy_rate, full.entropy_rate));
+            assert!(m.length_pmf.iter().zip(&full.length_pmf).all(|(a, b)| close(*a, *b)));
+            assert!(m.entropy_by_depth.iter().zip(&full.entropy_by_depth).all(|(a, b)| close(*a, *b)));
+            assert_eq!((m.num_internal_nodes, m.num_leaves), (full.num_internal_nodes, full.num_leaves));
+        }
+    }
+
+    #[test]
+    fn streaming_gives_the_arena_paths_ids() {
+        let ids = |streaming: bool| {
+            let mut c = cfg(3, 6, Order::DepthFirst);
+            c.streaming = streaming;
+            let mut tree = Tree::new(c).unwrap();
+            let (mut ids, mut parents, mut released) = (vec![], vec![], vec![]);
+            while !tree.is_done() {
+                let b = tree.next_batch(3).unwrap();
+                ids.extend(b.node_ids.iter().copied());
+                parents.extend(b.parent_ids.iter().copied());
+                let logits = vec![0.0f64; 3 * b.node_ids.len()];
+                tree.ingest_logits(&logits, b.node_ids.len(), 3).unwrap();
+                released.extend(tree.take_released());
+            }
+            (ids, parents, released)
+        };
+        assert_eq!(ids(true), ids(false));
     }
 
     // --- against an independent brute force --------------------------------------------------------

@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "Policy",
     "Tree",
+    "Partial",
     "policy_support",
     "normalise_support",
 ]
@@ -74,7 +75,13 @@ class Tree:
     probability first; what ``bounded`` uses) or ``"beam"`` (depth by depth, expanding only the
     ``beam_width`` highest-reach nodes of each depth; the rest stay frontier nodes, so ``is_done`` can hold
     with ``frontier_size > 0``). ``support_cap`` is the largest policy support the certified
-    upper bound may assume (default: ``vocab_size``); every expanded node is checked against it."""
+    upper bound may assume (default: ``vocab_size``); every expanded node is checked against it.
+
+    ``streaming`` (depth-first without ``record_nodes`` only) recycles the slots of finished subtrees, so the
+    engine holds only the live paths and their pending children; node ids are still numbered in creation
+    order (those of the arena path), and :meth:`prefixes` takes only live nodes' ids. ``root=(prefix, log_reach, path_entropy)`` enumerates only the
+    subtree below that prefix (a shard): the canopy's root and the prefix's nodes are expanded first, one
+    per batch, to walk the backend down the prefix, and add nothing to the sums."""
 
     def __new__(
         cls,
@@ -87,6 +94,8 @@ class Tree:
         record_nodes: bool = False,
         support_cap: Optional[int] = None,
         beam_width: Optional[int] = None,
+        streaming: bool = False,
+        root: Optional[tuple[Sequence[int], float, float]] = None,
     ) -> Self: ...
     def next_batch(
         self, max_rows: int
@@ -124,9 +133,17 @@ class Tree:
     def num_expanded(self) -> int: ...
     @property
     def num_nodes(self) -> int:
-        """Ids handed out so far (internal nodes; leaves too when ``record_nodes``). Ids are ``0..num_nodes``."""
+        """Arena slots used so far (internal nodes; leaves too when ``record_nodes``). Without streaming the
+        ids are ``0..num_nodes``; with streaming this is the arena's high-water mark, not an id bound."""
+    @property
+    def live_nodes(self) -> int:
+        """Arena slots holding a node now."""
     @property
     def frontier_size(self) -> int: ...
+    def frontier_roots(self) -> list[tuple[list[int], float, float]]:
+        """The frontier's nodes as shard roots ``(prefix, log_reach, path_entropy)``, most probable first."""
+    def partial(self, with_frontier: bool = True) -> Partial:
+        """The run's sums so far; ``with_frontier=False`` leaves the frontier's bound terms to the shards."""
     def bounds(self) -> dict[str, float]:
         """Certified brackets: ``ce_star_lower/upper``, ``expected_length_lower/upper``,
         ``truncation_prob_lower/upper``, ``explored_mass``, ``frontier_mass``, ``num_expanded``,
@@ -135,3 +152,20 @@ class Tree:
         """Exact population values once ``is_done`` (raises otherwise)."""
     def nodes(self) -> dict[str, npt.NDArray[Any]]:
         """Per-node arrays when ``record_nodes``: ``parent, token, depth, log_reach, entropy, is_leaf``."""
+
+@final
+class Partial:
+    """The sums of a run over part of a canopy (:meth:`Tree.partial`). Partials of disjoint parts merge into
+    the canopy's values; picklable as a flat float64 array."""
+
+    @staticmethod
+    def from_array(values: npt.NDArray[np.float64]) -> Partial: ...
+    def to_array(self) -> npt.NDArray[np.float64]: ...
+    def merge(self, other: Partial) -> Partial:
+        """A new partial with both parts' sums."""
+    @property
+    def max_new_tokens(self) -> int: ...
+    def bounds(self) -> dict[str, float]:
+        """The certified bracket of the merged parts (keys as :meth:`Tree.bounds`)."""
+    def result(self) -> dict[str, Any]:
+        """Exact values when no unexpanded node is left (raises otherwise)."""

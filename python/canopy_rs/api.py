@@ -14,8 +14,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from canopy_rs.drivers.canopy import Budget, TreeRun
-from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, check_positive_int, setup
-from canopy_rs.errors import ArgumentTypeError, Interrupted, InvalidArgumentError
+from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, Setup, check_positive_int, setup
+from canopy_rs.drivers.shards import finish
+from canopy_rs.drivers.size_probe import check_canopy_size
+from canopy_rs.errors import ArgumentTypeError, Interrupted, InvalidArgumentError, TreeTooLargeError
 from canopy_rs.results import CanopyBounds, CanopyResult
 
 __all__ = ["exact", "bounded", "Budget", "Interrupted"]
@@ -37,6 +39,9 @@ def exact(
     return_leaves: bool = False,
     progress: Union[bool, Callable[[CanopyBounds], None]] = False,
     progress_interval: float = 0.5,
+    streaming: Optional[bool] = None,
+    executor: Optional[str] = None,
+    ray_address: Optional[str] = None,
 ) -> CanopyResult:
     """The exact canopy entropy CE*_max of ``model`` under the decoding policy, and its companions.
 
@@ -49,6 +54,15 @@ def exact(
     EOS id (counted in N) or of length ``max_new_tokens``. ``batch_size`` rows go to the model per call;
     ``max_nodes`` bounds the tree (nodes, leaves included): past it a :class:`canopy_rs.TreeTooLargeError` is
     raised before memory runs out. ``order`` changes only how much model state is alive at once.
+    ``streaming`` (default: on for depth-first without ``return_nodes`` / ``return_leaves``) keeps only the
+    live path and its pending children in the engine, recycling the nodes of finished subtrees, so the
+    engine's memory does not grow with the canopy; ``max_nodes`` then limits the work (nodes reached), not
+    memory, and can be raised freely. ``streaming=False`` keeps every internal node (the arena path).
+    ``executor="ray"`` splits the canopy into shards run by Ray actors (one per CPU, or per GPU where the
+    cluster has them; ``ray_address`` picks the cluster, else the running or a new local Ray) and merges
+    their sums into the same result; ``model`` is pickled to each actor (for a large model, use
+    :func:`canopy_rs.drivers.ray_canopy.run_ray` with a ``model_factory``). ``progress`` callables then
+    receive the bracket as shards return.
     ``return_nodes=True`` adds per-node arrays (``parent, token, depth, log_reach, entropy, is_leaf``) as
     ``result.nodes``. ``return_leaves=True`` adds the per-leaf columns ``leaf_tokens``, ``leaf_probs``,
     ``leaf_lengths``, ``leaf_rates`` (leaves in lexicographic token order; for :func:`canopy_rs.embed` and
@@ -60,16 +74,58 @@ def exact(
         raise InvalidArgumentError("order='beam' prunes the canopy, so it is not exact; use "
                                    "'depth-first', 'breadth-first' or 'best-first', or canopy_rs.bounded(..., "
                                    "order='beam', beam_width=B) for a certified bracket")
+    if executor not in (None, "local", "ray"):
+        raise InvalidArgumentError(f"executor must be None, 'local' or 'ray', got {executor!r}")
+    if executor == "ray":
+        if return_nodes or return_leaves:
+            raise InvalidArgumentError("executor='ray' merges sums: return_nodes / return_leaves need one process")
+        return _exact_ray(model, ray_address, progress if callable(progress) else None, max_nodes=max_nodes,
+                          vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
-    run = TreeRun(s, order=order, max_nodes=max_nodes, record_nodes=return_nodes or return_leaves,
+    record = return_nodes or return_leaves
+    if streaming is None:
+        streaming = order == "depth-first" and not record
+    elif streaming and (order != "depth-first" or record):
+        raise InvalidArgumentError("streaming=True needs order='depth-first' without return_nodes / return_leaves "
+                                   "(the other orders and the node arrays keep every node)")
+    run = TreeRun(s, order=order, max_nodes=max_nodes, record_nodes=record, streaming=bool(streaming),
                   progress=progress, progress_interval=progress_interval)
     try:
         run.expand()
     except KeyboardInterrupt:
         raise Interrupted(run.bounds("interrupt")) from None
+    except TreeTooLargeError as e:
+        if not streaming:
+            raise
+        raise TreeTooLargeError(f"{e}. This run streams (the engine's memory stays bounded whatever the "
+                                f"canopy's size), so max_nodes limits only the work; {_size_note(s, max_nodes)}") from None
     res = run.result()
     return res.with_leaves(keep_nodes=return_nodes) if return_leaves else res
+
+
+def _exact_ray(model: Any, ray_address: Optional[str], progress: Optional[Callable[[CanopyBounds], None]],
+               **kw: Any) -> CanopyResult:
+    from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for executor="ray"
+
+    setup(model, **{k: v for k, v in kw.items() if k != "max_nodes"})  # the arguments, checked here first
+    merged, complete = run_ray(model, kw, ray_address=ray_address, progress=progress)
+    res = finish(merged)
+    if not complete:
+        raise Interrupted(res)
+    assert isinstance(res, CanopyResult)
+    return res
+
+
+def _size_note(s: Setup, max_nodes: int) -> str:
+    """The size probe's estimate of a canopy that outgrew ``max_nodes`` (16 short rollouts)."""
+    try:
+        probe = check_canopy_size(s.backend, node_limit=max_nodes, max_new_tokens=s.max_new_tokens,
+                                  batch_size=s.batch_size, **s.policy_dict())
+    except TreeTooLargeError as e:
+        return f"size check: {e}"
+    return "size check: the policy allows no larger canopy" if probe is None else f"size check: {probe.describe()}"
 
 
 def bounded(

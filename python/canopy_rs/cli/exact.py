@@ -1,22 +1,26 @@
 """``canopy-rs exact``: enumerate the whole canopy (:func:`canopy_rs.exact`).
 
 A canopy that cannot fit ends early with an error suggesting ``bound``: the node count is limited by
-min(--max-nodes, --max-memory / bytes per node) and the live KV cache by --max-memory, and when the policy
+min(--max-nodes, --max-memory / bytes per node) and the live KV cache by --max-memory (a depth-first run
+without --nodes streams, so its engine memory stays far below that; the node limit then bounds the work),
+and when the policy
 allows a canopy beyond that limit, a few short rollouts first estimate its size
 (:func:`canopy_rs.drivers.size_probe.check_canopy_size`)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from canopy_rs.api import exact
 from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
-from canopy_rs.drivers.size_probe import check_canopy_size
-from canopy_rs.errors import KVBudgetExceededError, TreeTooLargeError
+from canopy_rs.drivers.shards import finish
+from canopy_rs.drivers.size_probe import SizeEstimate, check_canopy_size
+from canopy_rs.errors import Interrupted, InvalidArgumentError, KVBudgetExceededError, TreeTooLargeError
 from canopy_rs.estimators.pooling import pool_exact
 from canopy_rs.runs import node_rows
 
@@ -40,6 +44,9 @@ def add_parser(sub: Any) -> None:
                    help="memory for the canopy and the model's live KV cache, e.g. 8G (default: 4G)")
     p.add_argument("--order", choices=["depth-first", "breadth-first", "best-first"], default="depth-first")
     p.add_argument("--nodes", action="store_true", help="also write the per-node table (nodes.csv)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="split each prompt's canopy into shards run by Ray actors (each loads the model once); "
+                        "ADDRESS picks the cluster (default: a new local Ray)")
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 
@@ -75,9 +82,10 @@ def _too_large(why: str) -> str:
             "budget, or lower --max-new-tokens / --top-k (or raise --max-nodes / --max-memory)")
 
 
-def check_size(ctx: RunContext, backend: Any, node_limit: int) -> None:
+def check_size(ctx: RunContext, backend: Any, node_limit: int) -> Optional[SizeEstimate]:
     """Refuses, early, a canopy far larger than ``node_limit`` nodes (:func:`check_canopy_size`), saying
-    what it does and showing the probe's progress (it can take a while on a large model)."""
+    what it does and showing the probe's progress (it can take a while on a large model); returns what the
+    probe saw."""
     try:
         probe = check_canopy_size(backend, node_limit=node_limit, batch_size=ctx.args.batch_size,
                                   progress=ctx.show_progress, status=ctx.say, **ctx.policy())
@@ -85,6 +93,32 @@ def check_size(ctx: RunContext, backend: Any, node_limit: int) -> None:
         raise TreeTooLargeError(_too_large(f"{e} (--max-nodes, --max-memory)")) from None
     if probe is not None:
         ctx.say(f"size check: {probe.describe()}; enumerating (up to {node_limit:,})")
+    return probe
+
+
+def load_backend(args: argparse.Namespace, prompt: str, chat: bool, options: dict[str, Any]) -> Any:
+    """The prompt's transformers backend, built from the command's arguments (what a Ray actor calls once,
+    so that the model is loaded on the worker rather than pickled)."""
+    from canopy_rs.backends.transformers import TransformersModel  # imports torch: only on a worker
+    from canopy_rs.hf_models import load_model
+
+    model, tok = load_model(args.model, args.gguf, device=args.device, dtype=args.dtype, quiet=True)
+    return TransformersModel(model, tok, prompt=prompt, chat=chat, strategy=args.strategy,
+                             eos_token_ids=args.eos_token_ids, context_length=args.context_length, **options)
+
+
+def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], node_limit: int) -> Any:
+    """One prompt's canopy as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`)."""
+    from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for --ray
+
+    a = ctx.args
+    kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit)
+    factory = functools.partial(load_backend, a, job.prompt, ctx.chat(), options)
+    merged, complete = run_ray(None, kw, model_factory=factory, ray_address=a.ray or None)
+    res = finish(merged)
+    if not complete:
+        raise Interrupted(res)
+    return res
 
 
 def run(ctx: RunContext) -> int:
@@ -97,13 +131,19 @@ def run(ctx: RunContext) -> int:
         return {"max_live_kv_tokens": max(1, kv // kv_bytes_per_token(model))}
 
     def one(job: PromptJob) -> tuple[dict, dict]:
-        check_size(ctx, job.backend, node_limit)
+        probe = check_size(ctx, job.backend, node_limit)
+        if a.ray is not None:
+            if a.nodes:
+                raise InvalidArgumentError("--ray merges the shards' sums: --nodes needs one process")
+            res = exact_on_ray(ctx, job, backend_options(ctx.load()[0]), node_limit)
+            return {"exact": exact_record(res)}, {}
         prog = BracketProgress(not ctx.show_progress, "canopy")
         try:
             res = exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
                                   order=a.order, return_nodes=a.nodes, progress=prog, progress_interval=0.25)
         except (TreeTooLargeError, KVBudgetExceededError) as e:
-            raise type(e)(_too_large(str(e).rstrip("."))) from None
+            seen = f" (size check: {probe.describe()})" if probe is not None and isinstance(e, TreeTooLargeError) else ""
+            raise type(e)(_too_large(str(e).rstrip(".") + seen)) from None
         finally:
             prog.close()
         tables = {"nodes": node_rows(res.nodes, job.index)} if a.nodes and res.nodes is not None else {}

@@ -6,5 +6,7 @@
   :class:`~canopy_rs.drivers.canopy.Budget`;
 * :mod:`~canopy_rs.drivers.rollouts`: the rollout loop (:func:`~canopy_rs.drivers.rollouts.run_rollouts`);
 * :mod:`~canopy_rs.drivers.size_probe`: a canopy's size, estimated from a few rollouts before enumerating it;
+* :mod:`~canopy_rs.drivers.shards`: one canopy split into a head and subtree shards whose partial sums merge
+  into the same result; :mod:`~canopy_rs.drivers.ray_canopy` runs the shards on Ray actors;
 * :mod:`~canopy_rs.drivers.progress`: the progress bar.
 """

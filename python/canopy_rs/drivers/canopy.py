@@ -60,6 +60,8 @@ class TreeRun:
         support_cap: Optional[int] = None,
         progress: Union[bool, Callable[[CanopyBounds], None]] = False,
         progress_interval: float = 0.5,
+        streaming: bool = False,
+        root: Optional[tuple[tuple[int, ...], float, float]] = None,
     ) -> None:
         self.setup = s
         self.backend = s.backend
@@ -77,6 +79,8 @@ class TreeRun:
             max_nodes=check_positive_int("max_nodes", max_nodes),
             record_nodes=record_nodes,
             support_cap=support_cap,
+            streaming=streaming,
+            root=None if root is None else (list(root[0]), float(root[1]), float(root[2])),
         )
         self.callback = progress if callable(progress) else None
         self.bar = ProgressBar(progress is True, desc="canopy", unit="node")
@@ -140,10 +144,16 @@ class TreeRun:
                     return "memory"
         return None
 
-    def expand(self, budget: Optional[Budget] = None, stop: Optional[Callable[[], bool]] = None) -> Optional[str]:
+    def expand(self, budget: Optional[Budget] = None, stop: Optional[Callable[[], bool]] = None,
+               max_depth: Optional[int] = None, min_frontier: Optional[int] = None) -> Optional[str]:
         """Resets the backend and expands until the canopy is complete (returns None) or the budget is hit
         (returns which limit), or ``stop()`` (checked before every batch) says so (returns ``"stop"``).
+        With ``max_depth`` (breadth-first only) nodes at that depth or deeper are left on the frontier
+        (returns ``"depth"`` once only those remain): the head of a split canopy. With ``min_frontier``
+        (breadth-first only) it stops the same way at the first depth whose nodes number at least that.
         KeyboardInterrupt propagates with the tree in a consistent state."""
+        if (max_depth is not None or min_frontier is not None) and self.order != "breadth-first":
+            raise InvalidArgumentError("max_depth and min_frontier need order='breadth-first'")
         tree, backend, policy = self.tree, self.backend, self.setup.policy
         start = time.perf_counter()
         last_report = start
@@ -162,6 +172,15 @@ class TreeRun:
                     rows = min(rows, max(1, tree.frontier_size // BEST_FIRST_SHARE))
                 if budget is not None and budget.nodes is not None:
                     rows = min(rows, budget.nodes - tree.num_expanded)
+                if max_depth is not None or min_frontier is not None:
+                    # The queue holds nodes in depth order, shallowest first; batches stop at each depth.
+                    depths = tree.frontier()[3]
+                    level = int(depths.min())
+                    if max_depth is not None and level >= max_depth:
+                        return "depth"
+                    if min_frontier is not None and len(depths) >= min_frontier and level == int(depths.max()):
+                        return "depth"
+                    rows = min(rows, int((depths == level).sum()))
                 ids, parents, tokens, depths = tree.next_batch(rows)
                 batch = NodeBatch(ids, parents, tokens, depths, lambda ids=ids: tree.prefixes(ids))
                 out = expand_checked(backend, batch, policy)
