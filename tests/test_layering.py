@@ -37,6 +37,8 @@ LAYERS = {
     "canopy_rs._core": 0,
     "canopy_rs.errors": 1,
     "canopy_rs.stats": 1,
+    "canopy_rs.files": 1,
+    "canopy_rs.text": 1,
     "canopy_rs.results": 1,
     "canopy_rs.protocol": 1,
     "canopy_rs.prompts": 1,

@@ -31,11 +31,12 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from canopy_rs.errors import InvalidArgumentError
+from canopy_rs.files import write_atomically
 from canopy_rs.results import to_plain
 
 __all__ = [
@@ -65,29 +66,9 @@ def dumps(v: Any, *, strict: bool = True, indent: Optional[int] = 2) -> str:
     return json.dumps(to_plain(v, strict=strict), indent=indent, allow_nan=not strict)
 
 
-def _atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Writes ``path`` through a temporary file in the same directory, renamed over it once complete and
-    flushed: a reader sees the old file or the new one, never a part. The file is created by a plain open,
-    so the umask decides its mode (as for any other file the user writes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _atomic_write(path: Path, text: str) -> None:
     data = text.encode("utf-8")
-    _atomic_write_with(path, lambda f: f.write(data))
+    write_atomically(path, lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +151,7 @@ def write_parquet(path: Union[str, os.PathLike], rows: Sequence[Mapping[str, Any
     from canopy_rs import parquet
 
     table = parquet.table(rows)
-    _atomic_write_with(Path(path), lambda f: parquet.write(table, f))
+    write_atomically(Path(path), lambda f: parquet.write(table, f))
     return True
 
 

@@ -13,6 +13,8 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError('plots need matplotlib: pip install "canopy_rs[plot]"') from e
 
+from canopy_rs.files import write_atomically
+
 __all__ = ["new_figure", "new_axes", "save_figure"]
 
 BLUE = "#3a6ea5"
@@ -43,19 +45,7 @@ def save_figure(fig: Any, path: Union[str, os.PathLike], formats: Sequence[str] 
     out = []
     for f in formats:
         q = p.with_suffix("." + f)
-        tmp = q.with_name(f".{q.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            with open(tmp, "xb") as fh:  # created by a plain open: the umask decides its mode
-                fig.savefig(fh, dpi=dpi, format=f)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, q)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomically(q, lambda fh, f=f: fig.savefig(fh, dpi=dpi, format=f))
         out.append(q)
     return out
 

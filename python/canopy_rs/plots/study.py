@@ -11,25 +11,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from canopy_rs.plots.figure import Figure, save_figure
+from canopy_rs.text import format_number
 
 __all__ = ["study_figures", "model_colors"]
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    """A table-style number (as in the report): None as a dash, NaN as nan, tiny or huge ones in g format."""
-    if x is None:
-        return "–"
-    if isinstance(x, str):
-        return x
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(v):
-        return "nan"
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}f}"
 
 
 def _save(fig: Any, out: Path, name: str) -> str:
@@ -188,7 +174,7 @@ def _fig_diversity_rate(out: Path, panel: Sequence[Mapping[str, Any]], reg: Mapp
         xs = np.linspace(x.min(), x.max(), 2)
         # MixedLM slope per SD of R_bar, drawn through the variant's mean point.
         ax.plot(xs, y.mean() + slope / sd * (xs - x.mean()), color=colors.get(variant, "0.4"), lw=2,
-                ls=styles[variant], label=f"{variant}: slope {_fmt(slope)} per SD of R̄")
+                ls=styles[variant], label=f"{variant}: slope {format_number(slope)} per SD of R̄")
     for m in mcolors:
         vs = [r for r in pts if r["model"] == m]
         if vs:
@@ -198,7 +184,7 @@ def _fig_diversity_rate(out: Path, panel: Sequence[Mapping[str, Any]], reg: Mapp
     title = "D vs R̄ per prompt"
     if math.isfinite(reg.get("ratio", math.nan)):
         lo, hi = reg.get("ratio_ci", [math.nan, math.nan])
-        title += f"; slope ratio fine-tuned/base {_fmt(reg['ratio'], 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+        title += f"; slope ratio fine-tuned/base {format_number(reg['ratio'], 2)} [{format_number(lo, 2)}, {format_number(hi, 2)}]"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -10,29 +10,17 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from canopy_rs.text import format_number
+
 __all__ = ["make_figures", "build_report", "render_markdown", "render_html"]
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", headers, rows) | ("img", relpath, caption)
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, str):
-        return x
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(v):
-        return "nan"
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}f}"
 
 
 def _ci(s: Mapping[str, Any], digits: int = 3) -> str:
-    return f"{_fmt(s.get('value'), digits)} [{_fmt(s.get('ci_low'), digits)}, {_fmt(s.get('ci_high'), digits)}]"
+    return f"{format_number(s.get('value'), digits)} [{format_number(s.get('ci_low'), digits)}, {format_number(s.get('ci_high'), digits)}]"
 
 
 class _Notes:
@@ -45,8 +33,8 @@ class _Notes:
         return f" [{self.items.setdefault(text, len(self.items) + 1)}]"
 
     def cell(self, x: Any, why: Any, digits: int = 3) -> str:
-        """``_fmt(x)``, with a footnote naming the cause when it is NaN (``why``: text or a callable)."""
-        s = _fmt(x, digits)
+        """``format_number(x)``, with a footnote naming the cause when it is NaN (``why``: text or a callable)."""
+        s = format_number(x, digits)
         if s == "nan":
             s += self.mark(why() if callable(why) else why)
         return s
@@ -270,8 +258,8 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
                   "(e.g. the prompt variance at its boundary 0)")
         b.append(("table", ["base slope β (SE)", "fine-tuned slope β + η (SE)", "ratio (β + η)/β",
                             "95% CI (prompt bootstrap)", "refits in the CI", "p(η = 0)"],
-                  [[f"{_fmt(reg['base_slope'])} ({notes.cell(reg.get('base_slope_se'), se_why)})",
-                    f"{_fmt(reg['finetuned_slope'])} ({notes.cell(reg.get('finetuned_slope_se'), se_why)})",
+                  [[f"{format_number(reg['base_slope'])} ({notes.cell(reg.get('base_slope_se'), se_why)})",
+                    f"{format_number(reg['finetuned_slope'])} ({notes.cell(reg.get('finetuned_slope_se'), se_why)})",
                     notes.cell(reg["ratio"], ratio_why, 2),
                     f"[{notes.cell(lo, ci_why, 2)}, {notes.cell(hi, ci_why, 2)}]", f"{used}/{nb}",
                     notes.cell(reg["eta_pvalue"], se_why)]]))
@@ -288,7 +276,7 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
         coefs = reg.get("coefficients") or []
         if coefs:
             b.append(("table", ["term", "estimate", "SE", "p"],
-                      [[c["term"], _fmt(c["estimate"]), notes.cell(c["se"], se_why), notes.cell(c["pvalue"], se_why)]
+                      [[c["term"], format_number(c["estimate"]), notes.cell(c["se"], se_why), notes.cell(c["pvalue"], se_why)]
                        for c in coefs]))
         b.append(("p", "Slopes are in D per standard deviation of R̄ (R_sc). The paper reports the ratio "
                        "≈ 3 in a beta GLMM on the same terms; this is the linear mixed-model form."))
@@ -296,7 +284,7 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
             b.append(("p", f"Note: {reg['note']}."))
         se = reg.get("base_slope_se", math.nan)
         if not (math.isfinite(se) and abs(reg["base_slope"]) > 2 * se):
-            b.append(("p", f"**Caution:** the base slope ({_fmt(reg['base_slope'])} ± {_fmt(se)} SE) is not clearly "
+            b.append(("p", f"**Caution:** the base slope ({format_number(reg['base_slope'])} ± {format_number(se)} SE) is not clearly "
                            "different from 0, so the ratio is unstable and its interval unreliable; read the two "
                            "slopes and p(η = 0) instead."))
     if "diversity_vs_rate" in figs:
