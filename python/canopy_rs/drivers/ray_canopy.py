@@ -27,7 +27,7 @@ from canopy_rs.drivers.shards import (PartialCanopy, Shard, finish, merge_partia
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import CanopyBounds
 
-__all__ = ["run_ray"]
+__all__ = ["run_ray", "ray_init"]
 
 # Shards per worker the head is split into (more evens out the load; each costs one prefix walk).
 SHARDS_PER_WORKER = 4
@@ -50,8 +50,9 @@ class _ShardWorker:
         return run_shard(self.model, shard, budget=budget, support_cap=support_cap, **kw)
 
 
-def _ray_init(address: Optional[str]) -> bool:
-    """Connects to (or starts) Ray; True when this call started it (so it is shut down again)."""
+def ray_init(address: Optional[str]) -> bool:
+    """Connects to (or starts) Ray; True when this call started it (so the caller shuts it down again). The
+    one Ray start-up of the package: the canopy's shards and the study's units both use it."""
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
@@ -81,7 +82,7 @@ def run_ray(
     over the shards by reach mass."""
     if model is None and model_factory is None:
         raise InvalidArgumentError("executor='ray' needs a model or a model_factory")
-    started = _ray_init(ray_address)
+    started = ray_init(ray_address)
     try:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))

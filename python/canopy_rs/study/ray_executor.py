@@ -1,5 +1,5 @@
 """The Ray executor: units as Ray actor calls (see :mod:`canopy_rs.study.executors`). Ray, an optional
-dependency, is imported here and only here."""
+dependency, is imported here and in :mod:`canopy_rs.drivers.ray_canopy` (whose ``ray_init`` starts it)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ try:
     import ray
 except ImportError:
     raise ImportError('executor="ray" needs Ray: pip install "canopy_rs[ray]"') from None
+
+from canopy_rs.drivers.ray_canopy import ray_init
 
 from .config import StudyConfig
 from .executors import OnResult, Progress, Say, by_model
@@ -27,23 +29,10 @@ class _Worker:
         return self.runner.run(unit)
 
 
-def _ray_init(address: Optional[str]) -> bool:
-    """Connects to (or starts) Ray; True when this call started it (so the study shuts it down again)."""
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address:
-        kw.pop("include_dashboard")
-        ray.init(address=address, **kw)
-    else:
-        ray.init(**kw)
-    return True
-
-
 def run_ray(cfg: StudyConfig, units: Sequence[Unit], on_result: OnResult, say: Say) -> None:
     """Runs the units as Ray actor calls (see the module docstring); ``cfg.ray_address`` picks the cluster
     (``"auto"``, ``"ray://host:10001"``, ...; None: the running Ray of this process, else a new local one)."""
-    started = _ray_init(cfg.ray_address)
+    started = ray_init(cfg.ray_address)
     try:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
