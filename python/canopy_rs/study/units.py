@@ -70,7 +70,9 @@ def _key_settings(cfg: StudyConfig, fingerprints: dict[str, Any]) -> dict[str, d
         out[m.name] = {
             **common,
             "model": {"name": m.name, "weights": fingerprints[m.name], "chat": m.use_chat, "dtype": m.dtype,
-                      "device": m.device or "auto"},
+                      "device": m.device or "auto",
+                      # the model's own code instead of transformers' can change the numbers (absent when off)
+                      **({"trust_remote_code": True} if m.trust_remote_code else {})},
         }
     return out
 
@@ -114,8 +116,10 @@ class UnitRunner:
         self._model = self._tokenizer = self._first_backend = None  # drop the previous model before the next
         entry = self.cfg.model(name)
         path, gguf = entry.location()
+        spec = entry.spec()  # the same files, with a hub id's commit, which load_model records on the model
         t = time.perf_counter()
-        self._model, self._tokenizer = load_model(path, gguf, device=entry.device, dtype=entry.dtype, quiet=True)
+        self._model, self._tokenizer = load_model(spec, device=entry.device, dtype=entry.dtype, quiet=True,
+                                                  trust_remote_code=entry.trust_remote_code)
         self.load_seconds = time.perf_counter() - t
         self._info = {"name": name, "path": path, "gguf": gguf, "chat": entry.use_chat,
                       **model_record(self._model, self.load_seconds)}
