@@ -68,8 +68,9 @@ HEAVY = {
     "canopy_rs.sbert": "sentence-transformers: only when an encoder folder is loaded",
     "canopy_rs.plots": "matplotlib: only when a figure is drawn",
     "canopy_rs.parquet": "pyarrow: only when a Parquet table is written",
-    "canopy_rs.study.ray_executor": "ray: only for executor='ray'",
-    "canopy_rs.drivers.ray_canopy": "ray: only for exact(..., executor='ray')",
+    "canopy_rs.drivers.ray_pool": "ray: only for executor='ray' and --ray",
+    "canopy_rs.drivers.ray_canopy": "ray (through ray_pool): only for exact(..., executor='ray')",
+    "canopy_rs.study.ray_executor": "ray (through ray_pool): only for the study's executor='ray'",
     "canopy_rs.study.mixed_model": "pandas and statsmodels: only when the study fits its model",
 }
 # Function-local imports of other modules of the package, each with its reason (keep this list short).

@@ -142,6 +142,14 @@ def add_run_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_N
     add_policy_args(p, max_new_tokens=max_new_tokens)
 
 
+def add_ray_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``: run on Ray workers, each loading the model once (``what``: how the command
+    splits its work). Without ADDRESS, the Ray of RAY_ADDRESS or a new local one."""
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"run on Ray workers (one per GPU, else per CPU; each loads the model once): {what}; "
+                        "ADDRESS picks the cluster (auto, ray://head:10001, ...; default: a new local Ray)")
+
+
 def add_output_args(p: argparse.ArgumentParser, out_default: Optional[str] = None, seed: bool = True,
                     plots: bool = True) -> None:
     g = p.add_argument_group("output")

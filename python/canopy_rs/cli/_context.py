@@ -4,6 +4,7 @@ model, the per-prompt loop with its checkpoints, and the final result."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -102,8 +103,11 @@ class PromptJob:
     backend: Any
 
 
-# A command's per-prompt work: the record to checkpoint and its tables (``{"rollouts": rows, "nodes": rows}``).
-PromptFn = Callable[[PromptJob], tuple[dict, dict]]
+# A command's per-prompt work, ``fn(ctx, job)``: the record to checkpoint and its tables (``{"rollouts": rows,
+# "nodes": rows}``). A module-level function, so that --ray can run it on a worker.
+PromptFn = Callable[["RunContext", PromptJob], tuple[dict, dict]]
+# Extra keyword arguments of a prompt's backend, ``backend_options(ctx, hf_model)`` (module-level too).
+BackendOptions = Callable[["RunContext", Any], dict]
 
 
 def tqdm_available() -> bool:
@@ -171,6 +175,7 @@ class RunContext:
         self._first_backend: Optional[Any] = None
         self.model_seconds = 0.0
         self.files: list[str] = []
+        self.on_worker = False  # a Ray worker's context (--ray): computes prompts, writes nothing
 
     # --- before and after the command ------------------------------------------------------------------
     def open(self) -> None:
@@ -332,54 +337,102 @@ class RunContext:
         return cfg
 
     # --- the per-prompt loop ----------------------------------------------------------------------
-    def run_prompts(self, fn: PromptFn, backend_options: Optional[Callable[[Any], dict]] = None,
+    def run_prompts(self, fn: PromptFn, backend_options: Optional[BackendOptions] = None,
                     schema: Optional[dict[str, Any]] = None, **key_extra: Any) -> list[dict[str, Any]]:
-        """Calls ``fn(job)`` for each prompt not already finished in ``--out`` and checkpoints its record and
-        tables. ``backend_options(hf_model)`` gives extra keyword arguments for the prompt's backend.
+        """Calls ``fn(ctx, job)`` for each prompt not already finished in ``--out`` and checkpoints its record
+        and tables. ``backend_options(ctx, hf_model)`` gives extra keyword arguments for the prompt's backend.
         ``schema``: the fields (and their types) the command reads from a record beside
         :data:`~canopy_rs.runs.RECORD_SCHEMA`'s; a checkpoint without them is recomputed with a warning.
+        With ``--ray`` and more than one prompt to compute (:meth:`spreads_prompts`), the prompts run on Ray
+        workers (each loads the model once) and are checkpointed as they come back, under the same keys.
         Returns the records in prompt order."""
         full_schema = {**RECORD_SCHEMA, **(schema or {})}
         prompts = self.prompts()
-        records = []
         n = len(prompts)
+        records: dict[int, dict[str, Any]] = {}
+        todo: list[tuple[int, dict[str, Any], str]] = []
         for i, p in enumerate(prompts):
             key = prompt_key(p["prompt"], self.key_config(i, **key_extra))
-            tag = f"[{i + 1}/{n}] " if n > 1 else ""
-            if self.out is not None:
-                def damaged(why: str, p: dict = p, tag: str = tag) -> None:
-                    print(f"canopy-rs: warning: {tag}prompt {p['id']!r}: the checkpoint in {self.out.path} is "
-                          f"damaged ({why}); recomputing it", file=sys.stderr, flush=True)
+            rec = self._resumed(i, p, key, n, full_schema)
+            if rec is not None:
+                records[i] = rec
+            else:
+                todo.append((i, p, key))
 
-                rec = self.out.finished(key, fresh=self.args.fresh, damaged=damaged, schema=full_schema)
-                if rec is not None and (rec["index"] != i or rec["prompt"] != p["prompt"]):
-                    damaged(f"it holds prompt {rec['index']} ({short(rec['prompt'], 30)!r}), not this one")
-                    rec = None
-                if rec is not None:
-                    self.say(f"{tag}prompt {p['id']!r}: already done in {self.out.path} (skipped; --fresh recomputes)")
-                    rec["resumed"] = True
-                    rec["id"] = p["id"]  # the id is a label, not a setting: this run's
-                    if self._saved_model_info is None and isinstance(rec.get("model"), dict):
-                        self._saved_model_info = rec["model"]
-                    records.append(rec)
-                    continue
-            self.say(f"{tag}prompt {p['id']!r}: {short(p['prompt'], 70)}")
-            t = time.perf_counter()
-            backend = self.backend(p["prompt"], **(backend_options(self.load()[0]) if backend_options else {}))
-            rec, tables = fn(PromptJob(index=i, id=p["id"], prompt=p["prompt"], seed=self.seed_for(i), backend=backend))
-            rec = {
-                "key": key, "index": i, "id": p["id"], "prompt": p["prompt"],
-                "prompt_tokens": len(getattr(backend, "prompt_ids", []) or []),
-                "strategy": getattr(backend, "strategy", None),
-                "eos_token_ids": [int(e) for e in backend.eos_token_ids],
-                **rec,
-                "seconds": time.perf_counter() - t,
-                "model": self.model_info(),
-            }
+        def keep(i: int, key: str, rec: dict[str, Any], tables: dict[str, Any]) -> None:
+            rec = {"key": key, **rec}
             if self.out is not None:
                 self.out.save(key, rec, rollouts=tables.get("rollouts"), nodes=tables.get("nodes"))
-            records.append(rec)
-        return records
+            records[i] = rec
+
+        if todo and self.spreads_prompts():
+            self._run_on_ray(fn, backend_options, todo, keep)
+        for i, p, key in todo:
+            if i in records:
+                continue
+            self.say(f"{self._tag(i, n)}prompt {p['id']!r}: {short(p['prompt'], 70)}")
+            keep(i, key, *compute_prompt(self, fn, backend_options, i, p))
+        return [records[i] for i in range(n)]
+
+    def worker_backend_factory(self, prompt: str, options: dict[str, Any]) -> Callable[[], Any]:
+        """A picklable ``() -> backend`` of ``prompt`` that a Ray worker calls once: the model is loaded there,
+        the way this run loads it (the resolved model, its revision, dtype, strategy and remote-code choice)."""
+        return functools.partial(worker_backend, self._worker_args(), self.argv, self.spec, prompt, options)
+
+    def _worker_args(self) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(self.args), "quiet": True})
+
+    def spreads_prompts(self) -> bool:
+        """Whether this run spreads its prompts over Ray workers: ``--ray`` with several prompts (one prompt's
+        canopy is split into shards instead, by the commands that can)."""
+        return getattr(self.args, "ray", None) is not None and not self.on_worker and len(self.prompts()) > 1
+
+    def _tag(self, i: int, n: int) -> str:
+        return f"[{i + 1}/{n}] " if n > 1 else ""
+
+    def _resumed(self, i: int, p: dict[str, Any], key: str, n: int, schema: dict[str, Any]) -> Optional[dict]:
+        """The prompt's finished record in --out (with the same key), else None."""
+        if self.out is None:
+            return None
+        tag = self._tag(i, n)
+
+        def damaged(why: str) -> None:
+            print(f"canopy-rs: warning: {tag}prompt {p['id']!r}: the checkpoint in {self.out.path} is "
+                  f"damaged ({why}); recomputing it", file=sys.stderr, flush=True)
+
+        rec = self.out.finished(key, fresh=self.args.fresh, damaged=damaged, schema=schema)
+        if rec is not None and (rec["index"] != i or rec["prompt"] != p["prompt"]):
+            damaged(f"it holds prompt {rec['index']} ({short(rec['prompt'], 30)!r}), not this one")
+            rec = None
+        if rec is None:
+            return None
+        self.say(f"{tag}prompt {p['id']!r}: already done in {self.out.path} (skipped; --fresh recomputes)")
+        rec["resumed"] = True
+        rec["id"] = p["id"]  # the id is a label, not a setting: this run's
+        if self._saved_model_info is None and isinstance(rec.get("model"), dict):
+            self._saved_model_info = rec["model"]
+        return rec
+
+    def _run_on_ray(self, fn: PromptFn, backend_options: Optional[BackendOptions],
+                    todo: list[tuple[int, dict[str, Any], str]],
+                    keep: Callable[[int, str, dict, dict], None]) -> None:
+        """The prompts of ``todo`` on Ray workers, each a :class:`RunContext` of this run's arguments that
+        loads the model once; every record is checkpointed as it arrives (an interrupted run keeps them)."""
+        from canopy_rs.drivers.ray_pool import WorkerPool  # imports ray: only for --ray
+
+        n = len(self.prompts())
+        make_state = functools.partial(worker_context, self._worker_args(), self.argv, self.spec)
+        task = functools.partial(compute_on_worker, fn, backend_options)
+        with WorkerPool(make_state, max_workers=len(todo), ray_address=self.args.ray or None) as pool:
+            self.say(f"ray: {len(todo)} prompt(s) on {pool.describe()}")
+            keys = {i: key for i, _, key in todo}
+            for done, ((i, p), (rec, tables), w) in enumerate(
+                    pool.imap(task, [(i, p) for i, p, _ in todo]), start=1):
+                keep(i, keys[i], rec, tables)
+                if self._model is None and self._saved_model_info is None:
+                    self._saved_model_info = rec.get("model")  # what the workers loaded (none here)
+                self.say(f"[{done}/{len(todo)}] prompt {p['id']!r} ({i + 1} of {n}): {rec['seconds']:.1f} s "
+                         f"(ray worker {w})")
 
     # --- outputs -----------------------------------------------------------------------------------
     def header(self, records: list[dict]) -> str:
@@ -456,6 +509,46 @@ class RunContext:
         else:
             print(table)
         return 0
+
+
+def compute_prompt(ctx: RunContext, fn: PromptFn, backend_options: Optional[BackendOptions], index: int,
+                   prompt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One prompt's record (without its resume key) and tables: the same in this process and on a worker."""
+    t = time.perf_counter()
+    backend = ctx.backend(prompt["prompt"], **(backend_options(ctx, ctx.load()[0]) if backend_options else {}))
+    rec, tables = fn(ctx, PromptJob(index=index, id=prompt["id"], prompt=prompt["prompt"],
+                                    seed=ctx.seed_for(index), backend=backend))
+    rec = {
+        "index": index, "id": prompt["id"], "prompt": prompt["prompt"],
+        "prompt_tokens": len(getattr(backend, "prompt_ids", []) or []),
+        "strategy": getattr(backend, "strategy", None),
+        "eos_token_ids": [int(e) for e in backend.eos_token_ids],
+        **rec,
+        "seconds": time.perf_counter() - t,
+        "model": ctx.model_info(),
+    }
+    return rec, tables
+
+
+def worker_context(args: argparse.Namespace, argv: Sequence[str], spec: Any) -> RunContext:
+    """A Ray worker's :class:`RunContext`: the run's arguments (quiet) and the model the driver resolved."""
+    ctx = RunContext(args, argv)
+    ctx.on_worker = True
+    ctx._spec = spec
+    return ctx
+
+
+def worker_backend(args: argparse.Namespace, argv: Sequence[str], spec: Any, prompt: str,
+                   options: dict[str, Any]) -> Any:
+    """One prompt's backend, built on a Ray worker (:meth:`RunContext.worker_backend_factory`)."""
+    return worker_context(args, argv, spec).backend(prompt, **options)
+
+
+def compute_on_worker(fn: PromptFn, backend_options: Optional[BackendOptions], ctx: RunContext,
+                      task: tuple[int, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A :class:`~canopy_rs.drivers.ray_pool.WorkerPool` call: one prompt on the worker's context."""
+    return compute_prompt(ctx, fn, backend_options, *task)
+
 
 
 def prompt_row(r: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from canopy_rs.api import bounded
-from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_float, positive_int
+from canopy_rs.cli._args import add_output_args, add_ray_arg, add_run_args, byte_size, positive_float, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import format_table, num, short
 from canopy_rs.cli.exact import exact_record
@@ -37,39 +37,50 @@ def add_parser(sub: Any) -> None:
                    help="with --order beam: expand only the B most probable nodes of each depth (the bracket "
                    "stays certified; pruned nodes count as unexpanded)")
     p.add_argument("--max-nodes", type=positive_int, default=10_000_000)
+    add_ray_arg(p, "the prompts are spread over them")
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 
 
-def run(ctx: RunContext) -> int:
-    a = ctx.args
-    nodes = a.budget
-    if not any((a.budget, a.budget_tokens, a.budget_seconds, a.budget_memory)):
+def budget_of(args: Any) -> Budget:
+    """The budget the flags give (--budget NODES by default)."""
+    nodes = args.budget
+    if not any((args.budget, args.budget_tokens, args.budget_seconds, args.budget_memory)):
         nodes = DEFAULT_BUDGET_NODES
-    budget = Budget(nodes=nodes, tokens=a.budget_tokens, seconds=a.budget_seconds,
-                    memory_bytes=a.budget_memory)
+    return Budget(nodes=nodes, tokens=args.budget_tokens, seconds=args.budget_seconds,
+                  memory_bytes=args.budget_memory)
+
+
+def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
+    """One prompt's certified bracket within the budget."""
+    a = ctx.args
+    budget = budget_of(a)
     # The library's default (the vocabulary size) keeps the bracket a proof; a smaller cap is an assumption
     # about the unexpanded nodes (top-k ties can exceed k), so it is only used when asked for.
+    cap = a.support_cap
+    prog = BracketProgress(not ctx.show_progress, "bracket", record=True, total_nodes=budget.nodes)
+    try:
+        res = bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
+                      beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
+                      progress_interval=0.0)
+    finally:
+        prog.close()
+    rec: dict[str, Any] = {"bounds": res.to_dict(), "bracket_trajectory": prog.snapshots, "support_cap": cap,
+                           "budget": dataclasses.asdict(budget)}
+    if res.is_exact:
+        rec["exact"] = exact_record(res)
+    return rec, {}
+
+
+def run(ctx: RunContext) -> int:
+    a = ctx.args
+    budget = budget_of(a)
     cap = a.support_cap
     if (a.order == "beam") != (a.beam_width is not None):
         raise InvalidArgumentError("--beam-width B goes with --order beam (and only with it): give both or neither")
 
-    def one(job: PromptJob) -> tuple[dict, dict]:
-        prog = BracketProgress(not ctx.show_progress, "bracket", record=True, total_nodes=nodes)
-        try:
-            res = bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
-                                    beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
-                                    progress_interval=0.0)
-        finally:
-            prog.close()
-        rec: dict[str, Any] = {"bounds": res.to_dict(), "bracket_trajectory": prog.snapshots, "support_cap": cap,
-                               "budget": dataclasses.asdict(budget)}
-        if res.is_exact:
-            rec["exact"] = exact_record(res)
-        return rec, {}
-
-    records = ctx.run_prompts(one, schema={"bounds": dict},
-                              budget=[nodes, a.budget_tokens, a.budget_seconds, a.budget_memory],
+    records = ctx.run_prompts(prompt_record, schema={"bounds": dict},
+                              budget=[budget.nodes, a.budget_tokens, a.budget_seconds, a.budget_memory],
                               support_cap=cap, order=a.order, beam_width=a.beam_width)
     rows = []
     for r in records:

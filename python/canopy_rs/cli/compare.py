@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from canopy_rs.cli._args import add_output_args, add_run_args, positive_int, positive_int_list, str_list
+from canopy_rs.cli._args import add_output_args, add_ray_arg, add_run_args, positive_int, positive_int_list, str_list
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, PromptJob, RunContext
 from canopy_rs.cli._format import short
 from canopy_rs.cli.exact import exact_record
@@ -28,6 +28,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--budgets", type=positive_int_list, default=[50, 100, 200],
                    help="model tokens per estimate, comma-separated (default: 50,100,200)")
     p.add_argument("--repeats", type=positive_int, default=10, help="(default: 10)")
+    add_ray_arg(p, "the prompts are spread over them")
     add_output_args(p)
     p.set_defaults(func=run, prepare=prepare)
 
@@ -47,16 +48,17 @@ def study_of(rec: dict) -> Any:
                        settings=d.get("settings", {}))
 
 
+def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
+    a = ctx.args
+    study = compare(job.backend, estimators=a.estimators, budgets=a.budgets, repeats=a.repeats, seed=job.seed or 0,
+                    batch_size=a.batch_size, progress=ctx.show_progress, **ctx.policy())
+    ex = study.exact if isinstance(study.exact, dict) else exact_record(study.exact)
+    return {"seed": job.seed, "exact": ex, "study": study.to_dict()}, {}
+
+
 def run(ctx: RunContext) -> int:
     a = ctx.args
-
-    def one(job: PromptJob) -> tuple[dict, dict]:
-        study = compare(job.backend, estimators=a.estimators, budgets=a.budgets, repeats=a.repeats, seed=job.seed or 0,
-                        batch_size=a.batch_size, progress=ctx.show_progress, **ctx.policy())
-        ex = study.exact if isinstance(study.exact, dict) else exact_record(study.exact)
-        return {"seed": job.seed, "exact": ex, "study": study.to_dict()}, {}
-
-    records = ctx.run_prompts(one, schema={"study": {"exact_ce_star": (int, float), "rows": list}, "exact": dict},
+    records = ctx.run_prompts(prompt_record, schema={"study": {"exact_ce_star": (int, float), "rows": list}, "exact": dict},
                               estimators=a.estimators, budgets=a.budgets, repeats=a.repeats)
     studies = [study_of(r) for r in records]
     parts = [ctx.header(records)]

@@ -79,19 +79,19 @@ def _pooled_table(records: list[dict]) -> tuple[dict, list[str]]:
     return {"exact": ex, "estimate": est}, lines
 
 
+def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
+    t = time.perf_counter()
+    res, traj = exact_with_bracket(ctx, job.backend)
+    ex = exact_record(res)
+    ex["seconds"] = time.perf_counter() - t
+    rec, rows = sample_prompt(ctx, job, ctx.args.num_rollouts)
+    rec.update(exact=ex, bracket_trajectory=traj)
+    return rec, {"rollouts": rows}
+
+
 def run(ctx: RunContext) -> int:
     a = ctx.args
-
-    def one(job: PromptJob) -> tuple[dict, dict]:
-        t = time.perf_counter()
-        res, traj = exact_with_bracket(ctx, job.backend)
-        ex = exact_record(res)
-        ex["seconds"] = time.perf_counter() - t
-        rec, rows = sample_prompt(ctx, job, a.num_rollouts)
-        rec.update(exact=ex, bracket_trajectory=traj)
-        return rec, {"rollouts": rows}
-
-    records = ctx.run_prompts(one, schema={"exact": EXACT_SCHEMA, **SAMPLE_SCHEMA}, num_rollouts=a.num_rollouts,
+    records = ctx.run_prompts(prompt_record, schema={"exact": EXACT_SCHEMA, **SAMPLE_SCHEMA}, num_rollouts=a.num_rollouts,
                               demo=True)
     r0 = records[0]
     ex, est = r0["exact"], r0["estimate"]

@@ -10,12 +10,11 @@ allows a canopy beyond that limit, a few short rollouts first estimate its size
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 from typing import Any, Optional
 
 from canopy_rs.api import exact
-from canopy_rs.cli._args import add_output_args, add_run_args, byte_size, positive_int
+from canopy_rs.cli._args import add_output_args, add_ray_arg, add_run_args, byte_size, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJob, RunContext
 from canopy_rs.cli._format import exact_table, multi_exact_table
 from canopy_rs.drivers.shards import finish
@@ -44,9 +43,8 @@ def add_parser(sub: Any) -> None:
                    help="memory for the canopy and the model's live KV cache, e.g. 8G (default: 4G)")
     p.add_argument("--order", choices=["depth-first", "breadth-first", "best-first"], default="depth-first")
     p.add_argument("--nodes", action="store_true", help="also write the per-node table (nodes.csv)")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="split each prompt's canopy into shards run by Ray actors (each loads the model once); "
-                        "ADDRESS picks the cluster (default: a new local Ray)")
+    add_ray_arg(p, "one prompt's canopy is split into shards run by Ray workers; several prompts are spread "
+                   "over them")
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 
@@ -96,60 +94,59 @@ def check_size(ctx: RunContext, backend: Any, node_limit: int) -> Optional[SizeE
     return probe
 
 
-def load_backend(args: argparse.Namespace, prompt: str, chat: bool, options: dict[str, Any]) -> Any:
-    """The prompt's transformers backend, built from the command's arguments (what a Ray actor calls once,
-    so that the model is loaded on the worker rather than pickled)."""
-    from canopy_rs.backends.transformers import TransformersModel  # imports torch: only on a worker
-    from canopy_rs.hf_models import load_model
-
-    model, tok = load_model(args.model, args.gguf, device=args.device, dtype=args.dtype, quiet=True)
-    return TransformersModel(model, tok, prompt=prompt, chat=chat, strategy=args.strategy,
-                             eos_token_ids=args.eos_token_ids, context_length=args.context_length, **options)
-
-
-def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], node_limit: int) -> Any:
-    """One prompt's canopy as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`)."""
+def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], limit: int) -> Any:
+    """One prompt's canopy as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`); each worker
+    builds the prompt's backend once, from this run's arguments (the model is loaded there, not pickled)."""
     from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for --ray
 
     a = ctx.args
-    kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit)
-    factory = functools.partial(load_backend, a, job.prompt, ctx.chat(), options)
-    merged, complete = run_ray(None, kw, model_factory=factory, ray_address=a.ray or None)
+    kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=limit)
+    merged, complete = run_ray(None, kw, model_factory=ctx.worker_backend_factory(job.prompt, options),
+                               ray_address=a.ray or None)
     res = finish(merged)
     if not complete:
         raise Interrupted(res)
     return res
 
 
+def node_limit(args: argparse.Namespace) -> int:
+    """The most nodes the run may reach: --max-nodes, and --max-memory over the bytes a node takes."""
+    return min(args.max_nodes, args.max_memory // NODE_BYTES)
+
+
+def backend_options(ctx: RunContext, model: Any) -> dict[str, Any]:
+    """The live KV cache gets what the engine's nodes can leave of --max-memory."""
+    a = ctx.args
+    kv = max(a.max_memory - node_limit(a) * NODE_BYTES, a.max_memory // 2)
+    return {"max_live_kv_tokens": max(1, kv // kv_bytes_per_token(model))}
+
+
+def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
+    """One prompt's exact canopy (its shards on Ray with --ray and a single prompt)."""
+    a = ctx.args
+    limit = node_limit(a)
+    probe = check_size(ctx, job.backend, limit)
+    if a.ray is not None and not ctx.on_worker:
+        res = exact_on_ray(ctx, job, backend_options(ctx, ctx.load()[0]), limit)
+        return {"exact": exact_record(res)}, {}
+    prog = BracketProgress(not ctx.show_progress, "canopy")
+    try:
+        res = exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=limit,
+                    order=a.order, return_nodes=a.nodes, progress=prog, progress_interval=0.25)
+    except (TreeTooLargeError, KVBudgetExceededError) as e:
+        seen = f" (size check: {probe.describe()})" if probe is not None and isinstance(e, TreeTooLargeError) else ""
+        raise type(e)(_too_large(str(e).rstrip(".") + seen)) from None
+    finally:
+        prog.close()
+    tables = {"nodes": node_rows(res.nodes, job.index)} if a.nodes and res.nodes is not None else {}
+    return {"exact": exact_record(res)}, tables
+
+
 def run(ctx: RunContext) -> int:
     a: argparse.Namespace = ctx.args
-    node_limit = min(a.max_nodes, a.max_memory // NODE_BYTES)
-
-    def backend_options(model: Any) -> dict[str, Any]:
-        # The live KV cache gets what the engine's nodes can leave of the memory budget.
-        kv = max(a.max_memory - node_limit * NODE_BYTES, a.max_memory // 2)
-        return {"max_live_kv_tokens": max(1, kv // kv_bytes_per_token(model))}
-
-    def one(job: PromptJob) -> tuple[dict, dict]:
-        probe = check_size(ctx, job.backend, node_limit)
-        if a.ray is not None:
-            if a.nodes:
-                raise InvalidArgumentError("--ray merges the shards' sums: --nodes needs one process")
-            res = exact_on_ray(ctx, job, backend_options(ctx.load()[0]), node_limit)
-            return {"exact": exact_record(res)}, {}
-        prog = BracketProgress(not ctx.show_progress, "canopy")
-        try:
-            res = exact(job.backend, **ctx.policy(), batch_size=a.batch_size, max_nodes=node_limit,
-                                  order=a.order, return_nodes=a.nodes, progress=prog, progress_interval=0.25)
-        except (TreeTooLargeError, KVBudgetExceededError) as e:
-            seen = f" (size check: {probe.describe()})" if probe is not None and isinstance(e, TreeTooLargeError) else ""
-            raise type(e)(_too_large(str(e).rstrip(".") + seen)) from None
-        finally:
-            prog.close()
-        tables = {"nodes": node_rows(res.nodes, job.index)} if a.nodes and res.nodes is not None else {}
-        return {"exact": exact_record(res)}, tables
-
-    records = ctx.run_prompts(one, backend_options=backend_options, schema={"exact": EXACT_SCHEMA}, nodes=a.nodes)
+    if a.ray is not None and a.nodes:
+        raise InvalidArgumentError("--nodes writes every node of one process's canopy: drop --ray (or --nodes)")
+    records = ctx.run_prompts(prompt_record, backend_options=backend_options, schema={"exact": EXACT_SCHEMA}, nodes=a.nodes)
     exacts = [r["exact"] for r in records]
     pooled = pool_exact(exacts) if len(records) > 1 else None
     body = exact_table(exacts[0]) if pooled is None else multi_exact_table(records, pooled)

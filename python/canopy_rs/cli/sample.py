@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_run_args, positive_int
+from canopy_rs.cli._args import DEFAULT_ROLLOUTS, add_output_args, add_ray_arg, add_run_args, positive_int
 from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, PromptJob, RunContext
 from canopy_rs.cli._rollouts_file import check_args, run_file
 from canopy_rs.cli._format import estimate_table, multi_estimate_table
+from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.estimators import estimate, estimate_best, pool
 from canopy_rs.runs import rollout_rows
 from canopy_rs.sampling import sample
@@ -29,12 +30,15 @@ def add_parser(sub: Any) -> None:
                    help="score rollouts made elsewhere instead of sampling: JSONL (tokens, entropies, optional "
                         "logq and eos per line; id groups prompts) or the rollouts.parquet/.csv canopy-rs writes; "
                         "give the --max-new-tokens (and --eos-token-ids) they were drawn with")
+    add_ray_arg(p, "the prompts are spread over them")
     add_output_args(p)
     p.set_defaults(func=run, prepare=prepare)
 
 
 def prepare(args: Any) -> None:
     if args.rollouts:
+        if args.ray is not None:
+            raise InvalidArgumentError("--rollouts scores rollouts already made, which needs no model: drop --ray")
         check_args(args)
 
 
@@ -56,6 +60,11 @@ def sample_prompt(ctx: RunContext, job: PromptJob, num_rollouts: int) -> tuple[d
     return rec, rollout_rows(ro, job.index, ctx.tokenizer)
 
 
+def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
+    rec, rows = sample_prompt(ctx, job, ctx.args.num_rollouts)
+    return rec, {"rollouts": rows}
+
+
 def pool_estimates(records: list[dict]) -> dict[str, Any]:
     return pool([r["estimate"] for r in records]).to_dict()
 
@@ -74,11 +83,7 @@ def run(ctx: RunContext) -> int:
     if a.rollouts:
         return run_file(ctx, length_rate_figures)
 
-    def one(job: PromptJob) -> tuple[dict, dict]:
-        rec, rows = sample_prompt(ctx, job, a.num_rollouts)
-        return rec, {"rollouts": rows}
-
-    records = ctx.run_prompts(one, schema=SAMPLE_SCHEMA, num_rollouts=a.num_rollouts)
+    records = ctx.run_prompts(prompt_record, schema=SAMPLE_SCHEMA, num_rollouts=a.num_rollouts)
     pooled = pool_estimates(records) if len(records) > 1 else None
     head = ctx.header(records) + f"\nrollouts: {a.num_rollouts} per prompt, seed {a.seed} (+ prompt index)"
     body = estimate_table(records[0]["estimate"], best=records[0].get("best")) if pooled is None else multi_estimate_table(records, pooled)

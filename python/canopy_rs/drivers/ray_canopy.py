@@ -1,5 +1,5 @@
 """One canopy on a Ray cluster: its shards (:mod:`canopy_rs.drivers.shards`) as Ray actor calls. Ray, an
-optional dependency, is imported here and only here.
+optional dependency, comes in with :mod:`canopy_rs.drivers.ray_pool`.
 
 The first actor expands the canopy's head breadth-first until a depth holds several shards per worker and
 returns the head's sums and the shards, most probable first; every actor then takes shards as it finishes
@@ -13,55 +13,38 @@ outstanding shard bounded by its root's terms.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
-try:
-    import ray
-    from ray.exceptions import RayActorError
-except ImportError:
-    raise ImportError('executor="ray" needs Ray: pip install "canopy_rs[ray]"') from None
-
 from canopy_rs._core import Policy
+from canopy_rs.drivers.ray_pool import WorkerPool
 from canopy_rs.drivers.shards import (PartialCanopy, Shard, finish, merge_partials, run_shard, split_budget,
                                       split_canopy, unexpanded)
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import CanopyBounds
 
-__all__ = ["run_ray", "ray_init"]
+__all__ = ["run_ray"]
 
 # Shards per worker the head is split into (more evens out the load; each costs one prefix walk).
 SHARDS_PER_WORKER = 4
 
 
-class _ShardWorker:
-    """The Ray actor: holds one model for all the shards it runs."""
-
-    def __init__(self, model: Any, model_factory: Optional[Callable[[], Any]], kw: dict[str, Any]) -> None:
-        self.model = model_factory() if model_factory is not None else model
-        self.kw = kw
-
-    def split(self, min_shards: int) -> tuple[PartialCanopy, list[Shard]]:
-        return split_canopy(self.model, min_shards=min_shards, **self.kw)
-
-    def run(self, shard: Shard, budget: Optional[int], support_cap: Optional[int]) -> PartialCanopy:
-        kw = dict(self.kw)
-        if budget is None:
-            return run_shard(self.model, shard, **kw)
-        return run_shard(self.model, shard, budget=budget, support_cap=support_cap, **kw)
+def _shard_state(model: Any, model_factory: Optional[Callable[[], Any]], kw: dict[str, Any]) -> tuple[Any, dict]:
+    """What a worker holds: its model (built once there) and the canopy's keywords."""
+    return (model_factory() if model_factory is not None else model), kw
 
 
-def ray_init(address: Optional[str]) -> bool:
-    """Connects to (or starts) Ray; True when this call started it (so the caller shuts it down again). The
-    one Ray start-up of the package: the canopy's shards and the study's units both use it."""
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address:
-        kw.pop("include_dashboard")
-        ray.init(address=address, **kw)
-    else:
-        ray.init(**kw)
-    return True
+def _split(state: tuple[Any, dict], min_shards: int) -> tuple[PartialCanopy, list[Shard]]:
+    model, kw = state
+    return split_canopy(model, min_shards=min_shards, **kw)
+
+
+def _run(state: tuple[Any, dict], job: tuple[int, Shard, Optional[int], Optional[int]]) -> PartialCanopy:
+    model, kw = state
+    _, shard, budget, support_cap = job
+    if budget is None:
+        return run_shard(model, shard, **kw)
+    return run_shard(model, shard, budget=budget, support_cap=support_cap, **kw)
 
 
 def run_ray(
@@ -82,29 +65,14 @@ def run_ray(
     over the shards by reach mass."""
     if model is None and model_factory is None:
         raise InvalidArgumentError("executor='ray' needs a model or a model_factory")
-    started = ray_init(ray_address)
-    try:
-        res = ray.cluster_resources()
-        gpus = int(res.get("GPU", 0))
-        slots = gpus if gpus >= 1 else max(1, int(res.get("CPU", 1)))
-        n = max(1, num_workers or slots)
-        opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        actor_cls = ray.remote(**opts)(_ShardWorker)
-        make = lambda: actor_cls.remote(model if model_factory is None else None, model_factory, kw)  # noqa: E731
-        actors = [make() for _ in range(n)]
-        head, shards = ray.get(actors[0].split.remote(n * shards_per_worker))
+    make_state = functools.partial(_shard_state, model if model_factory is None else None, model_factory, kw)
+    with WorkerPool(make_state, num_workers=num_workers, ray_address=ray_address) as pool:
+        head, shards = pool.call(_split, pool.num_workers * shards_per_worker)
         budgets: list[Optional[int]] = [None] * len(shards)
         if budget is not None:
             left = max(len(shards), budget - int(head.partial.bounds()["num_expanded"]))
             budgets = list(split_budget(left, shards))
         done: dict[int, PartialCanopy] = {}
-        todo = list(range(len(shards)))  # most probable (largest) first
-        pending: dict[Any, tuple[int, int]] = {}  # ref -> (actor index, shard index)
-
-        def submit(a: int) -> None:
-            if todo:
-                i = todo.pop(0)
-                pending[actors[a].run.remote(shards[i], budgets[i], support_cap)] = (a, i)
 
         def bracket() -> PartialCanopy:
             f = head.info  # the canopy as the head's run saw it (the backend's vocabulary and EOS ids)
@@ -114,34 +82,18 @@ def run_ray(
                     for i in range(len(shards)) if i not in done]
             return merge_partials([head, *done.values(), *rest])
 
-        for a in range(n):
-            submit(a)
+        jobs = [(i, shards[i], budgets[i], support_cap) for i in range(len(shards))]  # most probable first
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                a, i = pending.pop(ready[0])
-                try:
-                    done[i] = ray.get(ready[0])
-                except RayActorError:
-                    # The worker died: a fresh actor redoes the shard (its result does not depend on where).
-                    actors[a] = make()
-                    todo.insert(0, i)
-                submit(a)
+            for (i, *_), part, _w in pool.imap(_run, jobs):
+                done[i] = part
                 if progress is not None:
                     b = finish(bracket())
                     if isinstance(b, CanopyBounds):
                         progress(b)
         except KeyboardInterrupt:
-            # Actor tasks cannot be force-cancelled: the busy actors are killed instead.
-            for a_busy in {a for a, _ in pending.values()}:
-                ray.kill(actors[a_busy])
-            return bracket(), False
-        merged = merge_partials([head] + [done[i] for i in range(len(shards))])
-        if budget is not None:
-            stopped = [done[i].stopped_by for i in range(len(shards)) if done[i].stopped_by]
-            merged = dataclasses.replace(merged, stopped_by=stopped[0] if stopped else None)
-        return merged, True
-    finally:
-        if started:
-            ray.shutdown()
-
+            return bracket(), False  # leaving the pool kills the busy actors (their calls cannot be cancelled)
+    merged = merge_partials([head] + [done[i] for i in range(len(shards))])
+    if budget is not None:
+        stopped = [done[i].stopped_by for i in range(len(shards)) if done[i].stopped_by]
+        merged = dataclasses.replace(merged, stopped_by=stopped[0] if stopped else None)
+    return merged, True
