@@ -68,6 +68,7 @@ HEAVY = {
     "canopy_rs.sbert": "sentence-transformers: only when an encoder folder is loaded",
     "canopy_rs.plots": "matplotlib: only when a figure is drawn",
     "canopy_rs.parquet": "pyarrow: only when a Parquet table is written",
+    "canopy_rs.drivers.prompts": "torch and transformers (through hf_models): only when map_prompts runs",
     "canopy_rs.drivers.ray_pool": "ray: only for executor='ray' and --ray",
     "canopy_rs.drivers.ray_canopy": "ray (through ray_pool): only for exact(..., executor='ray')",
     "canopy_rs.study.ray_executor": "ray (through ray_pool): only for the study's executor='ray'",

@@ -46,6 +46,8 @@ __all__ = [
     "estimate_hybrid",
     "estimate_best",
     "compare",
+    # many prompts, locally or on Ray
+    "map_prompts",
     # semantic diversity
     "embed",
     "rollout_texts",
@@ -73,6 +75,7 @@ __all__ = [
 _LAZY = {
     "TransformersModel": "canopy_rs.backends.transformers",
     "load_model": "canopy_rs.hf_models",
+    "map_prompts": "canopy_rs.drivers.prompts",
     "run_study": "canopy_rs.study",
 }
 

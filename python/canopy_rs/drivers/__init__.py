@@ -8,5 +8,7 @@
 * :mod:`~canopy_rs.drivers.size_probe`: a canopy's size, estimated from a few rollouts before enumerating it;
 * :mod:`~canopy_rs.drivers.shards`: one canopy split into a head and subtree shards whose partial sums merge
   into the same result; :mod:`~canopy_rs.drivers.ray_canopy` runs the shards on Ray actors;
+* :mod:`~canopy_rs.drivers.prompts`: many prompts of one named model, locally or on Ray
+  (:func:`~canopy_rs.drivers.prompts.map_prompts`); :mod:`~canopy_rs.drivers.ray_pool` is the one Ray executor;
 * :mod:`~canopy_rs.drivers.progress`: the progress bar.
 """
