@@ -316,7 +316,10 @@ def test_study_models_by_hub_id_and_revision(hub_cache: Path, tmp_path: Path) ->
     with pytest.raises(StudyConfigError, match="revision"):
         load_config(bad)
     bad["models"][0].update(path="org/absent", revision=None)
-    with pytest.raises(FileNotFoundError, match="hf download org/absent"):
+    with pytest.raises(FileNotFoundError, match=r"models\[0\] \(b\)\.path: .*hf download org/absent"):
+        make_units(load_config(bad))
+    bad["models"][0].update(gguf="m.gguf")
+    with pytest.raises(FileNotFoundError, match=r"models\[0\] \(b\)\.path and \.gguf: m.gguf of org/absent"):
         make_units(load_config(bad))
 
 
@@ -367,6 +370,11 @@ def test_study_gguf_inside_a_hub_repository_or_a_folder(hub_cache: Path, tmp_pat
     assert [(s.path, s.gguf_file) for s, _ in seen] == [c1.model("b").location(), f.location()]
     assert [kw["trust_remote_code"] for _, kw in seen] == [False, False]
     assert runner.model_info()["gguf"] == "model.Q4.gguf"
+    # The report's model table names where each model came from, the gguf file and revision included.
+    from canopy_rs.study.report import _source
+
+    assert _source(c1.model("b")) == "org/m-GGUF @ v1, gguf model.Q4.gguf"
+    assert _source(c1.model("f")) == f"{files.resolve()}, gguf model.Q4.gguf"
 
 
 def test_study_gguf_refusals_name_the_key(hub_cache: Path, tmp_path: Path) -> None:

@@ -142,6 +142,14 @@ _METRIC_LABELS = {
 }
 
 
+def _source(m: Any) -> str:
+    """Where a model came from, as its config names it (a hub id with its revision, a gguf file inside it)."""
+    if m.path is None:
+        return f"package {m.package}"
+    rev = f" @ {m.revision}" if m.revision else ""
+    return f"{m.path}{rev}" + (f", gguf {m.gguf}" if m.gguf else "") + (", remote code" if m.trust_remote_code else "")
+
+
 def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[str, Any]],
                  boot: Sequence[Mapping[str, Any]], reg: Mapping[str, Any], prompts: Sequence[Mapping[str, Any]],
                  figs: Mapping[str, str], rollouts: Sequence[Mapping[str, Any]] = (),
@@ -163,7 +171,7 @@ def build_report(cfg: Any, summary: Mapping[str, Any], pooled: Sequence[Mapping[
                    f"T_max = {s.max_new_tokens}, {pol}, seed {cfg.seed}; encoder: {cfg.encoder or 'none'}; "
                    f"torch with {summary.get('torch_threads', 1)} thread(s) per unit."))
     b.append(("table", ["model", "family", "variant", "source", "chat"],
-              [[m.name, m.family, m.variant, m.path or f"package {m.package}", str(m.use_chat)] for m in cfg.models]))
+              [[m.name, m.family, m.variant, _source(m), str(m.use_chat)] for m in cfg.models]))
     b.append(("table", ["task", "prompts", "source"], [[t.name, str(len(t.prompts)), t.source] for t in cfg.tasks]))
 
     b.append(("h", 2, "Pooled per (model, task)"))

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from canopy_rs.api import exact
-from canopy_rs.errors import StudyConfigError
+from canopy_rs.errors import ModelNotFoundError, StudyConfigError
 from canopy_rs.estimators import estimate
 from canopy_rs.runs import model_record, prompt_key
 from canopy_rs.sampling import sample
@@ -77,9 +77,19 @@ def _key_settings(cfg: StudyConfig, fingerprints: dict[str, Any]) -> dict[str, d
     return out
 
 
+def _fingerprint(cfg: StudyConfig, i: int) -> dict[str, Any]:
+    """``models[i]``'s fingerprint; a hub model that is not cached (and may not be fetched) is refused naming
+    its key, since the unit keys need the commit its revision resolves to."""
+    m = cfg.models[i]
+    try:
+        return m.fingerprint()
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"models[{i}] ({m.name}).{'path and .gguf' if m.gguf else 'path'}: {e}") from None
+
+
 def make_units(cfg: StudyConfig) -> list[Unit]:
     """Every (model, prompt) unit of the study, models in config order, then tasks, then prompts."""
-    fingerprints = {m.name: m.fingerprint() for m in cfg.models}
+    fingerprints = {m.name: _fingerprint(cfg, i) for i, m in enumerate(cfg.models)}
     settings = _key_settings(cfg, fingerprints)
     units = []
     for m in cfg.models:
