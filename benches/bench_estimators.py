@@ -48,7 +48,7 @@ from canopy_rs.testing import random_logits_fn
 from canopy_rs.results import to_plain
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ESTIMATORS = ["mc_rb", "mc_surprisal", "mc_rb_stratified", "sbs", "hybrid"]
+ESTIMATORS = ["mc_rb", "mc_surprisal", "mc_rb_stratified", "sbs", "hybrid", "hybrid_tree"]
 REFERENCE = "mc_rb"
 PROMPTS = [("haiku", "Write a haiku about the sea."), ("sky", "Is the sky blue? Answer yes or no.")]
 POLICIES = [("k4", dict(top_k=4)), ("k4p0.9", dict(top_k=4, top_p=0.9))]
@@ -60,6 +60,13 @@ def tiny_cases():
     # A numpy callable is cheaper to recompute than to look up: no cache.
     yield "callable", "random callable: vocab 8, depth 8, scale 2", fn, dict(vocab_size=8, eos_token_ids=[0],
                                                                           max_new_tokens=8, cache=False), 8
+    # Synthetic depth-8 canopies of known shape (vocab 6, top-k 4, EOS id 0): near-uniform rows with a rare
+    # EOS (bushy, ~1.3 nats per token, 21,845 internal nodes), and peaked rows (~0.7 nats per token).
+    for name, desc, scale, eos_bias in (("synthetic_bushy", "near-uniform (scale 0.5, EOS bias -3)", 0.5, -3.0),
+                                        ("synthetic_peaked", "peaked (scale 3)", 3.0, 0.0)):
+        yield (name, f"synthetic {desc}: vocab 6, top-k 4, depth 8",
+               random_logits_fn(6, seed=0, scale=scale, eos_bias=eos_bias),
+               dict(vocab_size=6, eos_token_ids=[0], max_new_tokens=8, top_k=4), 8)
     try:
         import torch
         import transformers
@@ -297,7 +304,7 @@ def main(argv=None):
             d = json.loads(f.read_text())
             if "rows" in d and "settings" in d and "case" in d["settings"]:
                 studies.append(ComparisonResult(d["exact_ce_star"], d["exact"], d["rows"], [], d["settings"]))
-        order = {n: i for i, n in enumerate(["smollm2", "callable", "tiny_llama"])}
+        order = {n: i for i, n in enumerate(["smollm2", "callable", "synthetic", "tiny_llama"])}
         studies.sort(key=lambda st: (order.get(st.settings["case"].split("_")[0], 9), st.settings["case"]))
         budgets = sorted({r["budget"] for st in studies for r in st.rows})
         args.repeats = max((st.settings["repeats"] for st in studies), default=0)

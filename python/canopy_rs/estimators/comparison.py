@@ -13,10 +13,17 @@ estimator's own size parameter with the exact E[N] (a harness convenience; the e
   forwarding its own tokens - the cost model of the reference pipeline (vLLM rollouts, ~sum N_i tokens);
 * ``mc_rb_shared`` / ``mc_surprisal_shared``: the same rollouts with identical generated prefixes forwarded
   once (:func:`canopy_rs.sample`'s default; a large saving only on tiny trees);
-* ``mc_rb_stratified`` / ``mc_surprisal_stratified``: ``sample(stratified=True)``, shared prefixes;
+* ``mc_rb_stratified``: :func:`~canopy_rs.estimators.hybrid.estimate_stratified` with ``budget=budget``:
+  stratified rollouts from the root, two per stratum, shared prefixes, drawn in rounds until the measured
+  tokens reach the budget (paired-difference SE);
+* ``mc_surprisal_stratified``: ``sample(stratified=True)`` with ``round(budget / E[N])`` rollouts, shared
+  prefixes (so it spends far less than the budget; collapsed-strata SE, conservative);
 * ``sbs`` / ``sbs_surprisal``: ``beam_size = round(budget / E[N])``;
-* ``hybrid`` / ``hybrid_multinomial``: :func:`estimate_hybrid` with ``budget=budget`` (it splits the tokens
-  between its exact head and its rollouts itself).
+* ``hybrid``: :func:`estimate_hybrid` with ``budget=budget`` and the recommended configuration
+  (:data:`~canopy_rs.estimators.hybrid.RECOMMENDED`: depth groups, Neyman allocation after a pilot);
+  ``hybrid_tree``: its original defaults (tree-ordered strata, proportional allocation);
+  ``hybrid_multinomial``: i.i.d. frontier draws. Each splits the tokens between its exact head and its
+  rollouts itself and spends them.
 
 The model is wrapped in :class:`~canopy_rs.backends.cached.CachedModel` (``cache=True``): the exact run fills a
 prefix -> support table and every estimator repeat is answered from it, while the cost each estimator reports
@@ -48,7 +55,7 @@ from canopy_rs.results import to_plain
 from canopy_rs.sampling import sample
 
 from .beam import stochastic_beam_search
-from .hybrid import estimate_hybrid
+from .hybrid import RECOMMENDED, estimate_hybrid, estimate_stratified
 from .montecarlo import estimate
 
 __all__ = ["ComparisonResult", "compare", "upgrade_rows", "BUILTIN_ESTIMATORS"]
@@ -59,12 +66,13 @@ BUILTIN_ESTIMATORS = {
     "mc_surprisal": ("mc", "ce_star_surprisal"),
     "mc_rb_shared": ("mc_shared", "ce_star"),
     "mc_surprisal_shared": ("mc_shared", "ce_star_surprisal"),
-    "mc_rb_stratified": ("mc_stratified", "ce_star"),
+    "mc_rb_stratified": ("stratified", "ce_star"),
     "mc_surprisal_stratified": ("mc_stratified", "ce_star_surprisal"),
     "sbs": ("sbs", "ce_star"),
     "sbs_surprisal": ("sbs", "ce_star_surprisal"),
     "hybrid": ("hybrid", "ce_star"),
     "hybrid_multinomial": ("hybrid_multinomial", "ce_star"),
+    "hybrid_tree": ("hybrid_tree", "ce_star"),
 }
 
 _COST_KEYS = ("model_calls", "model_tokens", "rows_evaluated", "tokens_forwarded", "seconds")
@@ -294,9 +302,13 @@ def compare(
         if fam == "sbs":
             sb = stochastic_beam_search(model, beam_size=n_roll, seed=s, confidence=confidence, **kw)
             return sb, sb.cost
-        if fam in ("hybrid", "hybrid_multinomial"):
-            hy = estimate_hybrid(model, budget=budget, seed=s, confidence=confidence,
-                                 frontier_sampling="stratified" if fam == "hybrid" else "multinomial", **kw)
+        if fam == "stratified":
+            st = estimate_stratified(model, budget=budget, seed=s, confidence=confidence, **kw)
+            return st, st.cost
+        if fam in ("hybrid", "hybrid_multinomial", "hybrid_tree"):
+            opts: dict[str, Any] = (dict(RECOMMENDED) if fam == "hybrid" else
+                                    {"frontier_sampling": "multinomial"} if fam == "hybrid_multinomial" else {})
+            hy = estimate_hybrid(model, budget=budget, seed=s, confidence=confidence, **opts, **kw)
             return hy, hy.cost
         assert fn is not None, fam
         r = fn(model, budget=budget, seed=s, expected_length=e_n, **kw)

@@ -6,29 +6,39 @@ CE*_max = sum over internal nodes of pi(u) h(u) splits at the frontier F of a be
 
 where head_sum is the certified lower bound of the head (sum over expanded nodes of pi h), m_F the frontier
 mass and H_u the summed step entropies of a rollout started at the frontier node u (h(u) included), whose
-expectation is the entropy of u's subtree (the rollout form of docs/definitions.md, applied to the subtree). So
+expectation is the entropy of u's subtree (the rollout form of docs/definitions.md, applied to the subtree).
 
-    CE_hat = head_sum + m_F * mean_i H_i,   u_i ~ pi(u) / m_F,
+**Frontier strata.** The frontier, in tree order (lexicographic prefixes; ``frontier_order="tree"``) or split
+into depth groups with tree order inside each (``"depth"``), is one piece of the cumulative pi per group.
+Group g (mass share M_g of m_F) gets p_g >= 1 pairs of draws; pair k shares the k-th of p_g equal strata of
+the group's piece, and each rollout keeps descending with its point while its node's interval straddles the
+stratum boundary (each rollout is distributed as pi restricted to its stratum). The tail is
+T = sum_g M_g mean_g, unbiased, and (1/(2 p_g)^2) sum_k (H_a - H_b)^2 estimates Var(mean_g) unbiasedly.
+(``frontier_sampling="multinomial"``: i.i.d. draws over the whole frontier, the sample variance.) On bushy
+canopies a rollout's summed entropy is mostly set by its start depth (about h per remaining step), which
+tree-ordered strata mix and depth groups separate.
 
-is unbiased. The head removes all variance from the high-probability part of the tree and the tail is
-weighted by m_F, which best-first expansion drives down fastest.
+**Spending a token budget.** With ``budget=B`` (measured model tokens, the prompt excluded) the head grows
+while the predicted tail variance m_F W / (B - b) falls (W = sum over the frontier of pi (T - d); see
+:class:`_HeadStop`), at most to B/2. The tail then runs in rounds until the measured tokens reach B: a round is
+planned from what the earlier rounds measured (tokens per rollout per group, shared prefixes included, since a
+prefix drawn twice in a round is forwarded once), and the last round (designated before it runs) gets what is
+left. With ``allocation="neyman"`` the first round is a pilot with pairs in proportion to the group masses
+and every later round allocates n_g ~ M_g S_g / sqrt(c_g) (S_g the pilot's within-pair SD of H in group g,
+c_g its measured tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group.
 
-Frontier nodes are drawn i.i.d. (``"multinomial"``) or two per stratum of the cumulative pi in tree order
-(``"stratified"``, the default: n/2 equal strata). Stratified rollouts keep descending with their point while
-their node's interval straddles a stratum boundary, so the strata reach below the frontier (each rollout is
-still distributed as pi restricted to its stratum: unbiased). With two independent draws per stratum,
-(1/n^2) sum_strata (H_a - H_b)^2 is an unbiased variance estimate (one draw per stratum only allows the
-conservative collapsed-strata estimate).
-
-With a token budget B (``budget=``) the head size is not a parameter: best-first expansion continues while
-the predicted tail variance m_F W / (B - b) falls (W = sum over the frontier of pi (T - d), the tokens the
-tail rollouts will cost per unit of rollouts; see :class:`_HeadStop`), at most to B/2, and the remaining
-tokens buy rollouts. The split depends on the model only, never on random draws, so the estimate stays
-unbiased.
+**Unbiased and an honest SE.** Round r is an unbiased estimate T_r of the tail whatever its allocation (the
+allocation depends only on earlier rounds), and E[T_r | earlier rounds] is the same constant, so the rounds
+are uncorrelated. They are combined with weights fixed before each round runs: lambda_r = rho_r pi_r, pi_r the
+share of the remaining budget the round is planned to use (1 for the last), rho_r the weight the earlier
+rounds left. Then T = sum_r lambda_r T_r is unbiased, Var T = sum_r lambda_r^2 Var T_r, and its estimate sums
+the rounds' paired-difference estimates; the interval is Student-t with Welch-Satterthwaite degrees of
+freedom. No weight, allocation or stopping decision looks at a round's own draws.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,30 +49,44 @@ import numpy as np
 from canopy_rs import stats
 from canopy_rs.drivers.canopy import Budget, TreeRun
 from canopy_rs.drivers.rollouts import Strata, run_rollouts, stratified_uniforms
-from canopy_rs.drivers.setup import check_positive_int, cost, make_rng, setup
+from canopy_rs.drivers.setup import check_positive_int, cost, counters, make_rng, model_tokens, setup
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import to_plain
 
-__all__ = ["HybridEstimate", "estimate_hybrid"]
+__all__ = ["HybridEstimate", "estimate_hybrid", "estimate_stratified", "RECOMMENDED"]
+
+
+# What compare's and estimate_best's "hybrid" run (benches/bench_estimators.py measures it; see
+# docs/estimators.md for the measurements behind the choice).
+RECOMMENDED: dict[str, str] = {"frontier_order": "depth", "allocation": "neyman"}
+# The tail's rounds: the first plans this share of the tokens left (a pilot under Neyman allocation), later
+# ones NEXT_SHARE of what is left, and the last (at most MAX_ROUNDS) all of it.
+PILOT_SHARE = 0.3
+FIRST_SHARE = 0.5
+NEXT_SHARE = 0.7
+MAX_ROUNDS = 3
+LAST_AIM = 0.95
+PRIOR_ROLLOUTS = 4.0
 
 
 class _HeadStop:
-    """Best-first head growth for a token budget B. With b nodes in the head, frontier mass m and
-    W = sum over the frontier of pi(u) (T - d_u), n = (B - b) / (W / m) rollouts give a tail variance
-    ~ m^2 sigma^2 / n = sigma^2 m W / (B - b). The head grows while J = m W / (B - b) falls (sigma^2 only
-    shrinks as the frontier deepens, so this stops early rather than late) and stops at the first batch
-    that raises it."""
+    """Best-first head growth for a token budget B. With b measured tokens spent on the head, frontier mass
+    m and W = sum over the frontier of pi(u) (T - d_u), n ~ (B - b) / (W / m) rollouts give a tail variance
+    ~ m^2 sigma^2 / n = sigma^2 m W / (B - b) (up to the backend's tokens per row, which the rollouts pay
+    too). The head grows while J = m W / (B - b) falls (sigma^2 only shrinks as the frontier deepens, so
+    this stops early rather than late) and stops at the first batch that raises it."""
 
-    def __init__(self, budget: int, tree: Any, max_new_tokens: int) -> None:
+    def __init__(self, budget: int, tree: Any, max_new_tokens: int, spent: Any) -> None:
         self.budget = budget
         self.tree = tree
         self.max_new_tokens = max_new_tokens
+        self.spent = spent  # measured tokens so far: a backend may pay a whole prefix per row
         self.best = math.inf
 
     def __call__(self) -> bool:
-        b = self.tree.num_expanded
-        if b == 0:
+        if self.tree.num_expanded == 0:
             return False
+        b = self.spent()
         if b >= self.budget:
             return True
         _, _, _, dep, logr = self.tree.frontier()
@@ -85,14 +109,90 @@ class HybridEstimate:
     frontier_size: int
     num_expanded: int
     num_rollouts: int
-    tail_mean: float  # mean_i H_i
+    tail_mean: float  # the tail estimate T (weighted over rounds; the plain mean_i H_i for one round)
     is_exact: bool  # the whole canopy fit in the head: ce_star is exact, se = 0
     frontier_sampling: str
     confidence: float
     cost: dict = field(default_factory=dict)
+    frontier_order: str = "tree"
+    allocation: str = "proportional"
+    num_rounds: int = 0
+    num_groups: int = 0  # frontier strata (depth groups, or 1)
+    dof: float = math.nan  # Welch-Satterthwaite degrees of freedom of the SE
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dict(self.__dict__))
+
+
+class _Frontier:
+    """The frontier in sampling order (tree order, or depth then tree order), its cumulative pi and its
+    groups: contiguous pieces [a_g, b_g) of the cdf with mass share M_g and a naive cost per rollout
+    (the expected remaining depth T - d, no EOS, no sharing)."""
+
+    def __init__(self, tree: Any, max_new_tokens: int, by_depth: bool) -> None:
+        f_ids, f_par, f_tok, f_dep, f_logr = tree.frontier()
+        prefixes = tree.prefixes(f_ids)
+        if by_depth:
+            order = sorted(range(len(prefixes)), key=lambda i: (int(f_dep[i]), prefixes[i]))
+        else:  # tree order (lexicographic prefixes) puts siblings in neighbouring strata
+            order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
+        self.par, self.tok, self.dep = f_par[order], f_tok[order], f_dep[order]
+        self.prefixes = [prefixes[i] for i in order]
+        self.size = len(order)
+        w = np.exp(f_logr[order] - f_logr.max())
+        cdf = np.cumsum(w)
+        cdf /= cdf[-1]
+        self.cdf = cdf
+        self.before = np.concatenate([[0.0], cdf[:-1]])
+        self.width = cdf - self.before
+        rem = (max_new_tokens - self.dep).astype(np.float64)
+        last = np.flatnonzero(np.diff(self.dep) != 0) if by_depth else np.zeros(0, dtype=np.int64)
+        self.ends = np.append(last, self.size - 1)  # last frontier index of each group
+        self._rem = rem
+
+    def merge_to(self, max_groups: int) -> None:
+        """Merge neighbouring groups (the pair of least joint mass first) until at most ``max_groups``."""
+        while self.ends.shape[0] > max(1, max_groups):
+            m = self.mass
+            j = int(np.argmin(m[:-1] + m[1:]))
+            self.ends = np.delete(self.ends, j)
+
+    @property
+    def b_edges(self) -> np.ndarray:
+        return self.cdf[self.ends]
+
+    @property
+    def a_edges(self) -> np.ndarray:
+        b = self.b_edges
+        return np.concatenate([[0.0], b[:-1]])
+
+    @property
+    def mass(self) -> np.ndarray:
+        return self.b_edges - self.a_edges
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.ends.shape[0])
+
+    def naive_cost(self) -> np.ndarray:
+        gid = np.searchsorted(self.ends, np.arange(self.size))
+        num = np.bincount(gid, weights=self.width * self._rem, minlength=self.num_groups)
+        return np.maximum(num / np.maximum(self.mass, 1e-300), 1.0)
+
+
+def _pairs_for(tokens: float, mass: np.ndarray, cost_g: np.ndarray, sd: Optional[np.ndarray]) -> np.ndarray:
+    """Pairs per group for a round planned at ``tokens``: n_g ~ M_g (proportional) or M_g S_g / sqrt(c_g)
+    (Neyman), scaled so that sum n_g c_g = tokens; at least one pair per group."""
+    a = mass.copy()
+    if sd is not None and np.any(sd > 0):
+        a = mass * np.maximum(sd, 0.05 * float(sd.max())) / np.sqrt(cost_g)
+    denom = float(np.sum(a * cost_g))
+    n_g = tokens * a / denom if denom > 0 else np.zeros_like(a)
+    return np.maximum(1, np.rint(n_g / 2.0)).astype(np.int64)
+
+
+def _spent(s: Any) -> float:
+    return model_tokens(counters(s.backend))
 
 
 def estimate_hybrid(
@@ -113,20 +213,23 @@ def estimate_hybrid(
     confidence: float = 0.95,
     share_prefixes: bool = True,
     frontier_order: str = "tree",
+    allocation: str = "proportional",
 ) -> HybridEstimate:
     """Unbiased CE*_max estimate: the exact sum over a best-first head plus rollouts started at frontier
     nodes drawn in proportion to pi. Model and policy arguments are those of :func:`canopy_rs.exact`.
 
-    Give either ``budget`` (model tokens, i.e. node expansions, for the whole estimate: the head grows while
-    that lowers the predicted tail error, see the module docstring, and the rest buys rollouts) or both
-    ``budget_nodes`` (head size) and ``num_rollouts``. If the whole canopy fits in the head the result is
+    Give either ``budget`` (measured model tokens, the prompt excluded, for the whole estimate: the head
+    grows while that lowers the predicted tail error and the tail's rounds spend the rest, see the module
+    docstring; ``budget_nodes`` then caps the head) or both ``budget_nodes`` (head size) and
+    ``num_rollouts`` (one round of that many rollouts). If the whole canopy fits in the head the result is
     exact (``is_exact``, SE 0) and no rollout is run.
 
-    ``frontier_order="depth"`` (stratified sampling only; experimental, not yet measured on SmolLM2) first
-    splits the frontier by depth: each depth group gets pairs of draws in proportion to its mass (at least
-    one pair), stratified in tree order inside the group, and the tail is the mass-weighted sum of the group
-    means, with the paired-difference variance per group. On bushy canopies a rollout's summed entropy is
-    mostly set by its start depth (about h per remaining step), which tree-ordered strata mix."""
+    ``frontier_order="depth"`` (stratified sampling only) splits the frontier into depth groups (merged
+    with their neighbours while there are more groups than pilot pairs). ``allocation="neyman"`` spends the
+    rounds after a pilot where its within-pair variances say, per token (with a budget only; a single
+    round is proportional). :data:`RECOMMENDED` holds the configuration the benchmark recommends, which is
+    what ``compare``'s and ``estimate_best``'s ``"hybrid"`` run; the defaults here are the original
+    estimator's."""
     if budget is None:
         if budget_nodes is None or num_rollouts is None:
             raise InvalidArgumentError("estimate_hybrid needs budget= (model tokens) or both budget_nodes= and num_rollouts=")
@@ -140,114 +243,192 @@ def estimate_hybrid(
         raise InvalidArgumentError(f"frontier_order must be 'tree' or 'depth', got {frontier_order!r}")
     if frontier_sampling not in ("stratified", "multinomial"):
         raise InvalidArgumentError(f"frontier_sampling must be 'stratified' or 'multinomial', got {frontier_sampling!r}")
+    if allocation not in ("proportional", "neyman"):
+        raise InvalidArgumentError(f"allocation must be 'proportional' or 'neyman', got {allocation!r}")
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     rng = make_rng(seed)
     t0 = time.perf_counter()
     # The head: the same best-first expansion as canopy_rs.bounded. The backend is not reset afterwards, so
     # the frontier's parents are still cached when the tail rollouts start from them.
-    head = TreeRun(s, order="best-first")
+    hs = s
+    if budget is not None:
+        # Batches small enough that the head overshoots its token cap by little even when a row costs its
+        # whole prefix (a backend without a KV cache).
+        hs = dataclasses.replace(s, batch_size=max(1, min(s.batch_size, budget // (16 * s.max_new_tokens))))
+    head = TreeRun(hs, order="best-first")
     tree = head.tree
     if budget is None:
         head.expand(Budget(nodes=budget_nodes))
     else:
-        stop = _HeadStop(budget, tree, s.max_new_tokens)
-        head.expand(Budget(nodes=budget_nodes if budget_nodes is not None else max(1, budget // 2)), stop=stop)
+        stop = _HeadStop(budget, tree, s.max_new_tokens, lambda: _spent(s))
+        head.expand(Budget(nodes=budget_nodes, tokens=max(1, budget // 2)), stop=stop)
     b = tree.bounds()
-    crit_n = stats.critical_value(confidence)
+    stratified = frontier_sampling == "stratified"
     if tree.is_done:
         ce = float(tree.result()["ce_star"])
         return HybridEstimate(ce, 0.0, (ce, ce), ce, ce, 0.0, 0, int(tree.num_expanded), 0, math.nan, True,
-                              frontier_sampling, float(confidence), cost(s.backend, tree.num_expanded, t0))
+                              frontier_sampling, float(confidence), cost(s.backend, tree.num_expanded, t0),
+                              frontier_order, allocation, 0, 0, math.nan)
 
-    f_ids, f_par, f_tok, f_dep, f_logr = tree.frontier()
     head_sum = float(b["ce_star_lower"])
     m_f = float(b["frontier_mass"])
-    if num_rollouts is None:
-        # Tokens a rollout from the frontier costs at most: its expected remaining depth (no EOS, no sharing).
-        per = float(np.sum(np.exp(f_logr) * (s.max_new_tokens - f_dep))) / max(m_f, 1e-300)
-        num_rollouts = max(2, int((budget - tree.num_expanded) / max(per, 1.0)))
-    # Tree order (lexicographic prefixes) puts siblings in neighbouring strata.
-    prefixes = tree.prefixes(f_ids)
-    by_depth = frontier_order == "depth" and frontier_sampling == "stratified"
-    if by_depth:  # depth groups, tree order inside each: every group is one contiguous piece of the cdf
-        order = sorted(range(len(prefixes)), key=lambda i: (int(f_dep[i]), prefixes[i]))
-    else:
-        order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
-    f_ids, f_par, f_tok, f_dep, f_logr = f_ids[order], f_par[order], f_tok[order], f_dep[order], f_logr[order]
-    prefixes = [prefixes[i] for i in order]
-    w = np.exp(f_logr - f_logr.max())
-    cdf = np.cumsum(w)
-    cdf /= cdf[-1]
-    n = num_rollouts
-    strata = None
-    groups = None
-    if by_depth:
-        # Group j (one depth) spans [a_j, b_j) of the cdf and gets p_j >= 1 pairs, p_j ~ its mass x n/2;
-        # pair k of group j shares the stratum [a_j + (b_j - a_j) k / p_j, a_j + (b_j - a_j) (k + 1) / p_j).
-        last = np.flatnonzero(np.diff(f_dep) != 0)
-        b_edges = np.append(cdf[last], 1.0)
-        a_edges = np.concatenate([[0.0], b_edges[:-1]])
-        mass = b_edges - a_edges
-        pairs = np.maximum(1, np.rint(mass * max(1, n // 2))).astype(np.int64)
-        u_l, lo_l, hi_l = [], [], []
-        for a, b_, p in zip(a_edges, b_edges, pairs):
-            k = np.arange(p)
-            lo_k, hi_k = a + (b_ - a) * k / p, a + (b_ - a) * (k + 1) / p
-            d1, d2 = stratified_uniforms(int(p), rng), stratified_uniforms(int(p), rng)
-            u_l.append(np.column_stack([a + (b_ - a) * d1, a + (b_ - a) * d2]).ravel())
-            lo_l.append(np.repeat(lo_k, 2))
-            hi_l.append(np.repeat(hi_k, 2))
-        u = np.minimum(np.concatenate(u_l), np.nextafter(np.concatenate(hi_l), -np.inf))
-        n = int(u.shape[0])
-        groups = (mass, np.repeat(np.arange(pairs.shape[0]), 2 * pairs), pairs)
-    elif frontier_sampling == "stratified":
-        # Two independent draws per stratum (n/2 strata): the within-stratum differences give an unbiased
-        # variance estimate, so the interval is neither optimistic nor (as collapsed strata) conservative.
-        n = max(2, n - n % 2)
-        g = n // 2
-        # Sorted, stratum j holds rows 2j and 2j + 1.
-        u = np.sort(np.concatenate([stratified_uniforms(g, rng), stratified_uniforms(g, rng)]))
-    else:
-        u = rng.random(n)
-    assignment = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
-    if by_depth:
-        before = np.concatenate([[0.0], cdf[:-1]])
-        strata = Strata(u=u, lo=np.concatenate(lo_l), hi=np.concatenate(hi_l),
-                        node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
-    elif frontier_sampling == "stratified":
-        # Keep descending with u inside the frontier node's subtree while its interval straddles the
-        # rollout's stratum: the strata then reach below the frontier.
-        before = np.concatenate([[0.0], cdf[:-1]])
-        strata = Strata(u=u, lo=np.repeat(np.arange(g) / g, 2), hi=np.repeat(np.arange(1, g + 1) / g, 2),
-                        node_lo=before[assignment].copy(), node_w=(cdf - before)[assignment].copy())
+    fr = _Frontier(tree, s.max_new_tokens, by_depth=frontier_order == "depth" and stratified)
+    f_ids_unique_par = np.unique(fr.par)
+    next_id = int(tree.num_nodes)
+    rows_total = 0
 
-    run = run_rollouts(
-        s,
-        start_ids=f_ids, start_parent_ids=f_par, start_tokens=f_tok, start_depths=f_dep,
-        start_prefixes=prefixes, assignment=assignment, id_base=int(tree.num_nodes), rng=rng,
-        share_prefixes=share_prefixes, strata=strata,
-        # The head keeps every frontier parent alive; once the chosen starts are expanded none is needed.
-        release_after_start=np.unique(f_par),
-    )
-    h = run.entropies.sum(axis=1)
-    tail = float(h.mean())
-    if groups is not None:
-        mass, gid, pairs = groups
+    def run_round(pairs: Optional[np.ndarray], n: int, last: bool):
+        """One round: ``pairs`` per group (stratified) or ``n`` i.i.d. draws. Returns H per rollout, its
+        group, its steps and the measured tokens the round spent."""
+        nonlocal next_id, rows_total
+        spent0 = _spent(s)
+        if stratified:
+            a_e, b_e = fr.a_edges, fr.b_edges
+            u_l, lo_l, hi_l = [], [], []
+            for a, b_, p in zip(a_e, b_e, pairs):
+                k = np.arange(p)
+                d1, d2 = stratified_uniforms(int(p), rng), stratified_uniforms(int(p), rng)
+                u_l.append(np.column_stack([a + (b_ - a) * d1, a + (b_ - a) * d2]).ravel())
+                lo_l.append(np.repeat(a + (b_ - a) * k / p, 2))
+                hi_l.append(np.repeat(a + (b_ - a) * (k + 1) / p, 2))
+            hi = np.concatenate(hi_l)
+            u = np.minimum(np.concatenate(u_l), np.nextafter(hi, -np.inf))
+            gid = np.repeat(np.arange(pairs.shape[0]), 2 * pairs)
+        else:
+            u = rng.random(n)
+            gid = np.zeros(n, dtype=np.int64)
+        assignment = np.minimum(np.searchsorted(fr.cdf, u, side="right"), fr.size - 1).astype(np.int64)
+        strata = None
+        if stratified:
+            # Keep descending with u inside the frontier node's subtree while its interval straddles the
+            # rollout's stratum: the strata then reach below the frontier.
+            strata = Strata(u=u, lo=np.concatenate(lo_l), hi=hi, node_lo=fr.before[assignment].copy(),
+                            node_w=fr.width[assignment].copy())
+        # Fresh ids per round (a backend sees every id once); the head's frontier parents stay cached until
+        # the last round has started from them.
+        start_ids = np.arange(next_id, next_id + fr.size, dtype=np.int64)
+        run = run_rollouts(
+            s,
+            start_ids=start_ids, start_parent_ids=fr.par, start_tokens=fr.tok, start_depths=fr.dep,
+            start_prefixes=fr.prefixes, assignment=assignment, id_base=next_id + fr.size, rng=rng,
+            share_prefixes=share_prefixes, strata=strata,
+            release_after_start=f_ids_unique_par if last else None,
+        )
+        next_id += fr.size + int(run.rows_expanded)
+        rows_total += int(run.rows_expanded)
+        return run.entropies.sum(axis=1), gid, run.steps.astype(np.float64), _spent(s) - spent0
+
+    def round_estimate(h: np.ndarray, gid: np.ndarray, pairs: Optional[np.ndarray]):
+        """(T_r, variance components [(v, dof)]) of one round."""
+        if not stratified:
+            n = h.shape[0]
+            return float(h.mean()), [(float(h.var(ddof=1)) / n if n >= 2 else math.nan, n - 1)]
+        mass = fr.mass
         means = np.bincount(gid, weights=h, minlength=pairs.shape[0]) / (2 * pairs)
-        tail = float(np.sum(mass * means))
         sq = np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=pairs.shape[0])
-        var = float(np.sum(mass**2 * sq / (2 * pairs) ** 2))
-        dof = int(pairs.sum())
-    elif frontier_sampling == "stratified":
-        var = float(np.sum((h[0::2] - h[1::2]) ** 2)) / (n * n)
-        dof = n // 2
+        comps = [(float(mass[g] ** 2 * sq[g] / (2 * pairs[g]) ** 2), int(pairs[g])) for g in range(pairs.shape[0])]
+        return float(np.sum(mass * means)), comps
+
+    tail = 0.0
+    comps_all: list[tuple[float, int]] = []
+    total_n = 0
+    rounds = 0
+    if num_rollouts is not None:  # one round of the given size
+        n = num_rollouts
+        pairs = None
+        if stratified:
+            fr.merge_to(max(1, n // 2))
+            if fr.num_groups == 1:
+                pairs = np.array([max(1, n // 2)], dtype=np.int64)
+            else:
+                pairs = np.maximum(1, np.rint(fr.mass * max(1, n // 2))).astype(np.int64)
+        else:
+            n = max(2, n)
+        h, gid, _, _ = run_round(pairs, n, last=True)
+        tail, comps_all = round_estimate(h, gid, pairs)
+        total_n, rounds = int(h.shape[0]), 1
     else:
-        var = float(h.var(ddof=1) / n) if n >= 2 else math.nan
-        dof = n - 1
-    se = m_f * math.sqrt(var) if math.isfinite(var) else math.nan
+        assert budget is not None
+        neyman = allocation == "neyman" and stratified
+        # Measured tokens per head row: what a row costs on this backend (1 with a KV cache).
+        kappa = max(_spent(s) / max(int(tree.num_expanded), 1), 1.0)
+        naive = kappa * fr.naive_cost()
+        r0 = budget - _spent(s)
+        first_share = PILOT_SHARE if neyman else FIRST_SHARE
+        if stratified:
+            # At most one group per two pilot pairs: each group's pilot variance has some pairs behind it.
+            pilot_pairs = max(1.0, r0 * first_share / float(np.sum(fr.mass * naive)) / 2.0)
+            fr.merge_to(int(pilot_pairs // 2) if neyman else int(pilot_pairs))
+            naive = kappa * fr.naive_cost()
+        g_n = fr.num_groups
+        sq_sum = np.zeros(g_n)
+        pair_cnt = np.zeros(g_n)
+        steps_sum = np.zeros(g_n)
+        roll_cnt = np.zeros(g_n)
+        phi = 1.0
+        rho = 1.0
+        # A one-row head (stratified MC from the root) says nothing about what a deeper row costs on this
+        # backend (a whole prefix without a KV cache): a probe round of one pair per group, weighted by its
+        # small planned share, measures it before the rounds that carry the weight.
+        probe = int(tree.num_expanded) <= 1
+        while True:
+            rounds += 1
+            left = budget - _spent(s)
+            # Measured tokens per rollout; the mean steps shrunk towards the no-EOS depth by PRIOR_ROLLOUTS
+            # pseudo-rollouts, so that a few early EOS in a small round do not plan an overspending one.
+            steps_g = (steps_sum + PRIOR_ROLLOUTS * naive / kappa) / (roll_cnt + PRIOR_ROLLOUTS)
+            cost_g = naive if rounds == 1 else np.maximum(phi * steps_g, 1.0)
+            if rounds == 1 and probe:
+                share = min(0.5, 2.0 * float(np.sum(naive) if stratified else naive[0]) / max(left, 1.0))
+            else:
+                share = first_share if rounds == 1 + probe else NEXT_SHARE
+            if stratified:
+                min_round = 2.0 * float(np.sum(cost_g))
+            else:
+                min_round = 2.0 * float(cost_g[0])
+            last = rounds >= MAX_ROUNDS + probe or left * (1.0 - share) < 2.0 * min_round
+            if last:
+                share = 1.0
+            # The last round aims a little short: fewer rollouts than the round before share fewer prefixes,
+            # so its measured cost per rollout runs slightly over the plan.
+            tokens = max(left * (LAST_AIM if last else share), 0.0)
+            pairs = None
+            n = 0
+            if stratified:
+                sd = np.sqrt(sq_sum / np.maximum(2.0 * pair_cnt, 1.0)) if (neyman and rounds > 1 + probe) else None
+                if rounds == 1 and probe and not last:
+                    pairs = np.ones(g_n, dtype=np.int64)
+                else:
+                    pairs = _pairs_for(tokens, fr.mass, cost_g, sd)
+            else:
+                n = max(2, int(tokens / float(cost_g[0])))
+            lam = rho * share
+            rho *= 1.0 - share
+            h, gid, steps, tok = run_round(pairs, n, last)
+            t_r, comps = round_estimate(h, gid, pairs)
+            tail += lam * t_r
+            comps_all += [(lam * lam * v, d) for v, d in comps]
+            total_n += int(h.shape[0])
+            # What the round measured, for the next one's plan.
+            if stratified:
+                sq_sum += np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=g_n)
+                pair_cnt += np.bincount(gid[0::2], minlength=g_n)
+            steps_sum += np.bincount(gid, weights=steps, minlength=g_n)
+            roll_cnt += np.bincount(gid, minlength=g_n)
+            # Measured tokens per rollout step: prefix sharing and what the backend pays per row.
+            phi = tok / max(float(steps.sum()), 1.0)
+            if last:
+                break
+    var = float(sum(v for v, _ in comps_all))
+    if not math.isfinite(var):
+        se, dof = math.nan, math.nan
+    else:
+        se = m_f * math.sqrt(var)
+        den = sum(v * v / d for v, d in comps_all if d >= 1)
+        dof = var * var / den if den > 0 else math.nan
     ce = head_sum + m_f * tail
-    crit = stats.critical_value(confidence, dof) if n >= 2 else crit_n
+    crit = stats.critical_value(confidence, dof if math.isfinite(dof) else None)
     return HybridEstimate(
         ce_star=ce,
         ce_star_se=se,
@@ -255,12 +436,43 @@ def estimate_hybrid(
         head_sum=head_sum,
         ce_star_upper=float(b["ce_star_upper"]),
         frontier_mass=m_f,
-        frontier_size=int(f_ids.shape[0]),
+        frontier_size=int(fr.size),
         num_expanded=int(tree.num_expanded),
-        num_rollouts=n,
+        num_rollouts=total_n,
         tail_mean=tail,
         is_exact=False,
         frontier_sampling=frontier_sampling,
         confidence=float(confidence),
-        cost=cost(s.backend, tree.num_expanded + run.rows_expanded, t0),
+        cost=cost(s.backend, tree.num_expanded + rows_total, t0),
+        frontier_order=frontier_order,
+        allocation=allocation,
+        num_rounds=rounds,
+        num_groups=int(fr.num_groups),
+        dof=float(dof),
     )
+
+
+def estimate_stratified(
+    model,
+    *,
+    budget: int,
+    max_new_tokens: int,
+    seed=None,
+    vocab_size: Optional[int] = None,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    batch_size: Optional[int] = None,
+    confidence: float = 0.95,
+) -> HybridEstimate:
+    """Stratified Monte Carlo that spends ``budget`` measured model tokens: rollouts from the root, two per
+    stratum of the leaf distribution (children in support order), shared prefixes forwarded once, drawn in
+    rounds until the budget is used (each round planned from the tokens the earlier ones measured). It is
+    :func:`estimate_hybrid` with a one-node head (the root, whose entropy every rollout adds anyway) and
+    proportional allocation: unbiased, with the paired-difference SE (not the conservative collapsed-strata
+    one of :func:`canopy_rs.estimate` on ``sample(stratified=True)``)."""
+    return estimate_hybrid(model, budget=budget, budget_nodes=1, max_new_tokens=max_new_tokens, seed=seed,
+                           vocab_size=vocab_size, eos_token_ids=eos_token_ids, temperature=temperature,
+                           top_k=top_k, top_p=top_p, batch_size=batch_size, confidence=confidence,
+                           frontier_order="tree", allocation="proportional")
