@@ -120,7 +120,7 @@ def small():
     return fn, canopy_rs.exact(fn, **KW)
 
 
-@pytest.mark.parametrize("name, kind", [("hybrid", HybridEstimate), ("mc_rb_stratified", PromptEstimate),
+@pytest.mark.parametrize("name, kind", [("hybrid", HybridEstimate), ("mc_rb_stratified", HybridEstimate),
                                         ("sbs", BeamSearchEstimate), ("mc_rb", PromptEstimate)])
 def test_estimate_best_runs_every_candidate(small, name, kind):
     fn, ex = small
@@ -129,6 +129,11 @@ def test_estimate_best_runs_every_candidate(small, name, kind):
     assert r.budget == 80 and r.ce_star == r.detail.ce_star and r.ce_star_se == r.detail.ce_star_se
     assert r.ce_star_ci[0] <= r.ce_star <= r.ce_star_ci[1]
     assert 0 < r.cost["rows_evaluated"] <= 80 * 1.2
+    if name in ("hybrid", "mc_rb_stratified"):  # the configurations the bench measured, spending the budget
+        assert r.detail.allocation == ("neyman" if name == "hybrid" else "proportional")
+        assert r.cost["model_tokens"] <= 1.3 * 80
+        # Stratified rollouts from the root of this peaked canopy share most prefixes: 43 of 80 tokens.
+        assert r.cost["model_tokens"] >= (0.7 if name == "hybrid" else 0.4) * 80
     assert abs(r.ce_star - ex.ce_star) <= 5 * r.ce_star_se + 1e-9
     d = json.loads(json.dumps(r.to_dict()))
     assert d["estimator"] == name and d["detail"]["ce_star"] == pytest.approx(r.ce_star)

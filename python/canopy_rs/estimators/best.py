@@ -26,7 +26,7 @@ from canopy_rs.sampling import sample
 
 from ._best_table import BEST_TABLE
 from .beam import stochastic_beam_search
-from .hybrid import estimate_hybrid
+from .hybrid import RECOMMENDED, estimate_hybrid, estimate_stratified
 from .montecarlo import estimate
 
 __all__ = ["BEST_BY_BUDGET", "BEST_TABLE", "BUSHY_NATS_PER_TOKEN", "CANDIDATES", "BestEstimate", "best_estimator",
@@ -44,8 +44,8 @@ CANDIDATES = ("hybrid", "mc_rb_stratified", "sbs", "mc_rb")
 BEST_BY_BUDGET: tuple[tuple[int, str], ...] = tuple((b, e) for b, e, *_ in BEST_TABLE["any"])
 
 DESCRIPTIONS = {
-    "hybrid": "exact best-first head + stratified rollouts from its frontier",
-    "mc_rb_stratified": "stratified rollouts, summed step entropies",
+    "hybrid": "exact best-first head + rollouts from its frontier (depth groups, Neyman allocation)",
+    "mc_rb_stratified": "stratified rollouts from the root, summed step entropies, drawn until the budget is used",
     "sbs": "stochastic beam search, node-level inclusion weights",
     "mc_rb": "i.i.d. rollouts, summed step entropies (the paper's estimator)",
 }
@@ -149,14 +149,18 @@ def estimate_best(model: Any, *, budget: int, seed: Any = None, confidence: floa
     if "max_new_tokens" not in kw:
         raise InvalidArgumentError("estimate_best needs max_new_tokens=")
     n = max(2, budget // int(kw["max_new_tokens"]))
+    # The same configurations the bench measured (compare's "hybrid" and "mc_rb_stratified").
     if name == "hybrid":
-        r: Any = estimate_hybrid(model, budget=budget, seed=seed, confidence=confidence, **kw)
+        r: Any = estimate_hybrid(model, budget=budget, seed=seed, confidence=confidence, **RECOMMENDED, **kw)
+        cost = r.cost
+    elif name == "mc_rb_stratified":
+        r = estimate_stratified(model, budget=budget, seed=seed, confidence=confidence, **kw)
         cost = r.cost
     elif name == "sbs":
         r = stochastic_beam_search(model, beam_size=n, seed=seed, confidence=confidence, **kw)
         cost = r.cost
-    else:  # mc_rb_stratified, mc_rb
-        ro = sample(model, num_rollouts=n, seed=seed, stratified=name == "mc_rb_stratified", **kw)
+    else:  # mc_rb
+        ro = sample(model, num_rollouts=n, seed=seed, **kw)
         r, cost = estimate(ro, confidence=confidence), ro.cost
     ci = tuple(float(x) for x in r.ce_star_ci)
     return BestEstimate(name, DESCRIPTIONS[name], int(budget), float(r.ce_star), float(r.ce_star_se),

@@ -23,7 +23,9 @@ while the predicted tail variance m_F W / (B - b) falls (W = sum over the fronti
 :class:`_HeadStop`), at most to B/2. The tail then runs in rounds until the measured tokens reach B: a round is
 planned from what the earlier rounds measured (tokens per rollout per group, shared prefixes included, since a
 prefix drawn twice in a round is forwarded once), and the last round (designated before it runs) gets what is
-left. With ``allocation="neyman"`` the first round is a pilot with pairs in proportion to the group masses
+left. A one-node head (stratified MC from the root) first runs a probe round of one pair per group, since
+the head then says nothing about what a deeper row costs on the backend. With ``allocation="neyman"`` the
+first round after that is a pilot with pairs in proportion to the group masses
 and every later round allocates n_g ~ M_g S_g / sqrt(c_g) (S_g the pilot's within-pair SD of H in group g,
 c_g its measured tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group.
 
