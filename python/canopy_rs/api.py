@@ -15,6 +15,7 @@ import numpy as np
 
 from canopy_rs.drivers.canopy import Budget, TreeRun
 from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, Setup, check_positive_int, setup
+from canopy_rs.drivers.progress import MassProgress
 from canopy_rs.drivers.shards import finish
 from canopy_rs.drivers.size_probe import check_canopy_size
 from canopy_rs.errors import ArgumentTypeError, Interrupted, InvalidArgumentError, TreeTooLargeError
@@ -42,6 +43,7 @@ def exact(
     streaming: Optional[bool] = None,
     executor: Optional[str] = None,
     ray_address: Optional[str] = None,
+    num_workers: Optional[int] = None,
 ) -> CanopyResult:
     """The exact canopy entropy CE*_max of ``model`` under the decoding policy, and its companions.
 
@@ -58,11 +60,12 @@ def exact(
     live path and its pending children in the engine, recycling the nodes of finished subtrees, so the
     engine's memory does not grow with the canopy; ``max_nodes`` then limits the work (nodes reached), not
     memory, and can be raised freely. ``streaming=False`` keeps every internal node (the arena path).
-    ``executor="ray"`` splits the canopy into shards run by Ray actors (one per CPU, or per GPU where the
-    cluster has them; ``ray_address`` picks the cluster, else the running or a new local Ray) and merges
-    their sums into the same result; ``model`` is pickled to each actor (for a large model, use
-    :func:`canopy_rs.drivers.ray_canopy.run_ray` with a ``model_factory``). ``progress`` callables then
-    receive the bracket as shards return.
+    ``executor="ray"`` splits the canopy into shards run by Ray actors (``num_workers``, default one per
+    CPU, or per GPU where the cluster has them; ``ray_address`` picks the cluster, else the running or a
+    new local Ray) and merges their sums into the same result (a shard far larger than its share is split
+    again); ``model`` is pickled to each actor (for a large model, use
+    :func:`canopy_rs.drivers.ray_canopy.run_ray` with a ``model_factory``). ``progress`` then receives the
+    bracket as shards return (``True``: a bar over the reach mass covered).
     ``return_nodes=True`` adds per-node arrays (``parent, token, depth, log_reach, entropy, is_leaf``) as
     ``result.nodes``. ``return_leaves=True`` adds the per-leaf columns ``leaf_tokens``, ``leaf_probs``,
     ``leaf_lengths``, ``leaf_rates`` (leaves in lexicographic token order; for :func:`canopy_rs.embed` and
@@ -74,14 +77,23 @@ def exact(
         raise InvalidArgumentError("order='beam' prunes the canopy, so it is not exact; use "
                                    "'depth-first', 'breadth-first' or 'best-first', or canopy_rs.bounded(..., "
                                    "order='beam', beam_width=B) for a certified bracket")
-    if executor not in (None, "local", "ray"):
-        raise InvalidArgumentError(f"executor must be None, 'local' or 'ray', got {executor!r}")
+    _check_executor(executor, ray_address, num_workers)
     if executor == "ray":
         if return_nodes or return_leaves:
             raise InvalidArgumentError("executor='ray' merges sums: return_nodes / return_leaves need one process")
-        return _exact_ray(model, ray_address, progress if callable(progress) else None, max_nodes=max_nodes,
-                          vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+        if order != "depth-first" or streaming is False:
+            raise InvalidArgumentError("executor='ray' enumerates each shard depth-first and streaming: leave "
+                                       "order and streaming at their defaults")
+        policy = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+        setup(model, **policy)  # the arguments, checked here before Ray starts
+        merged, complete = _on_ray(model, dict(policy, max_nodes=max_nodes), progress, ray_address=ray_address,
+                                   num_workers=num_workers)
+        res = finish(merged)
+        if not complete:
+            raise Interrupted(res)
+        assert isinstance(res, CanopyResult)
+        return res
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     record = return_nodes or return_leaves
@@ -105,17 +117,26 @@ def exact(
     return res.with_leaves(keep_nodes=return_nodes) if return_leaves else res
 
 
-def _exact_ray(model: Any, ray_address: Optional[str], progress: Optional[Callable[[CanopyBounds], None]],
-               **kw: Any) -> CanopyResult:
+def _check_executor(executor: Optional[str], ray_address: Optional[str], num_workers: Optional[int]) -> None:
+    if executor not in (None, "local", "ray"):
+        raise InvalidArgumentError(f"executor must be None, 'local' or 'ray', got {executor!r}")
+    if executor != "ray":
+        for name, v in (("ray_address", ray_address), ("num_workers", num_workers)):
+            if v is not None:
+                raise InvalidArgumentError(f"{name} is for executor='ray' (got executor={executor!r})")
+
+
+def _on_ray(model: Any, kw: dict[str, Any], progress: Union[bool, Callable[[CanopyBounds], None]],
+            **ray_kw: Any) -> Any:
+    """:func:`canopy_rs.drivers.ray_canopy.run_ray` with ``progress=True`` as a bar over the mass covered."""
     from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for executor="ray"
 
-    setup(model, **{k: v for k, v in kw.items() if k != "max_nodes"})  # the arguments, checked here first
-    merged, complete = run_ray(model, kw, ray_address=ray_address, progress=progress)
-    res = finish(merged)
-    if not complete:
-        raise Interrupted(res)
-    assert isinstance(res, CanopyResult)
-    return res
+    bar = MassProgress(True) if progress is True else None
+    try:
+        return run_ray(model, kw, progress=bar or (progress if callable(progress) else None), **ray_kw)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _size_note(s: Setup, max_nodes: int) -> str:
@@ -145,6 +166,9 @@ def bounded(
     max_nodes: int = DEFAULT_MAX_NODES,
     progress: Union[bool, Callable[[CanopyBounds], None]] = False,
     progress_interval: float = 0.5,
+    executor: Optional[str] = None,
+    ray_address: Optional[str] = None,
+    num_workers: Optional[int] = None,
 ) -> Union[CanopyResult, CanopyBounds]:
     """A certified bracket ``[ce_star_lower, ce_star_upper]`` on CE*_max within a budget.
 
@@ -167,6 +191,14 @@ def bounded(
     d + 1 and T to the length and up to pi(u) to the truncation probability. The bracket is monotone: it
     never widens as more nodes are expanded.
 
+    ``executor="ray"`` splits the canopy into shards run by Ray actors (``num_workers``, ``ray_address``
+    as for :func:`exact`): what the head leaves of the node and token budget is split over the shards by
+    reach mass (at least one node each), every shard is bracketed in ``order`` within its share, and the
+    shards' certified brackets add up to one (lower bounds sum, upper bounds sum); ``seconds`` is the whole
+    run's wall clock, ``memory_bytes`` holds for each shard's run. The budget being split differently, the
+    bracket is not the single process's, but it is the exact result once every shard fits its share.
+    ``progress`` then receives the bracket as shards return (``True``: a bar over the reach mass covered).
+
     Ctrl-C returns the bracket reached so far (``stopped_by="interrupt"``) instead of raising.
     """
     if isinstance(budget, bool):
@@ -175,8 +207,19 @@ def bounded(
         budget = Budget(nodes=check_positive_int("budget", budget))
     elif not isinstance(budget, Budget):
         raise ArgumentTypeError(f"budget must be an int (expanded nodes) or a canopy_rs.Budget, got {budget!r}")
+    _check_executor(executor, ray_address, num_workers)
     s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
               temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    if executor == "ray":
+        if order not in ("best-first", "breadth-first", "depth-first") or beam_width is not None:
+            raise InvalidArgumentError(f"executor='ray' brackets each shard on its own: order must be 'best-first', "
+                                       f"'breadth-first' or 'depth-first' (a beam prunes each depth of the whole "
+                                       f"canopy), got order={order!r}, beam_width={beam_width!r}")
+        kw = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, max_nodes=max_nodes)
+        merged, _ = _on_ray(model, kw, progress, budget=budget, order=order, support_cap=support_cap,
+                            ray_address=ray_address, num_workers=num_workers)
+        return finish(merged)
     run = TreeRun(s, order=order, beam_width=beam_width, max_nodes=max_nodes, support_cap=support_cap,
                   progress=progress, progress_interval=progress_interval)
     try:

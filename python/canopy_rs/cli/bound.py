@@ -12,6 +12,7 @@ from canopy_rs.cli._context import MAX_PLOTTED_PROMPTS, BracketProgress, PromptJ
 from canopy_rs.cli._format import format_table, num, short
 from canopy_rs.cli.exact import exact_record
 from canopy_rs.drivers.canopy import Budget
+from canopy_rs.drivers.shards import finish
 from canopy_rs.errors import InvalidArgumentError
 
 HELP = "certified bracket on CE*_max within a budget"
@@ -37,7 +38,8 @@ def add_parser(sub: Any) -> None:
                    help="with --order beam: expand only the B most probable nodes of each depth (the bracket "
                    "stays certified; pruned nodes count as unexpanded)")
     p.add_argument("--max-nodes", type=positive_int, default=10_000_000)
-    add_ray_arg(p, "the prompts are spread over them")
+    add_ray_arg(p, "one prompt's canopy is split into shards bracketed by Ray workers, the budget split over "
+                   "them by reach mass; several prompts are spread over them")
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 
@@ -51,18 +53,37 @@ def budget_of(args: Any) -> Budget:
                   memory_bytes=args.budget_memory)
 
 
+def bound_on_ray(ctx: RunContext, job: PromptJob, budget: Budget, prog: BracketProgress) -> Any:
+    """One prompt's bracket as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`); each worker
+    builds the prompt's backend once, from this run's arguments (the model is loaded there, not pickled).
+    Ctrl-C gives the bracket reached, as a local run does."""
+    from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for --ray
+
+    a = ctx.args
+    kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=a.max_nodes)
+    merged, _ = run_ray(None, kw, model_factory=ctx.worker_backend_factory(job.prompt, {}), budget=budget,
+                        order=a.order, support_cap=a.support_cap, ray_address=a.ray or None, progress=prog)
+    return finish(merged)
+
+
 def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
-    """One prompt's certified bracket within the budget."""
+    """One prompt's certified bracket within the budget (its shards on Ray with --ray and a single prompt)."""
     a = ctx.args
     budget = budget_of(a)
     # The library's default (the vocabulary size) keeps the bracket a proof; a smaller cap is an assumption
     # about the unexpanded nodes (top-k ties can exceed k), so it is only used when asked for.
     cap = a.support_cap
-    prog = BracketProgress(not ctx.show_progress, "bracket", record=True, total_nodes=budget.nodes)
+    on_ray = a.ray is not None and not ctx.on_worker
+    # On Ray the shards return in any order, so the bar counts the mass covered rather than nodes.
+    prog = BracketProgress(not ctx.show_progress, "bracket", record=True,
+                           total_nodes=None if on_ray else budget.nodes)
     try:
-        res = bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
-                      beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
-                      progress_interval=0.0)
+        if on_ray:
+            res = bound_on_ray(ctx, job, budget, prog)
+        else:
+            res = bounded(job.backend, budget=budget, **ctx.policy(), order=a.order, support_cap=cap,
+                          beam_width=a.beam_width, batch_size=a.batch_size, max_nodes=a.max_nodes, progress=prog,
+                          progress_interval=0.0)
     finally:
         prog.close()
     rec: dict[str, Any] = {"bounds": res.to_dict(), "bracket_trajectory": prog.snapshots, "support_cap": cap,
@@ -78,6 +99,9 @@ def run(ctx: RunContext) -> int:
     cap = a.support_cap
     if (a.order == "beam") != (a.beam_width is not None):
         raise InvalidArgumentError("--beam-width B goes with --order beam (and only with it): give both or neither")
+    if a.ray is not None and a.order == "beam" and not ctx.spreads_prompts():
+        raise InvalidArgumentError("--order beam prunes each depth of the whole canopy, which --ray's shards of one "
+                                   "prompt cannot share: drop --ray, or use another --order")
 
     records = ctx.run_prompts(prompt_record, schema={"bounds": dict},
                               budget=[budget.nodes, a.budget_tokens, a.budget_seconds, a.budget_memory],
@@ -85,10 +109,14 @@ def run(ctx: RunContext) -> int:
     rows = []
     for r in records:
         b = r["bounds"]
+        # A canopy that fit is an exact result: its mass is all covered, its bracket closed.
+        mass, expanded = b.get("explored_mass", b.get("total_mass")), b.get("num_expanded", b.get("num_internal_nodes"))
+        e_lo, e_hi = (b.get("expected_length"),) * 2 if b.get("is_exact") else (
+            b.get("expected_length_lower"), b.get("expected_length_upper"))
         rows.append([r["index"], short(r["prompt"], 32), num(b["ce_star_lower"]), num(b["ce_star_upper"]),
-                     num(b["ce_star_upper"] - b["ce_star_lower"], 4), num(b["explored_mass"], 4),
-                     f"{b['num_expanded']:,}", "exact" if b.get("is_exact") else b.get("stopped_by", ""),
-                     f"[{num(b.get('expected_length_lower'), 3)}, {num(b.get('expected_length_upper'), 3)}]"])
+                     num(b["ce_star_upper"] - b["ce_star_lower"], 4), num(mass, 4),
+                     f"{expanded:,}", "exact" if b.get("is_exact") else b.get("stopped_by", ""),
+                     f"[{num(e_lo, 3)}, {num(e_hi, 3)}]"])
     table = ctx.header(records) + "\n\n" + format_table(
         ["#", "prompt", "CE* lower", "CE* upper", "width", "mass", "expanded", "stopped by", "E[N] bracket"], rows,
         "llrrrrrlr")

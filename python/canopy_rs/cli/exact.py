@@ -10,6 +10,7 @@ allows a canopy beyond that limit, a few short rollouts first estimate its size
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,15 +95,23 @@ def check_size(ctx: RunContext, backend: Any, node_limit: int) -> Optional[SizeE
     return probe
 
 
-def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], limit: int) -> Any:
+def exact_on_ray(ctx: RunContext, job: PromptJob, options: dict[str, Any], limit: int,
+                 probe: Optional[SizeEstimate]) -> Any:
     """One prompt's canopy as shards on Ray (:func:`canopy_rs.drivers.ray_canopy.run_ray`); each worker
     builds the prompt's backend once, from this run's arguments (the model is loaded there, not pickled)."""
     from canopy_rs.drivers.ray_canopy import run_ray  # imports ray: only for --ray
 
     a = ctx.args
     kw = dict(ctx.policy(), batch_size=a.batch_size, max_nodes=limit)
-    merged, complete = run_ray(None, kw, model_factory=ctx.worker_backend_factory(job.prompt, options),
-                               ray_address=a.ray or None)
+    # A shard is split again past a few times its share of the probe's estimate (one is not run, or gives
+    # none, when the policy allows no canopy over the limit).
+    estimate = None if probe is None else math.exp(min(probe.log_nodes, 700.0))
+    prog = BracketProgress(not ctx.show_progress, "canopy")  # over the mass covered: shards return in any order
+    try:
+        merged, complete = run_ray(None, kw, model_factory=ctx.worker_backend_factory(job.prompt, options),
+                                   ray_address=a.ray or None, size_estimate=estimate, progress=prog)
+    finally:
+        prog.close()
     res = finish(merged)
     if not complete:
         raise Interrupted(res)
@@ -127,7 +136,7 @@ def prompt_record(ctx: RunContext, job: PromptJob) -> tuple[dict, dict]:
     limit = node_limit(a)
     probe = check_size(ctx, job.backend, limit)
     if a.ray is not None and not ctx.on_worker:
-        res = exact_on_ray(ctx, job, backend_options(ctx, ctx.load()[0]), limit)
+        res = exact_on_ray(ctx, job, backend_options(ctx, ctx.load()[0]), limit, probe)
         return {"exact": exact_record(res)}, {}
     prog = BracketProgress(not ctx.show_progress, "canopy")
     try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
+
+# Steps of a bar over probability mass (its total is 1).
+MASS_STEPS = 1000
 
 
 class ProgressBar:
@@ -46,3 +50,23 @@ def bracket_postfix(b: Any, elapsed: float) -> dict[str, str]:
         "CE*": f"[{b.ce_star_lower:.4f}, {b.ce_star_upper:.4f}]",
         "width": f"{b.ce_star_upper - b.ce_star_lower:.2e}",
     }
+
+
+class MassProgress:
+    """A ``progress=`` callback for a run whose node count is unknown until the end (one canopy on Ray): a
+    bar over the reach mass covered towards 1 (the canopy is done when all of it is), the nodes expanded
+    and the bracket beside it. ``n`` is the steps shown (of :data:`MASS_STEPS`)."""
+
+    def __init__(self, enabled: bool, *, desc: str = "canopy", file: Any = None) -> None:
+        self.bar = ProgressBar(enabled, desc=desc + " (mass covered)", unit="", total=MASS_STEPS, file=file)
+        self.t0 = time.perf_counter()
+        self.n = 0
+
+    def __call__(self, b: Any) -> None:
+        # A finished canopy's mass is 1 up to rounding in its sum: that still fills the bar.
+        self.n = min(MASS_STEPS, max(0, int(float(b.explored_mass) * MASS_STEPS + 1e-6)))
+        postfix = bracket_postfix(b, time.perf_counter() - self.t0)
+        self.bar.show(self.n, {"nodes": f"{int(b.num_expanded):,}", **postfix})
+
+    def close(self) -> None:
+        self.bar.close()

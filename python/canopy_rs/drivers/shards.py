@@ -24,8 +24,8 @@ from canopy_rs.drivers.setup import DEFAULT_MAX_NODES, check_positive_int, setup
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import CanopyBounds, CanopyResult, RunInfo
 
-__all__ = ["Shard", "PartialCanopy", "split_canopy", "run_shard", "merge_partials", "finish", "split_budget",
-           "unexpanded"]
+__all__ = ["Shard", "PartialCanopy", "split_canopy", "run_shard", "run_shard_or_split", "merge_partials", "finish",
+           "snapshot", "split_budget", "unexpanded"]
 
 # Counters that add across shards; peak_live_kv_tokens is a maximum.
 _ADDED = ("model_calls", "rows_evaluated", "tokens_forwarded", "prompt_tokens", "seconds")
@@ -109,6 +109,20 @@ def run_shard(model: Any, shard: Shard, *, budget: Union[int, Budget, None] = No
     return PartialCanopy(run.tree.partial(), run.info(), stopped_by)
 
 
+def run_shard_or_split(model: Any, shard: Shard, *, max_expanded: int, max_nodes: int = DEFAULT_MAX_NODES,
+                       **policy: Any) -> tuple[PartialCanopy, list[Shard]]:
+    """Enumerates the subtree below ``shard`` depth-first (streaming) like :func:`run_shard`, but stops after
+    ``max_expanded`` expanded nodes and hands back, with the sums so far, the subtrees still pending (the
+    unexpanded children along its path, most probable first) as shards of their own: a shard far larger
+    than expected is split again without losing its work. The returned shards are empty when it finished."""
+    run = TreeRun(_setup(model, policy), order="depth-first", max_nodes=max_nodes, streaming=True,
+                  root=(shard.prefix, shard.log_reach, shard.path_entropy))
+    if run.expand(Budget(nodes=check_positive_int("max_expanded", max_expanded))) is None:
+        return PartialCanopy(run.tree.partial(), run.info()), []
+    rest = [Shard(tuple(p), lr, pe) for p, lr, pe in run.tree.frontier_roots()]
+    return PartialCanopy(run.tree.partial(with_frontier=False), run.info()), rest
+
+
 def merge_partials(parts: Iterable[PartialCanopy]) -> PartialCanopy:
     """The sums of disjoint parts of one canopy (the head and its shards, in any order or grouping)."""
     it = iter(parts)
@@ -129,10 +143,17 @@ def finish(part: PartialCanopy) -> Union[CanopyResult, CanopyBounds]:
         r = part.partial.result()
         r.pop("engine_calls")
         return CanopyResult(**r, info=info, nodes=None)
+    return snapshot(part, part.stopped_by or "nodes")
+
+
+def snapshot(part: PartialCanopy, stopped_by: str) -> CanopyBounds:
+    """The bracket of ``part`` as a :class:`CanopyBounds`, also once nothing is left to expand (then it is
+    closed: the progress report of a finished run)."""
+    info = dataclasses.replace(part.info, seconds=float(part.info.seconds))
     b = part.partial.bounds()
     for k in ("num_expanded", "frontier_size", "num_nodes"):
         b[k] = int(b[k])
-    return CanopyBounds(**b, stopped_by=part.stopped_by or "nodes", info=info)
+    return CanopyBounds(**b, stopped_by=stopped_by, info=info)
 
 
 def split_budget(nodes: int, shards: Sequence[Shard]) -> list[int]:
