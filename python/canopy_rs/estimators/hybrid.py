@@ -20,22 +20,24 @@ tree-ordered strata mix and depth groups separate.
 
 **Spending a token budget.** With ``budget=B`` (measured model tokens, the prompt excluded) the head grows
 while the predicted tail variance m_F W / (B - b) falls (W = sum over the frontier of pi (T - d); see
-:class:`_HeadStop`), at most to B/2. The tail then runs in rounds until the measured tokens reach B: a round is
-planned from what the earlier rounds measured (tokens per rollout per group, shared prefixes included, since a
-prefix drawn twice in a round is forwarded once), and the last round (designated before it runs) gets what is
-left. A one-node head (stratified MC from the root) first runs a probe round of one pair per group, since
-the head then says nothing about what a deeper row costs on the backend. With ``allocation="neyman"`` the
-first round after that is a pilot with pairs in proportion to the group masses
-and every later round allocates n_g ~ M_g S_g / sqrt(c_g) (S_g the pilot's within-pair SD of H in group g,
-c_g its measured tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group.
+:class:`_HeadStop`), at most to B/2. The tail then runs in rounds until the measured tokens reach B, each
+planned from what the earlier rounds measured: tokens per rollout per group, and, since rollouts of one round
+forward a shared prefix once, the distinct rows n rollouts expand, estimated from the earlier paths as
+E_path[sum over its nodes of min(n, 1/pi)]. The last round (designated before it runs) gets what is left. A
+one-node head (stratified MC from the root) first runs a probe round of one pair per group with weight 0,
+since the head then says nothing about what a deeper row costs on the backend. With ``allocation="neyman"``
+the first weighted round is a pilot with pairs in proportion to the group masses and every later round
+allocates n_g ~ M_g S_g / sqrt(c_g) (S_g the earlier rounds' within-pair SD of H in group g, c_g the measured
+tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group.
 
 **Unbiased and an honest SE.** Round r is an unbiased estimate T_r of the tail whatever its allocation (the
 allocation depends only on earlier rounds), and E[T_r | earlier rounds] is the same constant, so the rounds
-are uncorrelated. They are combined with weights fixed before each round runs: lambda_r = rho_r pi_r, pi_r the
-share of the remaining budget the round is planned to use (1 for the last), rho_r the weight the earlier
-rounds left. Then T = sum_r lambda_r T_r is unbiased, Var T = sum_r lambda_r^2 Var T_r, and its estimate sums
-the rounds' paired-difference estimates; the interval is Student-t with Welch-Satterthwaite degrees of
-freedom. No weight, allocation or stopping decision looks at a round's own draws.
+are uncorrelated. They are combined with weights fixed before each round runs: lambda_r = rho_r w_r, w_r the
+round's planned rollouts over those plus the rollouts the tokens after it would buy (1 for the last), rho_r
+the weight the earlier rounds left. Then T = sum_r lambda_r T_r is unbiased (the weights sum to 1 whatever
+happens), Var T = sum_r lambda_r^2 Var T_r, and its estimate sums the rounds' paired-difference estimates;
+the interval is Student-t with Welch-Satterthwaite degrees of freedom. No weight, allocation or stopping
+decision looks at a round's own draws.
 """
 
 from __future__ import annotations
@@ -61,14 +63,20 @@ __all__ = ["HybridEstimate", "estimate_hybrid", "estimate_stratified", "RECOMMEN
 # What compare's and estimate_best's "hybrid" run (benches/bench_estimators.py measures it; see
 # docs/estimators.md for the measurements behind the choice).
 RECOMMENDED: dict[str, str] = {"frontier_order": "depth", "allocation": "neyman"}
-# The tail's rounds: the first plans this share of the tokens left (a pilot under Neyman allocation), later
-# ones NEXT_SHARE of what is left, and the last (at most MAX_ROUNDS) all of it.
+# The tail's rounds: the first weighted one plans this share of the tokens left (a pilot under Neyman
+# allocation), later ones NEXT_SHARE of what is left, and the last (at most MAX_ROUNDS, not counting a probe)
+# all of it. PRIOR_ROLLOUTS shrinks the measured steps per rollout towards the no-EOS depth; a round grows
+# for prefix sharing to at most SHARING_GROWTH x the rollouts behind its prediction, and only with at least
+# MIN_OBSERVED of them.
 PILOT_SHARE = 0.3
 FIRST_SHARE = 0.5
 NEXT_SHARE = 0.7
 MAX_ROUNDS = 3
 LAST_AIM = 0.95
 PRIOR_ROLLOUTS = 4.0
+WEIGHT_POWER = 1.0
+SHARING_GROWTH = 4.0
+MIN_OBSERVED = 16
 
 
 class _HeadStop:
@@ -319,7 +327,19 @@ def estimate_hybrid(
         )
         next_id += fr.size + int(run.rows_expanded)
         rows_total += int(run.rows_expanded)
-        return run.entropies.sum(axis=1), gid, run.steps.astype(np.float64), _spent(s) - spent0
+        # 1 / (each expanded node's chance of being drawn by one rollout of its group): a round of n stratified
+        # rollouts expands about sum over nodes of min(1, n pi) = E_path[sum over its nodes of min(n, 1/pi)]
+        # distinct rows, which plans the next round's size with its prefix sharing.
+        steps = run.steps.astype(np.int64)
+        width = run.logq.shape[1]
+        mask = np.arange(width)[None, :] < steps[:, None]
+        lq = np.where(mask, run.logq, 0.0)
+        before = np.concatenate([np.zeros((lq.shape[0], 1)), np.cumsum(lq, axis=1)[:, :-1]], axis=1)
+        log_rel = np.log(fr.width[assignment] / fr.mass[gid])[:, None] + before
+        inv = np.zeros((lq.shape[0], s.max_new_tokens + 1))  # one width for every round
+        inv[:, :width] = np.where(mask, np.exp(np.minimum(-log_rel, 40.0)), 0.0)
+        return (run.entropies.sum(axis=1), gid, steps.astype(np.float64), _spent(s) - spent0,
+                int(run.rows_expanded), inv)
 
     def round_estimate(h: np.ndarray, gid: np.ndarray, pairs: Optional[np.ndarray]):
         """(T_r, variance components [(v, dof)]) of one round."""
@@ -347,7 +367,7 @@ def estimate_hybrid(
                 pairs = np.maximum(1, np.rint(fr.mass * max(1, n // 2))).astype(np.int64)
         else:
             n = max(2, n)
-        h, gid, _, _ = run_round(pairs, n, last=True)
+        h, gid = run_round(pairs, n, last=True)[:2]
         tail, comps_all = round_estimate(h, gid, pairs)
         total_n, rounds = int(h.shape[0]), 1
     else:
@@ -369,7 +389,22 @@ def estimate_hybrid(
         steps_sum = np.zeros(g_n)
         roll_cnt = np.zeros(g_n)
         phi = 1.0
+        tok_sum = pred_sum = 0.0
+        cal = kappa  # measured tokens per predicted row (the backend's cost per row, and the model's error)
+        inv_g: list[list[np.ndarray]] = [[] for _ in range(g_n)]
         rho = 1.0
+
+        def round_tokens(pairs_: np.ndarray, n_: int) -> float:
+            """Predicted tokens of a round: distinct rows from the earlier rounds' paths (see run_round) x
+            measured tokens per predicted row; the no-EOS depth for a group not yet drawn."""
+            tot = 0.0
+            for g in range(g_n):
+                k = float(2 * pairs_[g]) if stratified else float(n_)
+                if inv_g[g]:
+                    tot += cal * float(np.concatenate(inv_g[g]).clip(max=k).sum(axis=1).mean())
+                else:
+                    tot += k * float(naive[g])
+            return tot
         # A one-row head (stratified MC from the root) says nothing about what a deeper row costs on this
         # backend (a whole prefix without a KV cache): a probe round of one pair per group, weighted by its
         # small planned share, measures it before the rounds that carry the weight.
@@ -403,11 +438,41 @@ def estimate_hybrid(
                     pairs = np.ones(g_n, dtype=np.int64)
                 else:
                     pairs = _pairs_for(tokens, fr.mass, cost_g, sd)
+                    if rounds > 1:
+                        # Rollouts in one round share prefixes: more of them fit than the per-rollout cost
+                        # says. Scale the plan up while the predicted tokens fit, each group to at most
+                        # SHARING_GROWTH x the rollouts the prediction rests on (it extrapolates poorly).
+                        grow = np.where(roll_cnt >= MIN_OBSERVED, SHARING_GROWTH * roll_cnt / 2.0, 0.0)  # too noisy below
+                        cap = np.maximum(pairs, np.floor(grow)).astype(np.int64)
+                        lo_t, hi_t = 1.0, SHARING_GROWTH * max(1.0, float(roll_cnt.sum()))
+                        plan = lambda t: np.minimum(np.maximum(1, np.rint(pairs * t)), cap).astype(np.int64)
+                        if round_tokens(plan(hi_t), 0) <= tokens:
+                            lo_t = hi_t
+                        else:
+                            for _ in range(30):
+                                mid = math.sqrt(lo_t * hi_t)
+                                lo_t, hi_t = (mid, hi_t) if round_tokens(plan(mid), 0) <= tokens else (lo_t, mid)
+                        pairs = plan(lo_t)
             else:
                 n = max(2, int(tokens / float(cost_g[0])))
-            lam = rho * share
-            rho *= 1.0 - share
-            h, gid, steps, tok = run_round(pairs, n, last)
+                if rounds > 1:
+                    while roll_cnt[0] >= MIN_OBSERVED and n < SHARING_GROWTH * roll_cnt[0] and round_tokens(None, int(n * 1.1) + 1) <= tokens:
+                        n = int(n * 1.1) + 1
+            if last:
+                w = 1.0
+            elif rounds == 1 and probe:
+                w = 0.0  # a cost probe: its one pair per group would weigh more than it knows
+            else:
+                # The round's share of the weight left: its planned rollouts against those the tokens after it
+                # buy at the same rate, each to the power WEIGHT_POWER (> 1: stratified rounds gain more than
+                # linearly from size, so the big early rounds should outweigh the small last ones).
+                n_this = float(2 * pairs.sum()) if stratified else float(n)
+                per = float(np.sum(2 * pairs * cost_g)) / n_this if stratified else float(cost_g[0])
+                n_rest = max(left - n_this * per, 0.0) / per
+                w = n_this**WEIGHT_POWER / (n_this**WEIGHT_POWER + n_rest**WEIGHT_POWER)
+            lam = rho * w
+            rho *= 1.0 - w
+            h, gid, steps, tok, rows, inv = run_round(pairs, n, last)
             t_r, comps = round_estimate(h, gid, pairs)
             tail += lam * t_r
             comps_all += [(lam * lam * v, d) for v, d in comps]
@@ -418,8 +483,16 @@ def estimate_hybrid(
                 pair_cnt += np.bincount(gid[0::2], minlength=g_n)
             steps_sum += np.bincount(gid, weights=steps, minlength=g_n)
             roll_cnt += np.bincount(gid, minlength=g_n)
-            # Measured tokens per rollout step: prefix sharing and what the backend pays per row.
-            phi = tok / max(float(steps.sum()), 1.0)
+            # Measured tokens per rollout step (prefix sharing and what the backend pays per row) and per row.
+            # Both over every round so far: one small round's luck (short, shared rollouts) must not plan a
+            # large overspending one.
+            tok_sum += tok
+            phi = tok_sum / max(float(steps_sum.sum()), 1.0)
+            for g in range(g_n):
+                inv_g[g].append(inv[gid == g])
+            cal = 1.0
+            pred_sum += round_tokens(pairs if stratified else None, int(h.shape[0]))
+            cal = tok_sum / max(pred_sum, 1.0)
             if last:
                 break
     var = float(sum(v for v, _ in comps_all))
