@@ -142,3 +142,12 @@ def test_cli_bound_on_ray(local_ray, tmp_path, capsys):
     rc = main(["bound", *base, "--order", "beam", "--beam-width", "2", "--ray"])
     err = capsys.readouterr().err
     assert rc == 2 and "--order beam" in err and "--ray" in err and "Traceback" not in err
+
+
+def test_resplit_threshold():
+    from canopy_rs.drivers.ray_canopy import (DEFAULT_RESPLIT_NODES, MIN_RESPLIT_NODES, RESPLIT_FACTOR,
+                                              resplit_threshold)
+
+    assert resplit_threshold(None, 8) == DEFAULT_RESPLIT_NODES
+    assert resplit_threshold(100.0, 8) == MIN_RESPLIT_NODES
+    assert resplit_threshold(1e9, 8) == RESPLIT_FACTOR * 1e9 / 8

@@ -84,8 +84,9 @@ def exact(
         if order != "depth-first" or streaming is False:
             raise InvalidArgumentError("executor='ray' enumerates each shard depth-first and streaming: leave "
                                        "order and streaming at their defaults")
-        policy = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+        policy: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, batch_size=batch_size)
         setup(model, **policy)  # the arguments, checked here before Ray starts
         merged, complete = _on_ray(model, dict(policy, max_nodes=max_nodes), progress, ray_address=ray_address,
                                    num_workers=num_workers)

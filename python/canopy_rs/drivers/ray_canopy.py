@@ -9,9 +9,11 @@ model once (``model_factory()`` on the actor, so a large model is loaded there r
 (a shard's result does not depend on where it ran); Ctrl-C returns the bracket of what came back, with every
 outstanding shard bounded by its root's terms.
 
-Enumerating, a shard that outgrows its share (``resplit_nodes`` expanded nodes) hands back its sums so far
-and its pending subtrees as new shards, which go to the front of the queue: one subtree far larger than
-its reach suggested does not leave the other workers idle. Bracketing (``budget``), the budget left after
+Enumerating, the shards go out in bundles (about ``shards_per_worker`` per worker, balanced by reach mass;
+a worker runs a bundle's shards in turn, so many small subtrees cost one round trip), and a bundle that
+outgrows its share (``resplit_nodes`` expanded nodes) hands back its sums so far and its pending subtrees,
+which are bundled again and go to the front of the queue: one subtree far larger than its reach suggested
+does not leave the other workers idle. Bracketing (``budget``), the budget left after
 the head is split over the shards by reach mass, and the shards' certified brackets add up to one.
 """
 
@@ -33,26 +35,28 @@ from canopy_rs.drivers.shards import (PartialCanopy, Shard, merge_partials, run_
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.results import CanopyBounds
 
-__all__ = ["run_ray", "resplit_threshold", "SHARDS_PER_WORKER", "RESPLIT_FACTOR", "MIN_RESPLIT_NODES",
+__all__ = ["run_ray", "bundle", "resplit_threshold", "SHARDS_PER_WORKER", "RESPLIT_FACTOR", "MIN_RESPLIT_NODES",
            "DEFAULT_RESPLIT_NODES"]
 
 # Shards per worker the head is split into (more evens out the load; each costs one prefix walk).
 SHARDS_PER_WORKER = 4
 # An enumerated shard is split again once it has expanded this many times its share of the canopy's
-# estimated size; never below MIN_RESPLIT_NODES (each re-split costs a round trip and a prefix walk per
+# estimated size, so no uninterrupted piece of work is longer than half the ideal run (factor over shards
+# per worker); never below MIN_RESPLIT_NODES (each re-split costs a round trip and a prefix walk per
 # pending subtree), and DEFAULT_RESPLIT_NODES when there is no estimate.
-RESPLIT_FACTOR = 4
+RESPLIT_FACTOR = 2
 MIN_RESPLIT_NODES = 10_000
 DEFAULT_RESPLIT_NODES = 1_000_000
 
 
 @dataclass(frozen=True)
 class _Job:
-    """One shard's call: enumerate it (``budget`` None; split again past ``resplit`` expanded nodes) or
-    bracket it within ``budget`` (its seconds, if any, run to the driver's wall-clock ``deadline``)."""
+    """One call: enumerate a bundle of shards (``budget`` None; handed back past ``resplit`` expanded nodes)
+    or bracket one shard within ``budget`` (its seconds, if any, run to the driver's wall-clock
+    ``deadline``)."""
 
     index: int
-    shard: Shard
+    shards: tuple[Shard, ...]
     budget: Optional[Budget] = None
     deadline: Optional[float] = None
     order: Optional[str] = None
@@ -71,16 +75,36 @@ def _split(state: tuple[Any, dict], min_shards: int) -> tuple[PartialCanopy, lis
 
 
 def _run(state: tuple[Any, dict], job: _Job) -> tuple[PartialCanopy, list[Shard]]:
-    """One shard's partial, and the subtrees it hands back to be run as shards of their own."""
+    """The job's partial, and the subtrees it hands back unrun (to be bundled again)."""
     model, kw = state
     if job.budget is None:
-        if job.resplit is None:
-            return run_shard(model, job.shard, **kw), []
-        return run_shard_or_split(model, job.shard, max_expanded=job.resplit, **kw)
+        parts: list[PartialCanopy] = []
+        left = job.resplit
+        for k, shard in enumerate(job.shards):
+            if left is None:
+                parts.append(run_shard(model, shard, **kw))
+                continue
+            part, rest = run_shard_or_split(model, shard, max_expanded=left, **kw)
+            parts.append(part)
+            left -= int(part.partial.bounds()["num_expanded"])
+            if rest or left <= 0:
+                return merge_partials(parts), rest + list(job.shards[k + 1:])
+        return merge_partials(parts), []
     budget = job.budget
     if job.deadline is not None:  # time.time(): comparable across the cluster's machines, unlike perf_counter
         budget = dataclasses.replace(budget, seconds=max(job.deadline - time.time(), 1e-6))
-    return run_shard(model, job.shard, budget=budget, order=job.order, support_cap=job.support_cap, **kw), []
+    (shard,) = job.shards
+    return run_shard(model, shard, budget=budget, order=job.order, support_cap=job.support_cap, **kw), []
+
+
+def bundle(shards: list[Shard], n: int) -> list[tuple[Shard, ...]]:
+    """``shards`` in at most ``n`` bundles of about equal reach mass (each shard to the lightest bundle so
+    far, most probable first), the heaviest bundle first."""
+    bins: list[tuple[float, list[Shard]]] = [(0.0, []) for _ in range(max(1, min(n, len(shards))))]
+    for s in sorted(shards, key=lambda s: -s.log_reach):
+        k = min(range(len(bins)), key=lambda i: bins[i][0])
+        bins[k] = (bins[k][0] + s.reach, bins[k][1] + [s])
+    return [tuple(b) for _, b in sorted(bins, key=lambda b: -b[0]) if b]
 
 
 def resplit_threshold(size_estimate: Optional[float], num_shards: int) -> int:
@@ -134,7 +158,7 @@ def run_ray(
     split again. ``progress`` receives the merged bracket after the head and after every shard."""
     if model is None and model_factory is None:
         raise InvalidArgumentError("executor='ray' needs a model or a model_factory")
-    if isinstance(budget, int) and not isinstance(budget, bool):
+    if budget is not None and not isinstance(budget, Budget):
         budget = Budget(nodes=check_positive_int("budget", budget))
     if budget is None and (order is not None or support_cap is not None):
         raise InvalidArgumentError("order and support_cap shape a bracket: they need a budget")
@@ -146,19 +170,21 @@ def run_ray(
         head, shards = pool.call(_split, pool.num_workers * shards_per_worker)
         if budget is None:
             resplit = resplit_nodes or resplit_threshold(size_estimate, len(shards))
-            jobs = [_Job(i, s, resplit=resplit) for i, s in enumerate(shards)]
+            bundles = bundle(shards, pool.num_workers * shards_per_worker)
+            jobs = [_Job(i, b, resplit=resplit) for i, b in enumerate(bundles)]
         else:
             deadline = None if budget.seconds is None else t0 + budget.seconds
-            jobs = [_Job(i, s, b, deadline, order or "best-first", support_cap)
+            bundles = [(s,) for s in shards]
+            jobs = [_Job(i, (s,), b, deadline, order or "best-first", support_cap)
                     for i, (s, b) in enumerate(zip(shards, _shard_budgets(budget, head, shards)))]
         done: dict[int, PartialCanopy] = {}
 
         def bracket() -> PartialCanopy:
             f = head.info  # the canopy as the head's run saw it (the backend's vocabulary and EOS ids)
             policy = Policy(f.temperature, f.top_k, f.top_p)
-            rest = [unexpanded(shards[i], head, vocab_size=f.vocab_size, eos_token_ids=f.eos_token_ids,
+            rest = [unexpanded(s, head, vocab_size=f.vocab_size, eos_token_ids=f.eos_token_ids,
                                max_new_tokens=f.max_new_tokens, policy=policy, support_cap=support_cap)
-                    for i in range(len(shards)) if i not in done]
+                    for i in range(len(bundles)) if i not in done for s in bundles[i]]
             return merge_partials([head, *done.values(), *rest])
 
         try:
@@ -166,17 +192,19 @@ def run_ray(
                 progress(snapshot(bracket(), "progress"))
             for job, (part, rest), _w in pool.imap(_run, jobs):  # most probable first
                 done[job.index] = part
-                # A shard split again: its pending subtrees run next, the most probable first.
-                for s in reversed(rest):
-                    pool.add(dataclasses.replace(job, index=len(shards), shard=s), first=True)
-                    shards.append(s)
+                # What a bundle handed back runs next, bundled again, the heaviest bundle first.
+                if rest:
+                    again = bundle(rest, pool.num_workers * shards_per_worker)
+                    for k in reversed(range(len(again))):
+                        pool.add(dataclasses.replace(job, index=len(bundles) + k, shards=again[k]), first=True)
+                    bundles.extend(again)
                 if progress is not None:
                     progress(snapshot(bracket(), "progress"))
         except KeyboardInterrupt:
             # Leaving the pool kills the busy actors (their calls cannot be cancelled).
             return dataclasses.replace(bracket(), stopped_by="interrupt"), False
-    merged = merge_partials([head] + [done[i] for i in range(len(shards))])
+    merged = merge_partials([head] + [done[i] for i in range(len(bundles))])
     if budget is not None:
-        stopped = [done[i].stopped_by for i in range(len(shards)) if done[i].stopped_by]
+        stopped = [done[i].stopped_by for i in range(len(bundles)) if done[i].stopped_by]
         merged = dataclasses.replace(merged, stopped_by=stopped[0] if stopped else None)
     return merged, True
