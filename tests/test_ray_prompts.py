@@ -170,6 +170,18 @@ def test_cli_ray_resumes_what_is_missing(tiny: str, tmp_path: Path, local_ray: N
     assert [r.get("resumed", False) for r in _records(out)] == [True, False, False]
 
 
+def test_cli_ray_one_prompt_without_shards_runs_on_a_worker(tiny: str, tmp_path: Path, local_ray: None,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    base = ["sample", "--model", tiny, "--prompt", "a b c", *COMMANDS["sample"]]
+    assert main([*base, "--out", str(tmp_path / "local"), "-q"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "ray"), "--ray"]) == 0
+    err = capsys.readouterr().err
+    assert "ray: 1 prompt(s)" in err, err
+    (a,), (b,) = _records(tmp_path / "ray"), _records(tmp_path / "local")
+    _close({k: v for k, v in a.items() if k != "model"}, {k: v for k, v in b.items() if k != "model"})
+
+
 def test_cli_ray_refusals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rollouts = tmp_path / "r.jsonl"
     rollouts.write_text(json.dumps({"tokens": [1, 0], "entropies": [0.5, 0.1]}) + "\n")

@@ -142,9 +142,12 @@ def add_run_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_N
     add_policy_args(p, max_new_tokens=max_new_tokens)
 
 
-def add_ray_arg(p: argparse.ArgumentParser, what: str) -> None:
+def add_ray_arg(p: argparse.ArgumentParser, what: str, shards: bool = False) -> None:
     """``--ray [ADDRESS]``: run on Ray workers, each loading the model once (``what``: how the command
-    splits its work). Without ADDRESS, the Ray of RAY_ADDRESS or a new local one."""
+    splits its work). Without ADDRESS, the Ray of RAY_ADDRESS or a new local one. ``shards``: the command
+    splits a single prompt's canopy into shards; otherwise a single prompt runs on one worker (where a
+    cluster's GPUs are), never silently here."""
+    p.set_defaults(ray_shards=shards)
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help=f"run on Ray workers (one per GPU, else per CPU; each loads the model once): {what}; "
                         "ADDRESS picks the cluster (auto, ray://head:10001, ...; default: a new local Ray)")

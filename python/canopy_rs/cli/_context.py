@@ -343,7 +343,7 @@ class RunContext:
         and tables. ``backend_options(ctx, hf_model)`` gives extra keyword arguments for the prompt's backend.
         ``schema``: the fields (and their types) the command reads from a record beside
         :data:`~canopy_rs.runs.RECORD_SCHEMA`'s; a checkpoint without them is recomputed with a warning.
-        With ``--ray`` and more than one prompt to compute (:meth:`spreads_prompts`), the prompts run on Ray
+        With ``--ray`` (:meth:`spreads_prompts`: several prompts, or one the command cannot shard), they run on Ray
         workers (each loads the model once) and are checkpointed as they come back, under the same keys.
         Returns the records in prompt order."""
         full_schema = {**RECORD_SCHEMA, **(schema or {})}
@@ -383,9 +383,11 @@ class RunContext:
         return argparse.Namespace(**{**vars(self.args), "quiet": True})
 
     def spreads_prompts(self) -> bool:
-        """Whether this run spreads its prompts over Ray workers: ``--ray`` with several prompts (one prompt's
-        canopy is split into shards instead, by the commands that can)."""
-        return getattr(self.args, "ray", None) is not None and not self.on_worker and len(self.prompts()) > 1
+        """Whether this run sends its prompts to Ray workers: ``--ray`` with several prompts, or with one for
+        a command that cannot split a prompt's canopy into shards (``exact`` and ``bound`` do that instead)."""
+        if getattr(self.args, "ray", None) is None or self.on_worker:
+            return False
+        return len(self.prompts()) > 1 or not getattr(self.args, "ray_shards", False)
 
     def _tag(self, i: int, n: int) -> str:
         return f"[{i + 1}/{n}] " if n > 1 else ""

@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> None:
                    "stays certified; pruned nodes count as unexpanded)")
     p.add_argument("--max-nodes", type=positive_int, default=10_000_000)
     add_ray_arg(p, "one prompt's canopy is split into shards bracketed by Ray workers, the budget split over "
-                   "them by reach mass; several prompts are spread over them")
+                   "them by reach mass; several prompts are spread over them", shards=True)
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 

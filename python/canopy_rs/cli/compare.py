@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--budgets", type=positive_int_list, default=[50, 100, 200],
                    help="model tokens per estimate, comma-separated (default: 50,100,200)")
     p.add_argument("--repeats", type=positive_int, default=10, help="(default: 10)")
-    add_ray_arg(p, "the prompts are spread over them")
+    add_ray_arg(p, "the prompts are spread over them (one prompt runs on one worker)")
     add_output_args(p)
     p.set_defaults(func=run, prepare=prepare)
 

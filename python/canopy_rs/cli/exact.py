@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--order", choices=["depth-first", "breadth-first", "best-first"], default="depth-first")
     p.add_argument("--nodes", action="store_true", help="also write the per-node table (nodes.csv)")
     add_ray_arg(p, "one prompt's canopy is split into shards run by Ray workers; several prompts are spread "
-                   "over them")
+                   "over them", shards=True)
     add_output_args(p, seed=False)
     p.set_defaults(func=run)
 

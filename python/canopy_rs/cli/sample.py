@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
                    help="score rollouts made elsewhere instead of sampling: JSONL (tokens, entropies, optional "
                         "logq and eos per line; id groups prompts) or the rollouts.parquet/.csv canopy-rs writes; "
                         "give the --max-new-tokens (and --eos-token-ids) they were drawn with")
-    add_ray_arg(p, "the prompts are spread over them")
+    add_ray_arg(p, "the prompts are spread over them (one prompt runs on one worker)")
     add_output_args(p)
     p.set_defaults(func=run, prepare=prepare)
 
