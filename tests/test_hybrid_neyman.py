@@ -79,9 +79,10 @@ def test_unbiased_with_a_calibrated_se(case, est, cached):
 def test_spends_the_budget_in_measured_tokens(est, cached):
     """The measured model tokens (the cost record's own, whatever a row costs on the backend) land close to
     the budget and never far over it: mean 0.85-1.05 x the budget (measured 0.91-1.02) and every run at
-    most 1.3x (measured 1.09x) when a row costs one token, 1.6x (measured 1.52x) when it costs its whole
-    prefix: at 150 tokens a pair of depth-5 rollouts then costs up to 30 tokens, and the last round's pairs
-    are planned from a handful of measured ones. The exception, measured and kept honest here: stratified
+    most 1.3x (measured 1.10x) when a row costs one token; mean 0.85-1.1x (measured 0.91-1.05) and every run
+    at most 1.6x (measured 1.52x) when it costs its whole prefix: at 150 tokens a pair of depth-5 rollouts
+    then costs up to 30 tokens, a first round is planned from what the head's shallower rows cost, and the
+    last round's pairs from a handful of measured ones. The exception, measured and kept honest here: stratified
     rollouts from the root of the peaked canopy through a one-token-per-row backend share most of their
     prefixes, more than the few rollouts behind each plan can predict, so the rounds underspend (0.61x);
     they must still never overspend."""
@@ -92,7 +93,7 @@ def test_spends_the_budget_in_measured_tokens(est, cached):
         if est == "stratified" and case == "peaked" and cached:
             assert tok.mean() >= 0.25 * budget
         else:
-            assert 0.85 * budget <= tok.mean() <= 1.05 * budget, (case, tok.mean())
+            assert 0.85 * budget <= tok.mean() <= (1.1 if not cached else 1.05) * budget, (case, tok.mean())
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["prefix_cost", "one_token_per_row"])

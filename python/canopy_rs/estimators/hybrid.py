@@ -77,6 +77,7 @@ PRIOR_ROLLOUTS = 4.0
 WEIGHT_POWER = 1.0
 SHARING_GROWTH = 4.0
 MIN_OBSERVED = 16
+FEW_ROLLOUTS = 24  # below this many rollouts' worth of tokens: two rounds (after a probe), proportional
 
 
 class _HeadStop:
@@ -377,11 +378,20 @@ def estimate_hybrid(
         kappa = max(_spent(s) / max(int(tree.num_expanded), 1), 1.0)
         naive = kappa * fr.naive_cost()
         r0 = budget - _spent(s)
-        first_share = PILOT_SHARE if neyman else FIRST_SHARE
+        # Few rollouts in all: more rounds would cost more stratification than their plans gain, and a pilot
+        # would leave too little for the rounds it plans.
+        few = r0 / float(np.sum(fr.mass * naive) if stratified else naive[0]) < FEW_ROLLOUTS
+        # (A small first round leaves the second, last one room to correct the first's cost plan.)
+        first_share = PILOT_SHARE if neyman or few else FIRST_SHARE
+        neyman = neyman and not few
         if stratified:
             # At most one group per two pilot pairs: each group's pilot variance has some pairs behind it.
-            pilot_pairs = max(1.0, r0 * first_share / float(np.sum(fr.mass * naive)) / 2.0)
-            fr.merge_to(int(pilot_pairs // 2) if neyman else int(pilot_pairs))
+            all_pairs = r0 / float(np.sum(fr.mass * naive)) / 2.0
+            pilot_pairs = max(1.0, all_pairs * first_share)
+            if few:  # two rounds, no pilot: a pair per group and round is enough (depths stay apart)
+                fr.merge_to(int(all_pairs // 2))
+            else:
+                fr.merge_to(int(pilot_pairs // 2) if neyman else int(pilot_pairs))
             naive = kappa * fr.naive_cost()
         g_n = fr.num_groups
         sq_sum = np.zeros(g_n)
@@ -424,7 +434,9 @@ def estimate_hybrid(
                 min_round = 2.0 * float(np.sum(cost_g))
             else:
                 min_round = 2.0 * float(cost_g[0])
-            last = rounds >= MAX_ROUNDS + probe or left * (1.0 - share) < 2.0 * min_round
+            last = rounds >= MAX_ROUNDS + probe or left * (1.0 - share) < min_round
+            if few and rounds >= 2 + probe:
+                last = True
             if last:
                 share = 1.0
             # The last round aims a little short: fewer rollouts than the round before share fewer prefixes,
