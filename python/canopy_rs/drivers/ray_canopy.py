@@ -192,9 +192,12 @@ def run_ray(
                 progress(snapshot(bracket(), "progress"))
             for job, (part, rest), _w in pool.imap(_run, jobs):  # most probable first
                 done[job.index] = part
-                # What a bundle handed back runs next, bundled again, the heaviest bundle first.
+                # What a bundle handed back runs next, bundled again, the heaviest bundle first: in as many
+                # bundles as there are workers without queued work (at least 2), so that the queue, and the
+                # round trips, grow only when workers would otherwise idle.
                 if rest:
-                    again = bundle(rest, pool.num_workers * shards_per_worker)
+                    queued = len(bundles) - len(done) - (pool.num_workers - 1)
+                    again = bundle(rest, max(2, pool.num_workers - max(0, queued)))
                     for k in reversed(range(len(again))):
                         pool.add(dataclasses.replace(job, index=len(bundles) + k, shards=again[k]), first=True)
                     bundles.extend(again)
