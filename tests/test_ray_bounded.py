@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -151,3 +152,15 @@ def test_resplit_threshold():
     assert resplit_threshold(None, 8) == DEFAULT_RESPLIT_NODES
     assert resplit_threshold(100.0, 8) == MIN_RESPLIT_NODES
     assert resplit_threshold(1e9, 8) == RESPLIT_FACTOR * 1e9 / 8
+
+
+def test_bundles_balance_reach_mass():
+    from canopy_rs.drivers.ray_canopy import bundle
+    from canopy_rs.drivers.shards import Shard
+
+    shards = [Shard((i,), float(np.log(w)), 0.0) for i, w in enumerate([0.4, 0.2, 0.15, 0.1, 0.1, 0.05])]
+    b = bundle(shards, 3)
+    assert sorted(s.prefix for x in b for s in x) == [(i,) for i in range(6)]
+    masses = [sum(s.reach for s in x) for x in b]
+    assert len(b) == 3 and masses == sorted(masses, reverse=True) and masses[0] == pytest.approx(0.4)
+    assert bundle(shards, 10) == [(s,) for s in shards] and bundle([], 4) == []

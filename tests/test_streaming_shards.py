@@ -207,3 +207,22 @@ def test_partial_round_trip_and_merge_checks():
     drive(other, RandomModel(3, 4))
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         p.merge(other.partial())
+
+
+@pytest.mark.parametrize("max_expanded", [1, 3, 10, 10**6])
+def test_a_shard_split_again_merges_into_the_same_result(max_expanded):
+    from canopy_rs.drivers.shards import run_shard_or_split
+
+    kw = dict(vocab_size=5, eos_token_ids=[0, 4], max_new_tokens=7, top_k=4, temperature=1.3)
+    model = RandomModel(5, 21)
+    one = canopy_rs.exact(model, **kw)
+    head, todo = split_canopy(model, min_shards=4, **kw)
+    parts, handed_back = [head], 0
+    while todo:
+        part, rest = run_shard_or_split(model, todo.pop(), max_expanded=max_expanded, **kw)
+        assert part.stopped_by is None and (part.frontier_size == 0)  # the pending subtrees are not in it
+        parts.append(part)
+        todo += rest
+        handed_back += len(rest)
+    assert (handed_back > 0) == (max_expanded < 100)
+    assert_same_result(finish(merge_partials(parts)), one)
