@@ -70,7 +70,7 @@ HEAVY = {
     "canopy_rs.parquet": "pyarrow: only when a Parquet table is written",
     "canopy_rs.drivers.prompts": "torch and transformers (through hf_models): only when map_prompts runs",
     "canopy_rs.drivers.ray_pool": "ray: only for executor='ray' and --ray",
-    "canopy_rs.drivers.ray_canopy": "ray (through ray_pool): only for exact(..., executor='ray')",
+    "canopy_rs.drivers.ray_canopy": "ray (through ray_pool): only for exact/bounded(..., executor='ray')",
     "canopy_rs.study.ray_executor": "ray (through ray_pool): only for the study's executor='ray'",
     "canopy_rs.study.mixed_model": "pandas and statsmodels: only when the study fits its model",
 }

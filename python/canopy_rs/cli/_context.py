@@ -15,15 +15,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._format import header, short
-from canopy_rs.drivers.progress import ProgressBar
+from canopy_rs.drivers.progress import MASS_STEPS, ProgressBar, mass_steps
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.models import library_versions, resolve_model
 from canopy_rs.prompts import parse_prompts, read_prompts
 from canopy_rs.runs import RECORD_SCHEMA, RESULT_JSON, RunDir, dumps, flatten, model_record, prompt_key
 
 MAX_PLOTTED_PROMPTS = 8
-# The resolution of a progress bar over the probability mass covered (per mille).
-MASS_STEPS = 1000
 
 # What a transformers model folder holds (config.json, weights and a tokenizer): checked before loading.
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack")
@@ -147,7 +145,7 @@ class BracketProgress:
         if self.total_nodes is not None:
             self.bar.show(min(int(b.num_expanded), self.total_nodes), {"mass": f"{b.explored_mass:.4f}", **width})
         else:
-            self.bar.show(int(min(max(float(b.explored_mass), 0.0), 1.0) * MASS_STEPS),
+            self.bar.show(mass_steps(b.explored_mass),
                           {"nodes": f"{int(b.num_expanded):,}", **width})
 
     def close(self) -> None:

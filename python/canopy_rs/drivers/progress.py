@@ -52,6 +52,12 @@ def bracket_postfix(b: Any, elapsed: float) -> dict[str, str]:
     }
 
 
+def mass_steps(mass: float) -> int:
+    """The steps (of :data:`MASS_STEPS`) a mass covered fills; a finished canopy's mass is 1 up to rounding
+    in its sum, which still fills the bar."""
+    return min(MASS_STEPS, max(0, int(float(mass) * MASS_STEPS + 1e-6)))
+
+
 class MassProgress:
     """A ``progress=`` callback for a run whose node count is unknown until the end (one canopy on Ray): a
     bar over the reach mass covered towards 1 (the canopy is done when all of it is), the nodes expanded
@@ -63,8 +69,7 @@ class MassProgress:
         self.n = 0
 
     def __call__(self, b: Any) -> None:
-        # A finished canopy's mass is 1 up to rounding in its sum: that still fills the bar.
-        self.n = min(MASS_STEPS, max(0, int(float(b.explored_mass) * MASS_STEPS + 1e-6)))
+        self.n = mass_steps(b.explored_mass)
         postfix = bracket_postfix(b, time.perf_counter() - self.t0)
         self.bar.show(self.n, {"nodes": f"{int(b.num_expanded):,}", **postfix})
 
