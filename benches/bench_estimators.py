@@ -166,21 +166,23 @@ def _cell(st, est, b):
         return "-"  # budget not run
     if not row["judged"]:
         return "wide"  # the reference bracket is too wide to judge this cell
+    tok = f" ({row['model_tokens']:.0f})"
     if row["rmse"] == 0.0:
-        return "exact"  # the estimator enumerated the canopy within the budget
+        return "exact" + tok  # the estimator enumerated the canopy within the budget
     rr = ratio_rows(st).get((est, b))
-    return f"{rr['ratio']:.3g}" if rr is not None and math.isfinite(rr["ratio"]) else "-"
+    return (f"{rr['ratio']:.3g}" if rr is not None and math.isfinite(rr["ratio"]) else "-") + tok
 
 
 def summary_table(studies, budgets):
-    """Markdown, per depth: RMSE / plain RB MC's RMSE at equal measured tokens, per canopy and estimator."""
+    """Markdown, per depth: RMSE / plain RB MC's RMSE at equal measured tokens (its fitted line), per canopy
+    and estimator, with the mean measured model tokens of each cell."""
     by_depth = {}
     for st in studies:
-        if st.settings["case"].startswith("smollm2"):
-            by_depth.setdefault(st.settings["depth"], []).append(st)
+        by_depth.setdefault(st.settings["depth"], []).append(st)
     lines = []
     for depth in sorted(by_depth):
-        lines += [f"**depth {depth}**: RMSE / plain RB Monte Carlo's RMSE at equal model tokens (`exact`: the "
+        lines += [f"**depth {depth}**: RMSE / plain RB Monte Carlo's RMSE at the measured model tokens (read off "
+                  "its fitted RMSE-vs-tokens line), and in brackets the mean measured model tokens (`exact`: the "
                   "estimator enumerated the canopy; `wide`: the reference bracket is too wide to judge; `-`: not run)",
                   "", "| canopy | CE* | estimator | " + " | ".join(str(b) for b in budgets) + " |",
                   "|---|---:|---|" + "---:|" * len(budgets)]
@@ -188,10 +190,9 @@ def summary_table(studies, budgets):
             ex = st.exact
             ref = (f"{st.exact_ce_star:.3f}" if ex["ce_star_lower"] == ex["ce_star_upper"]
                    else f"[{ex['ce_star_lower']:.3f}, {ex['ce_star_upper']:.3f}]")
+            case = st.settings["case"]
             for i, est in enumerate(ESTIMATORS):
-                if est == REFERENCE:
-                    continue
-                head = f"{st.settings['case'][8:]} | {ref}" if i == 1 else " | "
+                head = f"{case[8:] if case.startswith('smollm2_') else case} | {ref}" if i == 0 else " | "
                 lines.append(f"| {head} | {est} | " + " | ".join(_cell(st, est, b) for b in budgets) + " |")
         lines.append("")
     return lines
@@ -327,7 +328,7 @@ def main(argv=None):
           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; canopy_rs "
           f"{canopy_rs.__version__}; {args.repeats} repeats per cell"
           + ("." if args.summarise else f"; total {time.perf_counter() - t_all:.0f} s."),
-          "", "## RMSE relative to plain RB Monte Carlo on SmolLM2", ""]
+          "", "## RMSE relative to plain RB Monte Carlo", ""]
     md += summary_table(studies, budgets)
     if plot is not None:
         md += [f"![RMSE vs cost]({plot.name})", ""]

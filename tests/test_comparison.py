@@ -125,19 +125,25 @@ def test_custom_estimator_and_validation():
 
 
 def test_files_written_before_model_tokens_are_read():
-    """benches/results holds comparisons whose cost column is "tokens" (rows evaluated, the root row
-    included): read back, it is rows_evaluated, model_tokens is their tokens_forwarded (the same numbers
-    through the CachedModel they ran on), and the ratios are the stored ones."""
+    """Comparisons written before the cost column was named model_tokens call it "tokens" (rows evaluated,
+    the root row included): read back, it is rows_evaluated, model_tokens is their tokens_forwarded (the same
+    numbers through the CachedModel they ran on), and the ratios are those of today's format. The old rows
+    are rebuilt from a committed result (every committed file is in today's format)."""
     from pathlib import Path
 
     from canopy_rs.estimators.comparison import ComparisonResult
 
     f = Path(__file__).resolve().parents[1] / "benches" / "results" / "estimators_smollm2_sky_k4_d6.json"
     d = json.loads(f.read_text())
-    assert "tokens" in d["rows"][0] and "model_tokens" not in d["rows"][0]
-    st = ComparisonResult(d["exact_ce_star"], d["exact"], d["rows"], [], d["settings"])
-    assert [r["model_tokens"] for r in st.rows] == [r["tokens_forwarded"] for r in d["rows"]]
-    assert [r["rows_evaluated"] for r in st.rows] == [r["tokens"] for r in d["rows"]]
+    assert [r["model_tokens"] for r in d["rows"]] == [r["tokens_forwarded"] for r in d["rows"]]
+    old = []
+    for r in d["rows"]:
+        o = {k: v for k, v in r.items() if k != "model_tokens"}
+        o["tokens"] = o.pop("rows_evaluated")
+        old.append(o)
+    st = ComparisonResult(d["exact_ce_star"], d["exact"], old, [], d["settings"])
+    assert [r["model_tokens"] for r in st.rows] == [r["tokens_forwarded"] for r in old]
+    assert [r["rows_evaluated"] for r in st.rows] == [r["tokens"] for r in old]
     assert all("tokens" not in r for r in st.rows)
     assert [r["ratio"] for r in st.equal_cost_ratios()] == [r["ratio"] for r in d["equal_cost_ratios"]]
     assert "model_tokens" in st.format_table()

@@ -6,21 +6,21 @@ canopy of that shape, that canopy), ...)}"""
 
 BEST_TABLE: dict[str, tuple[tuple[int, str, float, str], ...]] = {
     'any': (
-        (64, 'hybrid', 1.3086, 'smollm2_haiku_k4_d6'),
-        (256, 'hybrid', 1.1115, 'smollm2_haiku_k4_d8'),
-        (1024, 'hybrid', 1.0091, 'smollm2_haiku_k4_d8'),
+        (64, 'hybrid', 1.1685, 'smollm2_haiku_k4_d8'),
+        (256, 'hybrid', 1.0, 'tiny_llama'),
+        (1024, 'hybrid', 1.0, 'tiny_llama'),
         (4096, 'hybrid', 1.0, 'tiny_llama'),
     ),
     'bushy': (
-        (64, 'mc_rb_stratified', 1.1361, 'tiny_llama'),
-        (256, 'hybrid', 1.1115, 'smollm2_haiku_k4_d8'),
-        (1024, 'hybrid', 1.0091, 'smollm2_haiku_k4_d8'),
+        (64, 'hybrid', 1.1685, 'smollm2_haiku_k4_d8'),
+        (256, 'hybrid', 1.0, 'tiny_llama'),
+        (1024, 'hybrid', 1.0, 'tiny_llama'),
         (4096, 'hybrid', 1.0, 'tiny_llama'),
     ),
     'peaked': (
-        (64, 'hybrid', 1.0, 'smollm2_sky_k4p0.9_d8'),
-        (256, 'hybrid', 1.0, 'smollm2_sky_k4p0.9_d8'),
-        (1024, 'hybrid', 1.0, 'smollm2_sky_k4p0.9_d8'),
-        (4096, 'hybrid', 1.0, 'smollm2_sky_k4p0.9_d8'),
+        (64, 'hybrid', 1.0, 'synthetic_peaked'),
+        (256, 'hybrid', 1.0, 'synthetic_peaked'),
+        (1024, 'hybrid', 1.0, 'synthetic_peaked'),
+        (4096, 'hybrid', 1.0, 'synthetic_peaked'),
     ),
 }
