@@ -1,7 +1,7 @@
 """The estimator the evidence recommends for a token budget and canopy shape, run on a model.
 
 ``benches/bench_estimators.py`` judges every estimator against exact (or certified) CE*_max on SmolLM2
-canopies (depth 6-10, top-k 4 with and without top-p 0.9) and tiny models, and ``--summarise`` derives
+canopies (depth 6-10, top-k 4 with and without top-p 0.9), tiny models and synthetic canopies, and ``--summarise`` derives
 :data:`BEST_TABLE` from its measured results (``benches/results/estimators_summary.json``) with
 :func:`derive_best_table`, writing it to ``_best_table.py``. The rule: per canopy shape and measured budget,
 the candidate whose worst RMSE ratio (at equal measured tokens) to the best candidate of the same canopy is
@@ -33,7 +33,8 @@ __all__ = ["BEST_BY_BUDGET", "BEST_TABLE", "BUSHY_NATS_PER_TOKEN", "CANDIDATES",
            "canopy_shape", "derive_best_table", "estimate_best"]
 
 # Nats per generated token (CE*_max / E[N]) from which a canopy counts as bushy. The measured SmolLM2 sky
-# canopies have 0.71-0.86, the haiku ones 0.96-1.00 and the tiny Llama 1.15.
+# canopies have 0.71-0.87, the haiku ones 0.80-0.86 with top-p 0.9 and 0.96-1.00 without, the tiny Llama
+# 1.15, the random callable 1.23 and the synthetic ones 0.69 and 1.32.
 BUSHY_NATS_PER_TOKEN = 0.9
 SHAPES = ("bushy", "peaked")
 # What estimate_best can run, in the order that breaks ties.
