@@ -28,9 +28,16 @@ def test_same_draws_and_fresh_costs_with_a_growing_table():
     # Later repeats were partly answered from the table, and the inner backend saw a valid protocol
     # (CheckingBackend asserts it) including re-materialised ancestors.
     assert cm.hits > 0 and cm.misses > 0 and cm.inner_rows > cm.misses
-    hy = canopy_rs.estimate_hybrid(cm, budget=60, seed=1, **KW)
+    # The hybrid plans its rounds from the model tokens it measures: a cached callable, partly answered from
+    # its table, must report what the fresh callable forwards (its whole prefix per row), or the plan changes.
+    cf = CachedModel(fn, 5, [0])
+    for s in range(3):
+        canopy_rs.sample(cf, num_rollouts=40, seed=s, **KW)
+    hy = canopy_rs.estimate_hybrid(cf, budget=60, seed=1, **KW)
     ref = canopy_rs.estimate_hybrid(fn, vocab_size=5, eos_token_ids=[0], budget=60, seed=1, **KW)
-    assert hy.ce_star == pytest.approx(ref.ce_star) and hy.cost["rows_evaluated"] == ref.cost["rows_evaluated"]
+    assert cf.hits > 0 and hy.ce_star == pytest.approx(ref.ce_star)
+    for k in ("model_tokens", "tokens_forwarded", "rows_evaluated", "model_calls"):
+        assert hy.cost[k] == ref.cost[k], k
 
 
 def test_tables_round_trip_and_are_per_policy(tmp_path):
@@ -45,3 +52,21 @@ def test_tables_round_trip_and_are_per_policy(tmp_path):
     # Another policy is another table: nothing is answered from the top-k 3 one.
     other = canopy_rs.exact(again, top_k=2, **KW)
     assert again.misses == other.num_internal_nodes
+
+
+def test_a_cached_transformers_model_costs_what_a_fresh_one_does(tmp_path):
+    pytest.importorskip("transformers")
+    from canopy_rs.hf_models import load_model
+    from tiny_models import make_tiny_model
+
+    hf, tok = load_model(str(make_tiny_model(tmp_path / "m")))
+    cm = CachedModel(canopy_rs.TransformersModel(hf, tok, prompt="a b c"))
+    for s in range(3):  # later draws are partly answered from the table
+        fresh = canopy_rs.sample(canopy_rs.TransformersModel(hf, tok, prompt="a b c"), num_rollouts=6, seed=s,
+                                 max_new_tokens=4, top_k=3)
+        got = canopy_rs.sample(cm, num_rollouts=6, seed=s, max_new_tokens=4, top_k=3)
+        assert np.array_equal(got.tokens, fresh.tokens)
+        # The root forwards the prompt, which model tokens leave out: one token per row below it.
+        for k in ("model_tokens", "rows_evaluated", "model_calls"):
+            assert got.cost[k] == fresh.cost[k], (s, k)
+    assert cm.hits > 0

@@ -43,9 +43,10 @@ def test_rows_are_consistent_with_runs(study):
         assert row["coverage"] == pytest.approx(cov)
         assert row["model_tokens"] > 0 and row["model_calls"] > 0 and row["seconds"] > 0
         # The cost unit is each run's own cost record (drivers.setup.cost): through the CachedModel compare
-        # wraps the model in, one token per evaluated row.
+        # wraps the model in, what the fresh callable forwards (its whole prefix per row, the root's none).
         assert row["model_tokens"] == pytest.approx(np.mean([r["model_tokens"] for r in runs]))
-        assert row["model_tokens"] == row["rows_evaluated"] == row["tokens_forwarded"]
+        assert row["model_tokens"] == row["tokens_forwarded"]
+        assert row["model_tokens"] >= row["rows_evaluated"] - row["model_calls"]
     # Estimators from one family share their runs (same seeds, same cost).
     rb = [r for r in study.runs if r["estimator"] == "mc_rb"]
     naive = [r for r in study.runs if r["estimator"] == "mc_surprisal"]

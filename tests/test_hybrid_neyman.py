@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import canopy_rs.estimators.hybrid as hybrid
-from canopy_rs.backends.cached import CachedModel
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.estimators.hybrid import RECOMMENDED, _pairs_for, estimate_hybrid, estimate_stratified
 from canopy_rs.testing import random_logits_fn
+from estimator_helpers import OneTokenPerRowBackend
 from reference import enumerate_canopy
 
 REPEATS = 300
@@ -43,8 +43,8 @@ def _truth(fn, kw):
 
 
 def _model(fn, kw, cached):
-    """A plain callable pays its whole prefix per row; through CachedModel a row costs one token."""
-    return CachedModel(fn, kw["vocab_size"], kw["eos_token_ids"]) if cached else fn
+    """A plain callable pays its whole prefix per row; a backend with a KV cache one token per row."""
+    return OneTokenPerRowBackend(fn, kw["vocab_size"], kw["eos_token_ids"]) if cached else fn
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["prefix_cost", "one_token_per_row"])

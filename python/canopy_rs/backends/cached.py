@@ -3,7 +3,10 @@
 Estimator studies run the same estimator hundreds of times on one model and one prompt. The model is
 deterministic, so a node's next-token support is the same in every repeat: :class:`CachedModel` computes it
 once and answers later requests from a table, while its counters still report the cost *as if fresh* (one
-model call per ``expand``, one row and one token per node), so estimator costs are unchanged.
+model call per ``expand``, one row per node, and the tokens the wrapped backend would forward: the whole
+generated prefix per row for a callable, which recomputes it, one token per row below the root for a backend
+that keeps its parents' state, whose root forwards the prompt), so estimator costs in model tokens, and the
+plans of estimators that spend them, are unchanged.
 
 Misses go to the wrapped backend. Stateful backends compute a node on top of its parent's cached state, so a
 miss whose parent was answered from the table first re-materialises the ancestor chain in the inner backend
@@ -18,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from canopy_rs.backends import as_backend
+from canopy_rs.backends.callable import CallableModel
 from canopy_rs.backends.output import expand_support
 from canopy_rs.protocol import NodeBatch, PolicySupport
 
@@ -30,6 +34,8 @@ class CachedModel:
 
     def __init__(self, model: Any, vocab_size: Optional[int] = None, eos_token_ids: Any = None) -> None:
         self.inner = as_backend(model, vocab_size, eos_token_ids)
+        # A callable is stateless: fresh, each row forwards its whole prefix.
+        self._prefix_cost = isinstance(self.inner, CallableModel)
         self.tables: dict[tuple, dict[tuple, tuple[np.ndarray, np.ndarray]]] = {}
         self.inner_rows = 0
         self.inner_calls = 0
@@ -71,6 +77,7 @@ class CachedModel:
         self._inner_started = False
         self._calls = 0
         self._rows = 0
+        self._tokens = 0
 
     # --- the inner backend ----------------------------------------------------------------------
     def _inner_expand(self, ids: np.ndarray, policy: Any) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -135,6 +142,9 @@ class CachedModel:
         self.hits += len(ids) - len(missing)
         self._calls += 1
         self._rows += len(ids)
+        # The root's forward is the prompt's, which model tokens leave out (a callable's root prefix is empty).
+        pre = [self._prefix[i] for i in ids.tolist()]
+        self._tokens += sum(len(p) for p in pre) if self._prefix_cost else sum(1 for p in pre if p)
         counts = np.array([r[0].shape[0] for r in rows], dtype=np.int64)  # type: ignore[index]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return PolicySupport(offsets, np.concatenate([r[0] for r in rows]),  # type: ignore[index]
@@ -148,5 +158,5 @@ class CachedModel:
 
     def counters(self) -> dict[str, float]:
         """The cost of this run as if every node had been computed: ``model_calls`` (one per expand),
-        ``rows_evaluated`` and ``tokens_forwarded`` (one per node)."""
-        return {"model_calls": self._calls, "rows_evaluated": self._rows, "tokens_forwarded": self._rows}
+        ``rows_evaluated`` (one per node) and ``tokens_forwarded`` (see the module docstring)."""
+        return {"model_calls": self._calls, "rows_evaluated": self._rows, "tokens_forwarded": self._tokens}
