@@ -78,15 +78,14 @@ def exact(
                                    "'depth-first', 'breadth-first' or 'best-first', or canopy_rs.bounded(..., "
                                    "order='beam', beam_width=B) for a certified bracket")
     _check_executor(executor, ray_address, num_workers)
+    policy: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
     if executor == "ray":
         if return_nodes or return_leaves:
             raise InvalidArgumentError("executor='ray' merges sums: return_nodes / return_leaves need one process")
         if order != "depth-first" or streaming is False:
             raise InvalidArgumentError("executor='ray' enumerates each shard depth-first and streaming: leave "
                                        "order and streaming at their defaults")
-        policy: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids,
-                                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, batch_size=batch_size)
         setup(model, **policy)  # the arguments, checked here before Ray starts
         merged, complete = _on_ray(model, dict(policy, max_nodes=max_nodes), progress, ray_address=ray_address,
                                    num_workers=num_workers)
@@ -95,8 +94,7 @@ def exact(
             raise Interrupted(res)
         assert isinstance(res, CanopyResult)
         return res
-    s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
-              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    s = setup(model, **policy)
     record = return_nodes or return_leaves
     if streaming is None:
         streaming = order == "depth-first" and not record
@@ -209,16 +207,15 @@ def bounded(
     elif not isinstance(budget, Budget):
         raise ArgumentTypeError(f"budget must be an int (expanded nodes) or a canopy_rs.Budget, got {budget!r}")
     _check_executor(executor, ray_address, num_workers)
-    s = setup(model, vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
-              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    policy: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+    s = setup(model, **policy)
     if executor == "ray":
         if order not in ("best-first", "breadth-first", "depth-first") or beam_width is not None:
             raise InvalidArgumentError(f"executor='ray' brackets each shard on its own: order must be 'best-first', "
                                        f"'breadth-first' or 'depth-first' (a beam prunes each depth of the whole "
                                        f"canopy), got order={order!r}, beam_width={beam_width!r}")
-        kw = dict(vocab_size=vocab_size, eos_token_ids=eos_token_ids, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, max_nodes=max_nodes)
-        merged, _ = _on_ray(model, kw, progress, budget=budget, order=order, support_cap=support_cap,
+        merged, _ = _on_ray(model, dict(policy, max_nodes=max_nodes), progress, budget=budget, order=order, support_cap=support_cap,
                             ray_address=ray_address, num_workers=num_workers)
         return finish(merged)
     run = TreeRun(s, order=order, beam_width=beam_width, max_nodes=max_nodes, support_cap=support_cap,

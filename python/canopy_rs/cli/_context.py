@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from canopy_rs.cli._args import DEMO_PROMPT
 from canopy_rs.cli._format import header, short
-from canopy_rs.drivers.progress import MASS_STEPS, ProgressBar, mass_steps
+from canopy_rs.drivers.progress import MassProgress, ProgressBar
 from canopy_rs.errors import InvalidArgumentError
 from canopy_rs.models import library_versions, resolve_model
 from canopy_rs.prompts import parse_prompts, read_prompts
@@ -128,11 +128,9 @@ class BracketProgress:
         self.record = record
         self.t0 = time.perf_counter()
         self.total_nodes = total_nodes
-        if total_nodes is not None:
-            self.bar = ProgressBar(not quiet, desc=desc, unit="node", total=total_nodes, file=sys.stderr)
-        else:
-            self.bar = ProgressBar(not quiet, desc=desc + " (mass covered)", unit="", total=MASS_STEPS,
-                                   file=sys.stderr)
+        # Without a node budget: the one bar over the mass covered (drivers.progress.MassProgress).
+        self.bar: Any = (ProgressBar(not quiet, desc=desc, unit="node", total=total_nodes, file=sys.stderr)
+                         if total_nodes is not None else MassProgress(not quiet, desc=desc, file=sys.stderr))
 
     def __call__(self, b: Any) -> None:
         if self.record:
@@ -141,12 +139,11 @@ class BracketProgress:
                 "ce_star_upper": float(b.ce_star_upper), "explored_mass": float(b.explored_mass),
                 "model_tokens": int(b.info.model_tokens), "seconds": time.perf_counter() - self.t0,
             })
-        width = {"width": f"{b.ce_star_upper - b.ce_star_lower:.2e}"}
-        if self.total_nodes is not None:
-            self.bar.show(min(int(b.num_expanded), self.total_nodes), {"mass": f"{b.explored_mass:.4f}", **width})
+        if self.total_nodes is None:
+            self.bar(b)
         else:
-            self.bar.show(mass_steps(b.explored_mass),
-                          {"nodes": f"{int(b.num_expanded):,}", **width})
+            self.bar.show(min(int(b.num_expanded), self.total_nodes),
+                          {"mass": f"{b.explored_mass:.4f}", "width": f"{b.ce_star_upper - b.ce_star_lower:.2e}"})
 
     def close(self) -> None:
         self.bar.close()
