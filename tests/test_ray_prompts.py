@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,11 @@ def test_map_prompts_refuses_before_any_work(tiny: str, tmp_path: Path) -> None:
         canopy_rs.map_prompts(EXACT, "a b c", model=tiny)
     with pytest.raises(ArgumentTypeError, match=r"prompts\[1\]"):
         canopy_rs.map_prompts(EXACT, ["a", 3.5], model=tiny)
-    with pytest.raises(ArgumentTypeError, match="pickled"):
-        canopy_rs.map_prompts(lambda m: canopy_rs.exact(m, max_new_tokens=2), PROMPTS, model=tiny, executor="ray")
+    # An fn that even Ray's cloudpickle cannot send (it holds a lock) is refused before the model is looked up.
+    lock = threading.Lock()
+    with pytest.raises(ArgumentTypeError, match=r"sends fn .*cannot serialise.*holds no lock"):
+        canopy_rs.map_prompts(lambda m: (lock, canopy_rs.exact(m)), PROMPTS, model=str(tmp_path / "missing"),
+                              executor="ray")
     with pytest.raises(InvalidArgumentError, match="chat="):
         canopy_rs.map_prompts(EXACT, PROMPTS, model=tiny, backend_options={"chat": True})
     with pytest.raises(ModelNotFoundError):
@@ -108,6 +112,15 @@ def test_map_prompts_on_ray_equals_local(tiny: str, local_ray: None) -> None:
         assert [list(t) for t in a.tokens] == [list(t) for t in b.tokens]
         assert list(a.lengths) == list(b.lengths)
         _close(a.entropies.tolist(), b.entropies.tolist())
+
+
+def test_map_prompts_on_ray_takes_a_lambda_closure(tiny: str, local_ray: None) -> None:
+    # Ray sends fn with cloudpickle, so a lambda closing over a local runs there, as it does locally.
+    top_k = 3
+    fn = lambda m: canopy_rs.exact(m, max_new_tokens=2, top_k=top_k)  # noqa: E731
+    on_ray = canopy_rs.map_prompts(fn, PROMPTS[:2], model=tiny, executor="ray")
+    for a, b in zip(on_ray, canopy_rs.map_prompts(fn, PROMPTS[:2], model=tiny), strict=True):
+        _close(a.to_dict(), b.to_dict())
 
 
 # --- the command line -----------------------------------------------------------------------------

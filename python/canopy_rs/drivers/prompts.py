@@ -14,7 +14,6 @@ prompt's result does not depend on where it ran, so the Ray run gives the local 
 from __future__ import annotations
 
 import functools
-import pickle
 from typing import Any, Callable, Optional, Sequence, Union
 
 from canopy_rs.backends.transformers import TransformersModel
@@ -87,9 +86,9 @@ def map_prompts(
     ``executor="local"`` loads the model once here and runs the prompts in order. ``executor="ray"`` runs
     one prompt per task on Ray workers (``num_workers``, default one per GPU of the cluster, else per CPU,
     at most one per prompt), each loading the model once; ``ray_address`` picks the cluster (default: the
-    Ray running in this process, else a new local one). ``fn`` then travels to the workers, so it must be
-    picklable (a module-level function or a ``functools.partial`` of one), and a worker that dies has its
-    prompt redone.
+    Ray running in this process, else a new local one). ``fn`` then travels to the workers, so Ray's
+    cloudpickle must serialise it (a function, ``functools.partial``, lambda or closure; not one holding a
+    lock, an open file or a generator), and a worker that dies has its prompt redone.
 
     ``on_result(index, result)`` is called as each prompt finishes (in completion order on Ray), so a caller
     can checkpoint: Ctrl-C raises ``KeyboardInterrupt`` after the results handed over so far. ``progress``
@@ -111,11 +110,16 @@ def map_prompts(
                                        + ("(pass chat=)" if key == "chat" else ""))
     todo = _check_prompts(prompts)
     if executor == "ray":
+        # Ray sends fn with its own serialiser (cloudpickle), which takes lambdas and closures: checked with
+        # that one, so that what Ray could send is not refused.
+        from canopy_rs.drivers.ray_pool import ray  # imports ray: only for executor="ray"
+
         try:
-            pickle.dumps(fn)
-        except Exception as e:  # noqa: BLE001 - any pickling failure means the same fix
-            raise ArgumentTypeError(f"executor='ray' sends fn to the workers, but it cannot be pickled ({e}); "
-                                    "pass a module-level function or a functools.partial of one") from None
+            ray.cloudpickle.dumps(fn)
+        except Exception as e:  # noqa: BLE001 - any serialisation failure means the same fix
+            raise ArgumentTypeError(f"executor='ray' sends fn to the workers, but Ray cannot serialise it ({e}); "
+                                    "pass an fn that holds no lock, open file or generator (create those "
+                                    "inside fn), or use executor='local'") from None
     # Resolved here, before any work: a missing model, an uncached hub id offline or remote code not
     # allowed is refused now, and every worker loads the same resolution.
     spec = model if isinstance(model, ModelSpec) else resolve_model(model, gguf, revision=revision, offline=offline)
