@@ -126,7 +126,8 @@ class WorkerPool:
              ) -> Iterator[tuple[Any, Any, int]]:
         """Runs ``fn(state, task)`` for every task (and every task :meth:`add` queues meanwhile), each
         worker taking the next as it finishes its last; yields ``(task, result, worker)`` as results
-        arrive. ``fn`` must be picklable (a module-level function)."""
+        arrive. ``fn`` goes to the workers with Ray's cloudpickle (a
+        function, partial, lambda or closure)."""
         self._todo = deque(tasks)
         tries: dict[int, int] = {}
         pending: dict[Any, tuple[int, Any]] = {}
