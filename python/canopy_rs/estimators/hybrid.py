@@ -77,7 +77,7 @@ PRIOR_ROLLOUTS = 4.0
 WEIGHT_POWER = 1.0
 SHARING_GROWTH = 4.0
 MIN_OBSERVED = 16
-FEW_ROLLOUTS = 24  # below this many rollouts' worth of tokens: two rounds (after a probe), proportional
+FEW_ROLLOUTS = 24  # below this many rollouts' worth of tokens: proportional, one round (two without a KV cache)
 
 
 class _HeadStop:
@@ -378,17 +378,19 @@ def estimate_hybrid(
         kappa = max(_spent(s) / max(int(tree.num_expanded), 1), 1.0)
         naive = kappa * fr.naive_cost()
         r0 = budget - _spent(s)
-        # Few rollouts in all: more rounds would cost more stratification than their plans gain, and a pilot
-        # would leave too little for the rounds it plans.
+        # Few rollouts in all: no pilot (it would leave too little for the rounds it plans), and one round
+        # where a row costs about one token, since splitting few pairs over rounds loses stratification (each
+        # round's pairs share the strata). Where a row costs its prefix the head's shallow rows under-predict
+        # a rollout's, and a second round corrects the first's cost plan.
         few = r0 / float(np.sum(fr.mass * naive) if stratified else naive[0]) < FEW_ROLLOUTS
-        # (A small first round leaves the second, last one room to correct the first's cost plan.)
+        few_rounds = 1 if kappa < 1.5 else 2
         first_share = PILOT_SHARE if neyman or few else FIRST_SHARE
         neyman = neyman and not few
         if stratified:
             # At most one group per two pilot pairs: each group's pilot variance has some pairs behind it.
             all_pairs = r0 / float(np.sum(fr.mass * naive)) / 2.0
             pilot_pairs = max(1.0, all_pairs * first_share)
-            if few:  # two rounds, no pilot: a pair per group and round is enough (depths stay apart)
+            if few:  # no pilot; a group per two pairs (one per group and round where there are two)
                 fr.merge_to(int(all_pairs // 2))
             else:
                 fr.merge_to(int(pilot_pairs // 2) if neyman else int(pilot_pairs))
@@ -435,7 +437,7 @@ def estimate_hybrid(
             else:
                 min_round = 2.0 * float(cost_g[0])
             last = rounds >= MAX_ROUNDS + probe or left * (1.0 - share) < min_round
-            if few and rounds >= 2 + probe:
+            if few and rounds >= few_rounds + probe:
                 last = True
             if last:
                 share = 1.0
