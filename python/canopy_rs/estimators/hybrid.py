@@ -206,6 +206,252 @@ def _spent(s: Any) -> float:
     return model_tokens(counters(s.backend))
 
 
+@dataclass
+class _RoundDraws:
+    """What one round measured: H per rollout, its group, its steps, the tokens the round spent, and per
+    rollout and step 1 / (the node's chance of being drawn by one rollout of its group)."""
+
+    h: np.ndarray
+    gid: np.ndarray
+    steps: np.ndarray
+    tokens: float
+    inv: np.ndarray
+
+
+class _TailSampler:
+    """Runs the tail's rounds from the head's frontier: stratified pairs per group, or i.i.d. draws."""
+
+    def __init__(self, s: Any, fr: _Frontier, rng: Any, stratified: bool, share_prefixes: bool,
+                 next_id: int) -> None:
+        self.s, self.fr, self.rng = s, fr, rng
+        self.stratified, self.share_prefixes = stratified, share_prefixes
+        self.next_id = next_id
+        self.rows_total = 0
+        self.frontier_parents = np.unique(fr.par)
+
+    def run(self, pairs: Optional[np.ndarray], n: int, last: bool) -> _RoundDraws:
+        """One round: ``pairs`` per group (stratified) or ``n`` i.i.d. draws."""
+        s, fr, rng = self.s, self.fr, self.rng
+        spent0 = _spent(s)
+        if self.stratified:
+            a_e, b_e = fr.a_edges, fr.b_edges
+            u_l, lo_l, hi_l = [], [], []
+            for a, b_, p in zip(a_e, b_e, pairs):
+                k = np.arange(p)
+                d1, d2 = stratified_uniforms(int(p), rng), stratified_uniforms(int(p), rng)
+                u_l.append(np.column_stack([a + (b_ - a) * d1, a + (b_ - a) * d2]).ravel())
+                lo_l.append(np.repeat(a + (b_ - a) * k / p, 2))
+                hi_l.append(np.repeat(a + (b_ - a) * (k + 1) / p, 2))
+            hi = np.concatenate(hi_l)
+            u = np.minimum(np.concatenate(u_l), np.nextafter(hi, -np.inf))
+            gid = np.repeat(np.arange(pairs.shape[0]), 2 * pairs)
+        else:
+            u = rng.random(n)
+            gid = np.zeros(n, dtype=np.int64)
+        assignment = np.minimum(np.searchsorted(fr.cdf, u, side="right"), fr.size - 1).astype(np.int64)
+        strata = None
+        if self.stratified:
+            # Keep descending with u inside the frontier node's subtree while its interval straddles the
+            # rollout's stratum: the strata then reach below the frontier.
+            strata = Strata(u=u, lo=np.concatenate(lo_l), hi=hi, node_lo=fr.before[assignment].copy(),
+                            node_w=fr.width[assignment].copy())
+        # Fresh ids per round (a backend sees every id once); the head's frontier parents stay cached until
+        # the last round has started from them.
+        start_ids = np.arange(self.next_id, self.next_id + fr.size, dtype=np.int64)
+        run = run_rollouts(
+            s,
+            start_ids=start_ids, start_parent_ids=fr.par, start_tokens=fr.tok, start_depths=fr.dep,
+            start_prefixes=fr.prefixes, assignment=assignment, id_base=self.next_id + fr.size, rng=rng,
+            share_prefixes=self.share_prefixes, strata=strata,
+            release_after_start=self.frontier_parents if last else None,
+        )
+        self.next_id += fr.size + int(run.rows_expanded)
+        self.rows_total += int(run.rows_expanded)
+        # 1 / (each expanded node's chance of being drawn by one rollout of its group): a round of n stratified
+        # rollouts expands about sum over nodes of min(1, n pi) = E_path[sum over its nodes of min(n, 1/pi)]
+        # distinct rows, which plans the next round's size with its prefix sharing.
+        steps = run.steps.astype(np.int64)
+        width = run.logq.shape[1]
+        mask = np.arange(width)[None, :] < steps[:, None]
+        lq = np.where(mask, run.logq, 0.0)
+        before = np.concatenate([np.zeros((lq.shape[0], 1)), np.cumsum(lq, axis=1)[:, :-1]], axis=1)
+        log_rel = np.log(fr.width[assignment] / fr.mass[gid])[:, None] + before
+        inv = np.zeros((lq.shape[0], s.max_new_tokens + 1))  # one width for every round
+        inv[:, :width] = np.where(mask, np.exp(np.minimum(-log_rel, 40.0)), 0.0)
+        return _RoundDraws(run.entropies.sum(axis=1), gid, steps.astype(np.float64), _spent(s) - spent0, inv)
+
+    def estimate(self, d: _RoundDraws, pairs: Optional[np.ndarray]) -> tuple[float, list[tuple[float, int]]]:
+        """(T_r, variance components [(v, dof)]) of one round."""
+        h, gid = d.h, d.gid
+        if not self.stratified:
+            n = h.shape[0]
+            return float(h.mean()), [(float(h.var(ddof=1)) / n if n >= 2 else math.nan, n - 1)]
+        mass = self.fr.mass
+        means = np.bincount(gid, weights=h, minlength=pairs.shape[0]) / (2 * pairs)
+        sq = np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=pairs.shape[0])
+        comps = [(float(mass[g] ** 2 * sq[g] / (2 * pairs[g]) ** 2), int(pairs[g])) for g in range(pairs.shape[0])]
+        return float(np.sum(mass * means)), comps
+
+
+@dataclass
+class _RoundPlan:
+    pairs: Optional[np.ndarray]  # per group (stratified)
+    n: int  # i.i.d. draws (multinomial)
+    last: bool
+    weight: float  # lambda_r, the round's weight in the tail
+
+
+class _RoundPlanner:
+    """Plans the tail's rounds for a token budget from what the earlier rounds measured (see the module
+    docstring), and merges the frontier's groups to what the pilot can support."""
+
+    def __init__(self, budget: int, s: Any, fr: _Frontier, num_expanded: int, stratified: bool,
+                 neyman: bool) -> None:
+        self.budget, self.s, self.fr, self.stratified = budget, s, fr, stratified
+        # Measured tokens per head row: what a row costs on this backend (1 with a KV cache).
+        self.kappa = kappa = max(_spent(s) / max(num_expanded, 1), 1.0)
+        naive = kappa * fr.naive_cost()
+        r0 = budget - _spent(s)
+        # Few rollouts in all: no pilot (it would leave too little for the rounds it plans), and one round
+        # where a row costs about one token, since splitting few pairs over rounds loses stratification (each
+        # round's pairs share the strata). Where a row costs its prefix the head's shallow rows under-predict
+        # a rollout's, and a second round corrects the first's cost plan.
+        self.few = few = r0 / float(np.sum(fr.mass * naive) if stratified else naive[0]) < FEW_ROLLOUTS
+        self.few_rounds = 1 if kappa < 1.5 else 2
+        self.first_share = first_share = PILOT_SHARE if neyman or few else FIRST_SHARE
+        self.neyman = neyman and not few
+        if stratified:
+            # At most one group per two pilot pairs: each group's pilot variance has some pairs behind it.
+            all_pairs = r0 / float(np.sum(fr.mass * naive)) / 2.0
+            pilot_pairs = max(1.0, all_pairs * first_share)
+            if few:  # no pilot; a group per two pairs (one per group and round where there are two)
+                fr.merge_to(int(all_pairs // 2))
+            else:
+                fr.merge_to(int(pilot_pairs // 2) if self.neyman else int(pilot_pairs))
+            naive = kappa * fr.naive_cost()
+        self.naive = naive
+        self.g_n = g_n = fr.num_groups
+        self.sq_sum = np.zeros(g_n)
+        self.pair_cnt = np.zeros(g_n)
+        self.steps_sum = np.zeros(g_n)
+        self.roll_cnt = np.zeros(g_n)
+        self.phi = 1.0
+        self.tok_sum = self.pred_sum = 0.0
+        self.cal = kappa  # measured tokens per predicted row (the backend's cost per row, and the model's error)
+        self.inv_g: list[list[np.ndarray]] = [[] for _ in range(g_n)]
+        self.rho = 1.0
+        # A one-row head (stratified MC from the root) says nothing about what a deeper row costs on this
+        # backend (a whole prefix without a KV cache): a probe round of one pair per group, weighted by its
+        # small planned share, measures it before the rounds that carry the weight.
+        self.probe = num_expanded <= 1
+        self.rounds = 0
+
+    def round_tokens(self, pairs: Optional[np.ndarray], n: int) -> float:
+        """Predicted tokens of a round: distinct rows from the earlier rounds' paths (see _TailSampler.run) x
+        measured tokens per predicted row; the no-EOS depth for a group not yet drawn."""
+        tot = 0.0
+        for g in range(self.g_n):
+            k = float(2 * pairs[g]) if self.stratified else float(n)
+            if self.inv_g[g]:
+                tot += self.cal * float(np.concatenate(self.inv_g[g]).clip(max=k).sum(axis=1).mean())
+            else:
+                tot += k * float(self.naive[g])
+        return tot
+
+    def _grow_for_sharing(self, pairs: np.ndarray, tokens: float) -> np.ndarray:
+        """Rollouts in one round share prefixes: more of them fit than the per-rollout cost says. Scale the
+        plan up while the predicted tokens fit, each group to at most SHARING_GROWTH x the rollouts the
+        prediction rests on (it extrapolates poorly), and only with MIN_OBSERVED of them (too noisy below)."""
+        roll_cnt = self.roll_cnt
+        grow = np.where(roll_cnt >= MIN_OBSERVED, SHARING_GROWTH * roll_cnt / 2.0, 0.0)
+        cap = np.maximum(pairs, np.floor(grow)).astype(np.int64)
+        lo_t, hi_t = 1.0, SHARING_GROWTH * max(1.0, float(roll_cnt.sum()))
+
+        def plan(t: float) -> np.ndarray:
+            return np.minimum(np.maximum(1, np.rint(pairs * t)), cap).astype(np.int64)
+
+        if self.round_tokens(plan(hi_t), 0) <= tokens:
+            lo_t = hi_t
+        else:
+            for _ in range(30):
+                mid = math.sqrt(lo_t * hi_t)
+                lo_t, hi_t = (mid, hi_t) if self.round_tokens(plan(mid), 0) <= tokens else (lo_t, mid)
+        return plan(lo_t)
+
+    def next_round(self) -> _RoundPlan:
+        self.rounds += 1
+        rounds, probe, stratified = self.rounds, self.probe, self.stratified
+        left = self.budget - _spent(self.s)
+        # Measured tokens per rollout; the mean steps shrunk towards the no-EOS depth by PRIOR_ROLLOUTS
+        # pseudo-rollouts, so that a few early EOS in a small round do not plan an overspending one.
+        steps_g = (self.steps_sum + PRIOR_ROLLOUTS * self.naive / self.kappa) / (self.roll_cnt + PRIOR_ROLLOUTS)
+        cost_g = self.naive if rounds == 1 else np.maximum(self.phi * steps_g, 1.0)
+        if rounds == 1 and probe:
+            share = min(0.5, 2.0 * float(np.sum(self.naive) if stratified else self.naive[0]) / max(left, 1.0))
+        else:
+            share = self.first_share if rounds == 1 + probe else NEXT_SHARE
+        min_round = 2.0 * float(np.sum(cost_g) if stratified else cost_g[0])
+        last = rounds >= MAX_ROUNDS + probe or left * (1.0 - share) < min_round
+        if self.few and rounds >= self.few_rounds + probe:
+            last = True
+        if last:
+            share = 1.0
+        # The last round aims a little short: fewer rollouts than the round before share fewer prefixes,
+        # so its measured cost per rollout runs slightly over the plan.
+        tokens = max(left * (LAST_AIM if last else share), 0.0)
+        pairs = None
+        n = 0
+        if stratified:
+            sd = (np.sqrt(self.sq_sum / np.maximum(2.0 * self.pair_cnt, 1.0))
+                  if (self.neyman and rounds > 1 + probe) else None)
+            if rounds == 1 and probe and not last:
+                pairs = np.ones(self.g_n, dtype=np.int64)
+            else:
+                pairs = _pairs_for(tokens, self.fr.mass, cost_g, sd)
+                if rounds > 1:
+                    pairs = self._grow_for_sharing(pairs, tokens)
+        else:
+            n = max(2, int(tokens / float(cost_g[0])))
+            if rounds > 1:
+                while (self.roll_cnt[0] >= MIN_OBSERVED and n < SHARING_GROWTH * self.roll_cnt[0]
+                       and self.round_tokens(None, int(n * 1.1) + 1) <= tokens):
+                    n = int(n * 1.1) + 1
+        if last:
+            w = 1.0
+        elif rounds == 1 and probe:
+            w = 0.0  # a cost probe: its one pair per group would weigh more than it knows
+        else:
+            # The round's share of the weight left: its planned rollouts against those the tokens after it
+            # buy at the same rate, each to the power WEIGHT_POWER (> 1: stratified rounds gain more than
+            # linearly from size, so the big early rounds should outweigh the small last ones).
+            n_this = float(2 * pairs.sum()) if stratified else float(n)
+            per = float(np.sum(2 * pairs * cost_g)) / n_this if stratified else float(cost_g[0])
+            n_rest = max(left - n_this * per, 0.0) / per
+            w = n_this**WEIGHT_POWER / (n_this**WEIGHT_POWER + n_rest**WEIGHT_POWER)
+        lam = self.rho * w
+        self.rho *= 1.0 - w
+        return _RoundPlan(pairs, n, last, lam)
+
+    def record(self, d: _RoundDraws, plan: _RoundPlan) -> None:
+        """What the round measured, for the next one's plan."""
+        g_n, gid, h = self.g_n, d.gid, d.h
+        if self.stratified:
+            self.sq_sum += np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=g_n)
+            self.pair_cnt += np.bincount(gid[0::2], minlength=g_n)
+        self.steps_sum += np.bincount(gid, weights=d.steps, minlength=g_n)
+        self.roll_cnt += np.bincount(gid, minlength=g_n)
+        # Measured tokens per rollout step (prefix sharing and what the backend pays per row) and per row.
+        # Both over every round so far: one small round's luck (short, shared rollouts) must not plan a
+        # large overspending one.
+        self.tok_sum += d.tokens
+        self.phi = self.tok_sum / max(float(self.steps_sum.sum()), 1.0)
+        for g in range(g_n):
+            self.inv_g[g].append(d.inv[gid == g])
+        self.cal = 1.0
+        self.pred_sum += self.round_tokens(plan.pairs if self.stratified else None, int(h.shape[0]))
+        self.cal = self.tok_sum / max(self.pred_sum, 1.0)
+
+
 def estimate_hybrid(
     model,
     *,
@@ -285,78 +531,10 @@ def estimate_hybrid(
     head_sum = float(b["ce_star_lower"])
     m_f = float(b["frontier_mass"])
     fr = _Frontier(tree, s.max_new_tokens, by_depth=frontier_order == "depth" and stratified)
-    f_ids_unique_par = np.unique(fr.par)
-    next_id = int(tree.num_nodes)
-    rows_total = 0
-
-    def run_round(pairs: Optional[np.ndarray], n: int, last: bool):
-        """One round: ``pairs`` per group (stratified) or ``n`` i.i.d. draws. Returns H per rollout, its
-        group, its steps and the measured tokens the round spent."""
-        nonlocal next_id, rows_total
-        spent0 = _spent(s)
-        if stratified:
-            a_e, b_e = fr.a_edges, fr.b_edges
-            u_l, lo_l, hi_l = [], [], []
-            for a, b_, p in zip(a_e, b_e, pairs):
-                k = np.arange(p)
-                d1, d2 = stratified_uniforms(int(p), rng), stratified_uniforms(int(p), rng)
-                u_l.append(np.column_stack([a + (b_ - a) * d1, a + (b_ - a) * d2]).ravel())
-                lo_l.append(np.repeat(a + (b_ - a) * k / p, 2))
-                hi_l.append(np.repeat(a + (b_ - a) * (k + 1) / p, 2))
-            hi = np.concatenate(hi_l)
-            u = np.minimum(np.concatenate(u_l), np.nextafter(hi, -np.inf))
-            gid = np.repeat(np.arange(pairs.shape[0]), 2 * pairs)
-        else:
-            u = rng.random(n)
-            gid = np.zeros(n, dtype=np.int64)
-        assignment = np.minimum(np.searchsorted(fr.cdf, u, side="right"), fr.size - 1).astype(np.int64)
-        strata = None
-        if stratified:
-            # Keep descending with u inside the frontier node's subtree while its interval straddles the
-            # rollout's stratum: the strata then reach below the frontier.
-            strata = Strata(u=u, lo=np.concatenate(lo_l), hi=hi, node_lo=fr.before[assignment].copy(),
-                            node_w=fr.width[assignment].copy())
-        # Fresh ids per round (a backend sees every id once); the head's frontier parents stay cached until
-        # the last round has started from them.
-        start_ids = np.arange(next_id, next_id + fr.size, dtype=np.int64)
-        run = run_rollouts(
-            s,
-            start_ids=start_ids, start_parent_ids=fr.par, start_tokens=fr.tok, start_depths=fr.dep,
-            start_prefixes=fr.prefixes, assignment=assignment, id_base=next_id + fr.size, rng=rng,
-            share_prefixes=share_prefixes, strata=strata,
-            release_after_start=f_ids_unique_par if last else None,
-        )
-        next_id += fr.size + int(run.rows_expanded)
-        rows_total += int(run.rows_expanded)
-        # 1 / (each expanded node's chance of being drawn by one rollout of its group): a round of n stratified
-        # rollouts expands about sum over nodes of min(1, n pi) = E_path[sum over its nodes of min(n, 1/pi)]
-        # distinct rows, which plans the next round's size with its prefix sharing.
-        steps = run.steps.astype(np.int64)
-        width = run.logq.shape[1]
-        mask = np.arange(width)[None, :] < steps[:, None]
-        lq = np.where(mask, run.logq, 0.0)
-        before = np.concatenate([np.zeros((lq.shape[0], 1)), np.cumsum(lq, axis=1)[:, :-1]], axis=1)
-        log_rel = np.log(fr.width[assignment] / fr.mass[gid])[:, None] + before
-        inv = np.zeros((lq.shape[0], s.max_new_tokens + 1))  # one width for every round
-        inv[:, :width] = np.where(mask, np.exp(np.minimum(-log_rel, 40.0)), 0.0)
-        return (run.entropies.sum(axis=1), gid, steps.astype(np.float64), _spent(s) - spent0,
-                int(run.rows_expanded), inv)
-
-    def round_estimate(h: np.ndarray, gid: np.ndarray, pairs: Optional[np.ndarray]):
-        """(T_r, variance components [(v, dof)]) of one round."""
-        if not stratified:
-            n = h.shape[0]
-            return float(h.mean()), [(float(h.var(ddof=1)) / n if n >= 2 else math.nan, n - 1)]
-        mass = fr.mass
-        means = np.bincount(gid, weights=h, minlength=pairs.shape[0]) / (2 * pairs)
-        sq = np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=pairs.shape[0])
-        comps = [(float(mass[g] ** 2 * sq[g] / (2 * pairs[g]) ** 2), int(pairs[g])) for g in range(pairs.shape[0])]
-        return float(np.sum(mass * means)), comps
-
+    sampler = _TailSampler(s, fr, rng, stratified, share_prefixes, next_id=int(tree.num_nodes))
     tail = 0.0
     comps_all: list[tuple[float, int]] = []
     total_n = 0
-    rounds = 0
     if num_rollouts is not None:  # one round of the given size
         n = num_rollouts
         pairs = None
@@ -368,147 +546,24 @@ def estimate_hybrid(
                 pairs = np.maximum(1, np.rint(fr.mass * max(1, n // 2))).astype(np.int64)
         else:
             n = max(2, n)
-        h, gid = run_round(pairs, n, last=True)[:2]
-        tail, comps_all = round_estimate(h, gid, pairs)
-        total_n, rounds = int(h.shape[0]), 1
+        draws = sampler.run(pairs, n, last=True)
+        tail, comps_all = sampler.estimate(draws, pairs)
+        total_n, rounds = int(draws.h.shape[0]), 1
     else:
         assert budget is not None
-        neyman = allocation == "neyman" and stratified
-        # Measured tokens per head row: what a row costs on this backend (1 with a KV cache).
-        kappa = max(_spent(s) / max(int(tree.num_expanded), 1), 1.0)
-        naive = kappa * fr.naive_cost()
-        r0 = budget - _spent(s)
-        # Few rollouts in all: no pilot (it would leave too little for the rounds it plans), and one round
-        # where a row costs about one token, since splitting few pairs over rounds loses stratification (each
-        # round's pairs share the strata). Where a row costs its prefix the head's shallow rows under-predict
-        # a rollout's, and a second round corrects the first's cost plan.
-        few = r0 / float(np.sum(fr.mass * naive) if stratified else naive[0]) < FEW_ROLLOUTS
-        few_rounds = 1 if kappa < 1.5 else 2
-        first_share = PILOT_SHARE if neyman or few else FIRST_SHARE
-        neyman = neyman and not few
-        if stratified:
-            # At most one group per two pilot pairs: each group's pilot variance has some pairs behind it.
-            all_pairs = r0 / float(np.sum(fr.mass * naive)) / 2.0
-            pilot_pairs = max(1.0, all_pairs * first_share)
-            if few:  # no pilot; a group per two pairs (one per group and round where there are two)
-                fr.merge_to(int(all_pairs // 2))
-            else:
-                fr.merge_to(int(pilot_pairs // 2) if neyman else int(pilot_pairs))
-            naive = kappa * fr.naive_cost()
-        g_n = fr.num_groups
-        sq_sum = np.zeros(g_n)
-        pair_cnt = np.zeros(g_n)
-        steps_sum = np.zeros(g_n)
-        roll_cnt = np.zeros(g_n)
-        phi = 1.0
-        tok_sum = pred_sum = 0.0
-        cal = kappa  # measured tokens per predicted row (the backend's cost per row, and the model's error)
-        inv_g: list[list[np.ndarray]] = [[] for _ in range(g_n)]
-        rho = 1.0
-
-        def round_tokens(pairs_: np.ndarray, n_: int) -> float:
-            """Predicted tokens of a round: distinct rows from the earlier rounds' paths (see run_round) x
-            measured tokens per predicted row; the no-EOS depth for a group not yet drawn."""
-            tot = 0.0
-            for g in range(g_n):
-                k = float(2 * pairs_[g]) if stratified else float(n_)
-                if inv_g[g]:
-                    tot += cal * float(np.concatenate(inv_g[g]).clip(max=k).sum(axis=1).mean())
-                else:
-                    tot += k * float(naive[g])
-            return tot
-        # A one-row head (stratified MC from the root) says nothing about what a deeper row costs on this
-        # backend (a whole prefix without a KV cache): a probe round of one pair per group, weighted by its
-        # small planned share, measures it before the rounds that carry the weight.
-        probe = int(tree.num_expanded) <= 1
+        planner = _RoundPlanner(budget, s, fr, int(tree.num_expanded), stratified,
+                                neyman=allocation == "neyman" and stratified)
         while True:
-            rounds += 1
-            left = budget - _spent(s)
-            # Measured tokens per rollout; the mean steps shrunk towards the no-EOS depth by PRIOR_ROLLOUTS
-            # pseudo-rollouts, so that a few early EOS in a small round do not plan an overspending one.
-            steps_g = (steps_sum + PRIOR_ROLLOUTS * naive / kappa) / (roll_cnt + PRIOR_ROLLOUTS)
-            cost_g = naive if rounds == 1 else np.maximum(phi * steps_g, 1.0)
-            if rounds == 1 and probe:
-                share = min(0.5, 2.0 * float(np.sum(naive) if stratified else naive[0]) / max(left, 1.0))
-            else:
-                share = first_share if rounds == 1 + probe else NEXT_SHARE
-            if stratified:
-                min_round = 2.0 * float(np.sum(cost_g))
-            else:
-                min_round = 2.0 * float(cost_g[0])
-            last = rounds >= MAX_ROUNDS + probe or left * (1.0 - share) < min_round
-            if few and rounds >= few_rounds + probe:
-                last = True
-            if last:
-                share = 1.0
-            # The last round aims a little short: fewer rollouts than the round before share fewer prefixes,
-            # so its measured cost per rollout runs slightly over the plan.
-            tokens = max(left * (LAST_AIM if last else share), 0.0)
-            pairs = None
-            n = 0
-            if stratified:
-                sd = np.sqrt(sq_sum / np.maximum(2.0 * pair_cnt, 1.0)) if (neyman and rounds > 1 + probe) else None
-                if rounds == 1 and probe and not last:
-                    pairs = np.ones(g_n, dtype=np.int64)
-                else:
-                    pairs = _pairs_for(tokens, fr.mass, cost_g, sd)
-                    if rounds > 1:
-                        # Rollouts in one round share prefixes: more of them fit than the per-rollout cost
-                        # says. Scale the plan up while the predicted tokens fit, each group to at most
-                        # SHARING_GROWTH x the rollouts the prediction rests on (it extrapolates poorly).
-                        grow = np.where(roll_cnt >= MIN_OBSERVED, SHARING_GROWTH * roll_cnt / 2.0, 0.0)  # too noisy below
-                        cap = np.maximum(pairs, np.floor(grow)).astype(np.int64)
-                        lo_t, hi_t = 1.0, SHARING_GROWTH * max(1.0, float(roll_cnt.sum()))
-                        plan = lambda t: np.minimum(np.maximum(1, np.rint(pairs * t)), cap).astype(np.int64)
-                        if round_tokens(plan(hi_t), 0) <= tokens:
-                            lo_t = hi_t
-                        else:
-                            for _ in range(30):
-                                mid = math.sqrt(lo_t * hi_t)
-                                lo_t, hi_t = (mid, hi_t) if round_tokens(plan(mid), 0) <= tokens else (lo_t, mid)
-                        pairs = plan(lo_t)
-            else:
-                n = max(2, int(tokens / float(cost_g[0])))
-                if rounds > 1:
-                    while roll_cnt[0] >= MIN_OBSERVED and n < SHARING_GROWTH * roll_cnt[0] and round_tokens(None, int(n * 1.1) + 1) <= tokens:
-                        n = int(n * 1.1) + 1
-            if last:
-                w = 1.0
-            elif rounds == 1 and probe:
-                w = 0.0  # a cost probe: its one pair per group would weigh more than it knows
-            else:
-                # The round's share of the weight left: its planned rollouts against those the tokens after it
-                # buy at the same rate, each to the power WEIGHT_POWER (> 1: stratified rounds gain more than
-                # linearly from size, so the big early rounds should outweigh the small last ones).
-                n_this = float(2 * pairs.sum()) if stratified else float(n)
-                per = float(np.sum(2 * pairs * cost_g)) / n_this if stratified else float(cost_g[0])
-                n_rest = max(left - n_this * per, 0.0) / per
-                w = n_this**WEIGHT_POWER / (n_this**WEIGHT_POWER + n_rest**WEIGHT_POWER)
-            lam = rho * w
-            rho *= 1.0 - w
-            h, gid, steps, tok, rows, inv = run_round(pairs, n, last)
-            t_r, comps = round_estimate(h, gid, pairs)
-            tail += lam * t_r
-            comps_all += [(lam * lam * v, d) for v, d in comps]
-            total_n += int(h.shape[0])
-            # What the round measured, for the next one's plan.
-            if stratified:
-                sq_sum += np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=g_n)
-                pair_cnt += np.bincount(gid[0::2], minlength=g_n)
-            steps_sum += np.bincount(gid, weights=steps, minlength=g_n)
-            roll_cnt += np.bincount(gid, minlength=g_n)
-            # Measured tokens per rollout step (prefix sharing and what the backend pays per row) and per row.
-            # Both over every round so far: one small round's luck (short, shared rollouts) must not plan a
-            # large overspending one.
-            tok_sum += tok
-            phi = tok_sum / max(float(steps_sum.sum()), 1.0)
-            for g in range(g_n):
-                inv_g[g].append(inv[gid == g])
-            cal = 1.0
-            pred_sum += round_tokens(pairs if stratified else None, int(h.shape[0]))
-            cal = tok_sum / max(pred_sum, 1.0)
-            if last:
+            plan = planner.next_round()
+            draws = sampler.run(plan.pairs, plan.n, plan.last)
+            t_r, comps = sampler.estimate(draws, plan.pairs)
+            tail += plan.weight * t_r
+            comps_all += [(plan.weight * plan.weight * v, dof) for v, dof in comps]
+            total_n += int(draws.h.shape[0])
+            planner.record(draws, plan)
+            if plan.last:
                 break
+        rounds = planner.rounds
     var = float(sum(v for v, _ in comps_all))
     if not math.isfinite(var):
         se, dof = math.nan, math.nan
@@ -532,7 +587,7 @@ def estimate_hybrid(
         is_exact=False,
         frontier_sampling=frontier_sampling,
         confidence=float(confidence),
-        cost=cost(s.backend, tree.num_expanded + rows_total, t0),
+        cost=cost(s.backend, tree.num_expanded + sampler.rows_total, t0),
         frontier_order=frontier_order,
         allocation=allocation,
         num_rounds=rounds,
