@@ -185,12 +185,15 @@ def test_reproducible_and_reports_its_rounds():
 
 def test_few_rollouts_run_one_round_where_a_row_costs_one_token():
     """With tokens for under FEW_ROLLOUTS rollouts the recommended hybrid runs one proportional round where
-    the head's rows cost about one token (splitting eight or so rollouts over rounds loses stratification: at
-    64 tokens it measured 0.84x plain MC on the SmolLM2 haiku canopy against 1.06x with two rounds). The round stays unbiased and its SE
-    calibrated (300 seeds against the brute force, the limits of test_unbiased_with_a_calibrated_se; measured
-    z 0.45, SE^2 ratio 1.00, coverage 0.94), and it spends 0.8x the budget (a round aims short: LAST_AIM)."""
+    the head shows that a row costs one token (splitting a handful of rollouts over rounds loses
+    stratification: side by side at 64 tokens, 0.84x plain MC on the SmolLM2 haiku canopy against 1.06x with
+    two rounds), and two where a row may cost its prefix (the second corrects the first's cost plan). The
+    round stays unbiased and its SE calibrated (300 seeds against the brute force, the limits of
+    test_unbiased_with_a_calibrated_se; measured z 0.07, SE^2 ratio 1.09, coverage 0.96), and it spends 0.9x
+    the budget (a last round aims short: LAST_AIM)."""
     fn, kw, _ = CASES["bushy"]
-    budget = 40
+    budget = 60
+    assert {estimate_hybrid(fn, budget=budget, seed=s, **RECOMMENDED, **kw).num_rounds for s in range(5)} == {2}
     model = _model(fn, kw, cached=True)
     res = [estimate_hybrid(model, budget=budget, seed=s, **RECOMMENDED, **kw) for s in range(REPEATS)]
     assert {r.num_rounds for r in res} == {1} and not any(r.is_exact for r in res)
@@ -202,4 +205,31 @@ def test_few_rollouts_run_one_round_where_a_row_costs_one_token():
     cover = np.mean([r.ce_star_ci[0] <= truth <= r.ce_star_ci[1] for r in res])
     assert 0.80 <= cover <= 0.99
     tok = np.array([r.cost["model_tokens"] for r in res])
-    assert 0.7 * budget <= tok.mean() <= 1.05 * budget and tok.max() <= 1.3 * budget
+    assert 0.8 * budget <= tok.mean() <= 1.05 * budget and tok.max() <= 1.3 * budget
+
+
+def test_the_head_tells_one_token_rows_from_prefix_costs():
+    """A head's measured tokens against its rows: a KV cache pays at most one token per row (the root's
+    forward is the prompt's, or counted as one), a stateless callable its prefix (the depths' sum)."""
+    one = hybrid._one_token_rows
+    # root + 4 rows at depth 1 + 3 at depth 2 + 1 at depth 3 (9 rows): prefix cost 4 + 6 + 3 = 13
+    assert one(8, 9, 3) and one(9, 9, 3) and not one(13, 9, 3)
+    # root + 3 at depth 1 + 1 at depth 2 (5 rows): a prefix costs 5, like a KV cache counting the root
+    assert one(4, 5, 2) and not one(5, 5, 2)
+    # nothing deeper than depth 1: both cost a token per row, so the head cannot tell
+    assert not one(4, 5, 1)
+
+
+def test_head_grows_past_half_the_budget_while_the_tail_keeps_its_rollouts():
+    """Where the head pays (a row costs one token, the predicted tail error keeps falling) it grows past B/2:
+    a canopy of fewer rows than 0.9 B is enumerated, exactly; otherwise it stops where the tokens left buy
+    MIN_TAIL_ROLLOUTS rollouts (measured: a 135-row head and 16 rollouts at 150 tokens)."""
+    fn, kw, _ = CASES["peaked"]
+    pol = {k: kw[k] for k in ("temperature", "top_k", "top_p") if k in kw}
+    _, truth, internal = enumerate_canopy(lambda p: fn([p])[0].tolist(), kw["eos_token_ids"], kw["max_new_tokens"], **pol)
+    r = estimate_hybrid(_model(fn, kw, cached=True), budget=int(1.2 * internal), seed=0, **RECOMMENDED, **kw)
+    assert r.is_exact and r.num_expanded == internal and r.ce_star == pytest.approx(truth, rel=1e-9)
+    fn, kw, budget = CASES["t0.8_p0.9"]
+    for s in range(5):
+        r = estimate_hybrid(_model(fn, kw, cached=True), budget=budget, seed=s, **RECOMMENDED, **kw)
+        assert not r.is_exact and r.num_expanded > budget / 2 and r.num_rollouts >= hybrid.MIN_TAIL_ROLLOUTS

@@ -20,15 +20,19 @@ tree-ordered strata mix and depth groups separate.
 
 **Spending a token budget.** With ``budget=B`` (measured model tokens, the prompt excluded) the head grows
 while the predicted tail variance m_F W / (B - b) falls (W = sum over the frontier of pi (T - d); see
-:class:`_HeadStop`), at most to B/2. The tail then runs in rounds until the measured tokens reach B, each
-planned from what the earlier rounds measured: tokens per rollout per group, and, since rollouts of one round
-forward a shared prefix once, the distinct rows n rollouts expand, estimated from the earlier paths as
-E_path[sum over its nodes of min(n, 1/pi)]. The last round (designated before it runs) gets what is left. A
+:class:`_HeadStop`), past B/2 only while the tokens left buy MIN_TAIL_ROLLOUTS rollouts, and at most to
+0.9 B (on a small canopy, all of it: the estimate is then exact). The tail then runs in rounds until the
+measured tokens reach B, each planned from what the earlier rounds measured: tokens per rollout per group,
+and, since rollouts of one round forward a shared prefix once, the distinct rows n rollouts expand,
+estimated from the earlier paths as E_path[sum over its nodes of min(n, 1/pi)]. The last round (designated before it runs) gets what is left. A
 one-node head (stratified MC from the root) first runs a probe round of one pair per group with weight 0,
 since the head then says nothing about what a deeper row costs on the backend. With ``allocation="neyman"``
 the first weighted round is a pilot with pairs in proportion to the group masses and every later round
 allocates n_g ~ M_g S_g / sqrt(c_g) (S_g the earlier rounds' within-pair SD of H in group g, c_g the measured
-tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group.
+tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group. With tokens for fewer
+than FEW_ROLLOUTS rollouts there is no pilot, and one proportional round where the head's rows cost about one
+token (a KV cache): splitting a handful of pairs over rounds would cost more stratification than a second
+round's cost plan gains. :class:`_RoundPlanner` plans the rounds and :class:`_TailSampler` runs them.
 
 **Unbiased and an honest SE.** Round r is an unbiased estimate T_r of the tail whatever its allocation (the
 allocation depends only on earlier rounds), and E[T_r | earlier rounds] is the same constant, so the rounds
@@ -63,11 +67,16 @@ __all__ = ["HybridEstimate", "estimate_hybrid", "estimate_stratified", "RECOMMEN
 # What compare's and estimate_best's "hybrid" run (benches/bench_estimators.py measures it; see
 # docs/estimators.md for the measurements behind the choice).
 RECOMMENDED: dict[str, str] = {"frontier_order": "depth", "allocation": "neyman"}
+# The head grows on the predicted tail error alone up to HEAD_FREE_SHARE of the budget, past it only while
+# the tokens left buy MIN_TAIL_ROLLOUTS rollouts (an SE needs pairs behind it), and never past HEAD_SHARE.
 # The tail's rounds: the first weighted one plans this share of the tokens left (a pilot under Neyman
 # allocation), later ones NEXT_SHARE of what is left, and the last (at most MAX_ROUNDS, not counting a probe)
 # all of it. PRIOR_ROLLOUTS shrinks the measured steps per rollout towards the no-EOS depth; a round grows
 # for prefix sharing to at most SHARING_GROWTH x the rollouts behind its prediction, and only with at least
 # MIN_OBSERVED of them.
+HEAD_FREE_SHARE = 0.5
+MIN_TAIL_ROLLOUTS = 12
+HEAD_SHARE = 0.9
 PILOT_SHARE = 0.3
 FIRST_SHARE = 0.5
 NEXT_SHARE = 0.7
@@ -85,7 +94,9 @@ class _HeadStop:
     m and W = sum over the frontier of pi(u) (T - d_u), n ~ (B - b) / (W / m) rollouts give a tail variance
     ~ m^2 sigma^2 / n = sigma^2 m W / (B - b) (up to the backend's tokens per row, which the rollouts pay
     too). The head grows while J = m W / (B - b) falls (sigma^2 only shrinks as the frontier deepens, so
-    this stops early rather than late) and stops at the first batch that raises it."""
+    this stops early rather than late) and stops at the first batch that raises it. Past HEAD_FREE_SHARE B
+    it also stops once B - b would buy fewer than MIN_TAIL_ROLLOUTS rollouts at the head's measured tokens
+    per row."""
 
     def __init__(self, budget: int, tree: Any, max_new_tokens: int, spent: Any) -> None:
         self.budget = budget
@@ -102,7 +113,11 @@ class _HeadStop:
             return True
         _, _, _, dep, logr = self.tree.frontier()
         w = np.exp(logr)
-        j = float(w.sum()) * float(np.sum(w * (self.max_new_tokens - dep))) / (self.budget - b)
+        m, rem = float(w.sum()), float(np.sum(w * (self.max_new_tokens - dep)))
+        if (b >= HEAD_FREE_SHARE * self.budget and m > 0
+                and self.budget - b < MIN_TAIL_ROLLOUTS * max(b / self.tree.num_expanded, 1.0) * rem / m):
+            return True
+        j = m * rem / (self.budget - b)
         if j > self.best:
             return True
         self.best = j
@@ -204,6 +219,13 @@ def _pairs_for(tokens: float, mass: np.ndarray, cost_g: np.ndarray, sd: Optional
 
 def _spent(s: Any) -> float:
     return model_tokens(counters(s.backend))
+
+
+def _one_token_rows(tokens: float, rows: int, deepest: int) -> bool:
+    """Whether a head of ``rows`` rows, the deepest at depth ``deepest``, that cost ``tokens`` shows a backend
+    paying one token per row (at most ``rows``) rather than its prefix (the depths' sum: at least rows + 2
+    once a row at depth 3 is in, at least ``rows`` with one at depth 2)."""
+    return tokens <= rows and (deepest >= 3 or (deepest == 2 and tokens < rows))
 
 
 @dataclass
@@ -313,11 +335,11 @@ class _RoundPlanner:
         naive = kappa * fr.naive_cost()
         r0 = budget - _spent(s)
         # Few rollouts in all: no pilot (it would leave too little for the rounds it plans), and one round
-        # where a row costs about one token, since splitting few pairs over rounds loses stratification (each
-        # round's pairs share the strata). Where a row costs its prefix the head's shallow rows under-predict
-        # a rollout's, and a second round corrects the first's cost plan.
+        # where the head shows that a row costs one token (a KV cache), since splitting few pairs over rounds
+        # loses stratification (each round's pairs share the strata). Where a row may cost its prefix the
+        # head's shallow rows under-predict a rollout's, and a second round corrects the first's cost plan.
         self.few = few = r0 / float(np.sum(fr.mass * naive) if stratified else naive[0]) < FEW_ROLLOUTS
-        self.few_rounds = 1 if kappa < 1.5 else 2
+        self.few_rounds = 1 if _one_token_rows(_spent(s), num_expanded, int(fr.dep.max()) - 1) else 2
         self.first_share = first_share = PILOT_SHARE if neyman or few else FIRST_SHARE
         self.neyman = neyman and not few
         if stratified:
@@ -519,7 +541,7 @@ def estimate_hybrid(
         head.expand(Budget(nodes=budget_nodes))
     else:
         stop = _HeadStop(budget, tree, s.max_new_tokens, lambda: _spent(s))
-        head.expand(Budget(nodes=budget_nodes, tokens=max(1, budget // 2)), stop=stop)
+        head.expand(Budget(nodes=budget_nodes, tokens=max(1, int(budget * HEAD_SHARE))), stop=stop)
     b = tree.bounds()
     stratified = frontier_sampling == "stratified"
     if tree.is_done:
