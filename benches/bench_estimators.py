@@ -44,6 +44,7 @@ import numpy as np
 
 import canopy_rs
 from canopy_rs.backends.cached import CachedModel
+from canopy_rs.backends.callable import CallableModel
 from canopy_rs.estimators.best import derive_best_table
 from canopy_rs.estimators.comparison import compare
 from canopy_rs.testing import random_logits_fn
@@ -57,18 +58,41 @@ POLICIES = [("k4", dict(top_k=4)), ("k4p0.9", dict(top_k=4, top_p=0.9))]
 DEPTH10_PROMPTS = ("sky",)  # the bushy haiku canopy at depth 10 (~350k nodes) is out of reach on 2 cores
 
 
+class KVCostedCallable:
+    """A synthetic canopy's callable costed as a model with a KV cache: the CachedModel around it reports one
+    token per row below the root, not the whole prefix a stateless callable recomputes (the random callable
+    case keeps that cost: it stands for a backend without a cache)."""
+
+    def __init__(self, fn, vocab_size, eos_token_ids):
+        self.inner = CallableModel(fn, vocab_size, eos_token_ids)
+        self.vocab_size, self.eos_token_ids = self.inner.vocab_size, self.inner.eos_token_ids
+
+    def reset(self):
+        self.inner.reset()
+
+    def expand(self, batch, policy):
+        return self.inner.expand(batch, policy)
+
+    def release(self, node_ids):
+        self.inner.release(node_ids)
+
+    def counters(self):
+        return {**self.inner.counters(), "tokens_forwarded": self.inner.counters()["rows_evaluated"]}
+
+
 def tiny_cases():
     fn = random_logits_fn(8, seed=0, scale=2.0)
     # A numpy callable is cheaper to recompute than to look up: no cache.
     yield "callable", "random callable: vocab 8, depth 8, scale 2", fn, dict(vocab_size=8, eos_token_ids=[0],
                                                                           max_new_tokens=8, cache=False), 8
-    # Synthetic depth-8 canopies of known shape (vocab 6, top-k 4, EOS id 0): near-uniform rows with a rare
-    # EOS (bushy, ~1.3 nats per token, 21,845 internal nodes), and peaked rows (~0.7 nats per token).
+    # Synthetic depth-8 canopies of known shape (vocab 6, top-k 4, EOS id 0), costed as models with a KV
+    # cache: near-uniform rows with a rare EOS (bushy, ~1.3 nats per token, 21,845 internal nodes), and
+    # peaked rows (~0.7 nats per token).
     for name, desc, scale, eos_bias in (("synthetic_bushy", "near-uniform (scale 0.5, EOS bias -3)", 0.5, -3.0),
                                         ("synthetic_peaked", "peaked (scale 3)", 3.0, 0.0)):
         yield (name, f"synthetic {desc}: vocab 6, top-k 4, depth 8",
-               random_logits_fn(6, seed=0, scale=scale, eos_bias=eos_bias),
-               dict(vocab_size=6, eos_token_ids=[0], max_new_tokens=8, top_k=4), 8)
+               KVCostedCallable(random_logits_fn(6, seed=0, scale=scale, eos_bias=eos_bias), 6, [0]),
+               dict(max_new_tokens=8, top_k=4), 8)
     try:
         import torch
         import transformers

@@ -41,7 +41,7 @@ def test_shipped_table_is_derived_from_the_benchmark_results():
     assert derive_best_table(summary) == BEST_TABLE
     assert BEST_BY_BUDGET == tuple((b, e) for b, e, *_ in BEST_TABLE["any"])
     # What the measurements say (benches/results/estimators_summary.md): the hybrid (its recommended
-    # configuration) at every budget and shape, within 17% of the best candidate at 64 tokens on the bushy
+    # configuration) at every budget and shape, within 4% of the best candidate at 64 tokens on the bushy
     # canopies and the best from 256 on; SBS is never recommended.
     assert best_estimator(64, "bushy") == "hybrid"
     assert {e for entries in BEST_TABLE.values() for _, e, *_ in entries} == {"hybrid"}

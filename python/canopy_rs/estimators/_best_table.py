@@ -6,13 +6,13 @@ canopy of that shape, that canopy), ...)}"""
 
 BEST_TABLE: dict[str, tuple[tuple[int, str, float, str], ...]] = {
     'any': (
-        (64, 'hybrid', 1.1685, 'smollm2_haiku_k4_d8'),
+        (64, 'hybrid', 1.0818, 'callable'),
         (256, 'hybrid', 1.0, 'tiny_llama'),
         (1024, 'hybrid', 1.0, 'tiny_llama'),
         (4096, 'hybrid', 1.0, 'tiny_llama'),
     ),
     'bushy': (
-        (64, 'hybrid', 1.1685, 'smollm2_haiku_k4_d8'),
+        (64, 'hybrid', 1.0818, 'callable'),
         (256, 'hybrid', 1.0, 'tiny_llama'),
         (1024, 'hybrid', 1.0, 'tiny_llama'),
         (4096, 'hybrid', 1.0, 'tiny_llama'),
