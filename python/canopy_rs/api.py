@@ -215,8 +215,8 @@ def bounded(
             raise InvalidArgumentError(f"executor='ray' brackets each shard on its own: order must be 'best-first', "
                                        f"'breadth-first' or 'depth-first' (a beam prunes each depth of the whole "
                                        f"canopy), got order={order!r}, beam_width={beam_width!r}")
-        merged, _ = _on_ray(model, dict(policy, max_nodes=max_nodes), progress, budget=budget, order=order, support_cap=support_cap,
-                            ray_address=ray_address, num_workers=num_workers)
+        merged, _ = _on_ray(model, dict(policy, max_nodes=max_nodes), progress, budget=budget, order=order,
+                            support_cap=support_cap, ray_address=ray_address, num_workers=num_workers)
         return finish(merged)
     run = TreeRun(s, order=order, beam_width=beam_width, max_nodes=max_nodes, support_cap=support_cap,
                   progress=progress, progress_interval=progress_interval)

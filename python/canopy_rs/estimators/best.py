@@ -1,9 +1,9 @@
 """The estimator the evidence recommends for a token budget and canopy shape, run on a model.
 
 ``benches/bench_estimators.py`` judges every estimator against exact (or certified) CE*_max on SmolLM2
-canopies (depth 6-10, top-k 4 with and without top-p 0.9), tiny models and synthetic canopies, and ``--summarise`` derives
-:data:`BEST_TABLE` from its measured results (``benches/results/estimators_summary.json``) with
-:func:`derive_best_table`, writing it to ``_best_table.py``. The rule: per canopy shape and measured budget,
+canopies (depth 6-10, top-k 4 with and without top-p 0.9), tiny models and synthetic canopies, and
+``--summarise`` derives :data:`BEST_TABLE` from its measured results (``benches/results/estimators_summary.json``)
+with :func:`derive_best_table`, writing it to ``_best_table.py``. The rule: per canopy shape and measured budget,
 the candidate whose worst RMSE ratio (at equal measured tokens) to the best candidate of the same canopy is
 smallest over every measured canopy of that shape. A canopy is ``"bushy"`` when its CE*_max / E[N] (nats per
 generated token, ``log(gen_ppl)`` of any estimate) is at least :data:`BUSHY_NATS_PER_TOKEN`, else

@@ -94,7 +94,8 @@ def upgrade_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Such files call their cost ``tokens``: rows evaluated (node expansions, the root row included). Their
     ``model_tokens`` is their ``tokens_forwarded`` (every one of them ran through a backend reporting no prompt
     tokens: a :class:`~canopy_rs.backends.cached.CachedModel`, which then counted one token per evaluated row,
-    root included, so the same number as ``tokens``, or an uncached callable), and ``tokens`` becomes ``rows_evaluated``.
+    root included, so the same number as ``tokens``, or an uncached callable), and ``tokens`` becomes
+    ``rows_evaluated``.
     Current rows are returned unchanged."""
     out = []
     for r in rows:

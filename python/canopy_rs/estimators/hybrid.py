@@ -24,9 +24,10 @@ while the predicted tail variance m_F W / (B - b) falls (W = sum over the fronti
 0.9 B (on a small canopy, all of it: the estimate is then exact). The tail then runs in rounds until the
 measured tokens reach B, each planned from what the earlier rounds measured: tokens per rollout per group,
 and, since rollouts of one round forward a shared prefix once, the distinct rows n rollouts expand,
-estimated from the earlier paths as E_path[sum over its nodes of min(n, 1/pi)]. The last round (designated before it runs) gets what is left. A
-one-node head (stratified MC from the root) first runs a probe round of one pair per group with weight 0,
-since the head then says nothing about what a deeper row costs on the backend. With ``allocation="neyman"``
+estimated from the earlier paths as E_path[sum over its nodes of min(n, 1/pi)]. The last round (designated
+before it runs) gets what is left. A one-node head (stratified MC from the root) first runs a probe round of
+one pair per group with weight 0, since the head then says nothing about what a deeper row costs on the
+backend. With ``allocation="neyman"``
 the first weighted round is a pilot with pairs in proportion to the group masses and every later round
 allocates n_g ~ M_g S_g / sqrt(c_g) (S_g the earlier rounds' within-pair SD of H in group g, c_g the measured
 tokens per rollout: the cost-optimal Neyman allocation), at least one pair per group. With tokens for fewer
@@ -115,7 +116,7 @@ class _HeadStop:
         w = np.exp(logr)
         m, rem = float(w.sum()), float(np.sum(w * (self.max_new_tokens - dep)))
         if (b >= HEAD_FREE_SHARE * self.budget and m > 0
-                and self.budget - b < MIN_TAIL_ROLLOUTS * max(b / self.tree.num_expanded, 1.0) * rem / m):
+                and self.budget - b < MIN_TAIL_ROLLOUTS * _tokens_per_row(b, self.tree.num_expanded) * rem / m):
             return True
         j = m * rem / (self.budget - b)
         if j > self.best:
@@ -221,6 +222,16 @@ def _spent(s: Any) -> float:
     return model_tokens(counters(s.backend))
 
 
+def _tokens_per_row(tokens: float, rows: int) -> float:
+    """Measured tokens per head row: what a row costs on this backend (at most 1 with a KV cache)."""
+    return max(tokens / max(rows, 1), 1.0)
+
+
+def _pair_sq(h: np.ndarray, gid: np.ndarray, num_groups: int) -> np.ndarray:
+    """Per group, the sum of squared differences within a round's pairs (draws 2k and 2k + 1)."""
+    return np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=num_groups)
+
+
 def _one_token_rows(tokens: float, rows: int, deepest: int) -> bool:
     """Whether a head of ``rows`` rows, the deepest at depth ``deepest``, that cost ``tokens`` shows a backend
     paying one token per row (at most ``rows``) rather than its prefix (the depths' sum: at least rows + 2
@@ -310,7 +321,7 @@ class _TailSampler:
             return float(h.mean()), [(float(h.var(ddof=1)) / n if n >= 2 else math.nan, n - 1)]
         mass = self.fr.mass
         means = np.bincount(gid, weights=h, minlength=pairs.shape[0]) / (2 * pairs)
-        sq = np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=pairs.shape[0])
+        sq = _pair_sq(h, gid, pairs.shape[0])
         comps = [(float(mass[g] ** 2 * sq[g] / (2 * pairs[g]) ** 2), int(pairs[g])) for g in range(pairs.shape[0])]
         return float(np.sum(mass * means)), comps
 
@@ -330,16 +341,16 @@ class _RoundPlanner:
     def __init__(self, budget: int, s: Any, fr: _Frontier, num_expanded: int, stratified: bool,
                  neyman: bool) -> None:
         self.budget, self.s, self.fr, self.stratified = budget, s, fr, stratified
-        # Measured tokens per head row: what a row costs on this backend (1 with a KV cache).
-        self.kappa = kappa = max(_spent(s) / max(num_expanded, 1), 1.0)
+        head_tokens = _spent(s)
+        self.kappa = kappa = _tokens_per_row(head_tokens, num_expanded)
         naive = kappa * fr.naive_cost()
-        r0 = budget - _spent(s)
+        r0 = budget - head_tokens
         # Few rollouts in all: no pilot (it would leave too little for the rounds it plans), and one round
         # where the head shows that a row costs one token (a KV cache), since splitting few pairs over rounds
         # loses stratification (each round's pairs share the strata). Where a row may cost its prefix the
         # head's shallow rows under-predict a rollout's, and a second round corrects the first's cost plan.
         self.few = few = r0 / float(np.sum(fr.mass * naive) if stratified else naive[0]) < FEW_ROLLOUTS
-        self.few_rounds = 1 if _one_token_rows(_spent(s), num_expanded, int(fr.dep.max()) - 1) else 2
+        self.few_rounds = 1 if _one_token_rows(head_tokens, num_expanded, int(fr.dep.max()) - 1) else 2
         self.first_share = first_share = PILOT_SHARE if neyman or few else FIRST_SHARE
         self.neyman = neyman and not few
         if stratified:
@@ -458,7 +469,7 @@ class _RoundPlanner:
         """What the round measured, for the next one's plan."""
         g_n, gid, h = self.g_n, d.gid, d.h
         if self.stratified:
-            self.sq_sum += np.bincount(gid[0::2], weights=(h[0::2] - h[1::2]) ** 2, minlength=g_n)
+            self.sq_sum += _pair_sq(h, gid, g_n)
             self.pair_cnt += np.bincount(gid[0::2], minlength=g_n)
         self.steps_sum += np.bincount(gid, weights=d.steps, minlength=g_n)
         self.roll_cnt += np.bincount(gid, minlength=g_n)
